@@ -1,0 +1,57 @@
+# imagegen-serve developer entry points. `make run` serves the tiny random-weight model; `make test`
+# is what CI runs (.ci/run). Everything installs into .venv; CLI tools for the deploy checks into .tools/.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is installed before the package so the `server` extra's `torch>=2.4` is already met and
+# pip never pulls the multi-GB CUDA wheels on a CPU machine. Elsewhere, point TORCH_INDEX at
+# https://download.pytorch.org/whl/cpu (CPU) or leave it empty on a CUDA machine.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+MODEL_DIR ?= .cache/tiny-model
+HOST ?= 127.0.0.1
+PORT ?= 50051
+METRICS_PORT ?= 9090
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint proto docs bench tools clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install --quiet -e ".[server,cli,dev]"
+	touch $@
+
+$(MODEL_DIR)/model_index.json: | install
+	$(BIN)/imagegen-server tiny-model $(MODEL_DIR)
+
+run: install $(MODEL_DIR)/model_index.json
+	$(BIN)/imagegen-server serve --model $(MODEL_DIR) --host $(HOST) --port $(PORT) \
+		--metrics-port $(METRICS_PORT)
+
+tools:
+	scripts/install-tools.sh
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: install tools lint
+	PATH="$(CURDIR)/.tools/bin:$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+proto: install
+	$(BIN)/python scripts/protogen.py
+
+docs: install
+	$(BIN)/python scripts/configdoc.py
+
+bench: install
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) .cache .tools .pytest_cache .mypy_cache .ruff_cache

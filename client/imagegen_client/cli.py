@@ -1,0 +1,258 @@
+"""`imagegen`: generate images, inspect and health-check an imagegen server from the shell.
+
+imagegen generate "a red fox in snow" -o fox.png --steps 8 --seed 42 --size 1024x1024
+imagegen info
+imagegen health
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from .client import DEFAULT_TARGET, ImageGenClient, TlsConfig
+from .types import Adapter, Completed, GenerationResult, OutputFormat, Queued, Started, Step
+
+EXTENSIONS = {
+    OutputFormat.PNG: ".png",
+    OutputFormat.JPEG: ".jpg",
+    OutputFormat.WEBP: ".webp",
+    OutputFormat.NPY: ".npy",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        with _client(args) as client:
+            return int(args.handler(client, args))
+    except grpc.RpcError as error:
+        print(f"imagegen: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagegen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("IMAGEGEN_TARGET", DEFAULT_TARGET),
+        help="server address (env IMAGEGEN_TARGET)",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("IMAGEGEN_TOKEN"),
+        help="bearer token (env IMAGEGEN_TOKEN)",
+    )
+    parser.add_argument("--tls", action="store_true", help="use TLS")
+    parser.add_argument("--ca-cert", help="PEM roots to verify the server (implies --tls)")
+    parser.add_argument("--client-cert", help="PEM client certificate for mutual TLS")
+    parser.add_argument("--client-key", help="PEM client key for mutual TLS")
+    parser.add_argument("--timeout", type=float, default=None, help="overall deadline in seconds")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="generate images from a prompt")
+    generate.add_argument("prompt")
+    generate.add_argument(
+        "-o", "--output", required=True, type=Path, help="file; with --num-images N, NAME-i.EXT"
+    )
+    generate.add_argument("--negative-prompt", default="")
+    generate.add_argument(
+        "--size", type=_size, default=(0, 0), help="WIDTHxHEIGHT (default: the server's)"
+    )
+    generate.add_argument("--steps", type=int, default=0)
+    generate.add_argument(
+        "--guidance", type=float, default=None, help="true CFG scale (> 1 turns it on)"
+    )
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--num-images", type=int, default=1)
+    generate.add_argument(
+        "--format",
+        choices=[f.name.lower() for f in OutputFormat],
+        default=None,
+        help="default: from the output file's extension, else png",
+    )
+    generate.add_argument("--quality", type=int, default=0, help="JPEG/WebP quality 1-100")
+    generate.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        type=_adapter,
+        help="NAME or NAME:SCALE; repeatable",
+    )
+    generate.add_argument("--priority", type=int, default=0, help="1 = highest")
+    generate.add_argument("--request-id", default="")
+    generate.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (plain Generate call)"
+    )
+    generate.set_defaults(handler=_generate)
+
+    info = commands.add_parser("info", help="print the server's model, limits and batching as JSON")
+    info.set_defaults(handler=_info)
+    health = commands.add_parser(
+        "health", help="print the grpc.health.v1 status; exit 0 if SERVING"
+    )
+    health.add_argument("--service", default="")
+    health.set_defaults(handler=_health)
+    return parser
+
+
+@contextmanager
+def _client(args: argparse.Namespace) -> Iterator[ImageGenClient]:
+    tls: TlsConfig | None = None
+    if args.tls or args.ca_cert or args.client_cert:
+        tls = TlsConfig.from_files(args.ca_cert, args.client_cert, args.client_key)
+    client = ImageGenClient(args.target, tls=tls, token=args.token, timeout_s=args.timeout)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _generate(client: ImageGenClient, args: argparse.Namespace) -> int:
+    output_format = _output_format(args.format, args.output)
+    width, height = args.size
+    options: dict[str, Any] = {
+        "negative_prompt": args.negative_prompt,
+        "width": width,
+        "height": height,
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "seed": args.seed,
+        "num_images": args.num_images,
+        "output_format": output_format,
+        "output_quality": args.quality,
+        "adapters": args.adapter,
+        "priority": args.priority,
+        "request_id": args.request_id,
+    }
+    if args.no_progress:
+        result = client.generate(args.prompt, **options)
+    else:
+        result = _generate_with_progress(client, args.prompt, options)
+    for path, image in zip(
+        _output_paths(args.output, len(result.images)), result.images, strict=True
+    ):
+        image.save(str(path))
+        print(f"{path}  {image.width}x{image.height}  seed={image.seed}")
+    timings = result.timings
+    print(
+        f"request {result.request_id}: queued {timings.queued_s:.2f}s,"
+        f" compute {timings.compute_s:.2f}s, total {timings.total_s:.2f}s,"
+        f" batch size {result.batch_size}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+class _Progress(Protocol):
+    def update(self, text: str, completed: int, total: int) -> None: ...
+
+
+def _generate_with_progress(
+    client: ImageGenClient, prompt: str, options: dict[str, Any]
+) -> GenerationResult:
+    with _progress_display() as progress:
+        for event in client.stream(prompt, **options):
+            if isinstance(event, Queued):
+                progress.update(f"queued #{event.position} (~{event.estimated_start_s:.1f}s)", 0, 1)
+            elif isinstance(event, Started):
+                progress.update(f"started (batch of {event.batch_size})", 0, 1)
+            elif isinstance(event, Step):
+                progress.update("denoising", event.step, event.total_steps)
+            elif isinstance(event, Completed):
+                return event.result
+    raise RuntimeError("the stream ended without a result")
+
+
+@contextmanager
+def _progress_display() -> Iterator[_Progress]:
+    try:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+    except ImportError:  # the `cli` extra is not installed: plain lines on stderr
+        yield _PlainProgress()
+        return
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=True,
+    ) as bar:
+        task = bar.add_task("connecting", total=1)
+
+        class _Rich:
+            def update(self, text: str, completed: int, total: int) -> None:
+                bar.update(task, description=text, completed=completed, total=total)
+
+        yield _Rich()
+
+
+class _PlainProgress:
+    def update(self, text: str, completed: int, total: int) -> None:
+        print(f"{text} {completed}/{total}", file=sys.stderr)
+
+
+def _info(client: ImageGenClient, args: argparse.Namespace) -> int:
+    info = client.server_info()
+    print(json.dumps(MessageToDict(info, always_print_fields_with_no_presence=True), indent=2))
+    return 0
+
+
+def _health(client: ImageGenClient, args: argparse.Namespace) -> int:
+    status = client.health(args.service)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, got {text!r}") from None
+    return width, height
+
+
+def _adapter(text: str) -> Adapter:
+    name, _, scale = text.partition(":")
+    try:
+        return Adapter(name, float(scale) if scale else 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"adapter must be NAME or NAME:SCALE, got {text!r}"
+        ) from None
+
+
+def _output_format(name: str | None, output: Path) -> OutputFormat:
+    if name:
+        return OutputFormat[name.upper()]
+    by_extension = {extension: fmt for fmt, extension in EXTENSIONS.items()} | {
+        ".jpeg": OutputFormat.JPEG
+    }
+    return by_extension.get(output.suffix.lower(), OutputFormat.PNG)
+
+
+def _output_paths(output: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{index}{output.suffix}") for index in range(count)]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""The bridge between the asyncio service and the engine thread.
+
+The service calls `submit` and `cancel` on the event loop; one engine thread loads the model,
+warms it up, then loops: ask the scheduler for a plan (under one lock), run it on the engine
+(outside the lock), report back. Events reach each request's `asyncio.Queue` through
+`loop.call_soon_threadsafe`, the one hand-off in that direction; the engine thread never touches
+gRPC objects and the event loop never touches torch.
+
+Contract: every accepted request gets exactly one terminal event (`CompletedEvent` or
+`FailedEvent`), unless its caller cancelled it, in which case the caller already has its answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .engine import EngineRequest, StepResult
+from .errors import (
+    DeadlineExceeded,
+    Draining,
+    EngineUnavailable,
+    ImageGenError,
+    InternalError,
+    Shed,
+)
+from .metrics import Metrics
+from .prompts import PromptCacheStats
+from .scheduler import Expired, QueueEntry, Scheduler, StepPlan
+from .types import (
+    CompletedEvent,
+    Event,
+    FailedEvent,
+    GeneratedImage,
+    GenerationParams,
+    QueuedEvent,
+    StartedEvent,
+    StepEvent,
+)
+
+log = logging.getLogger(__name__)
+
+# Weight of the newest step time in the running estimate used for queue ETAs.
+STEP_TIME_SMOOTHING = 0.2
+
+
+class EngineLike(Protocol):
+    """What the batcher needs from the engine (see engine.Engine for the call order)."""
+
+    @property
+    def prompt_stats(self) -> PromptCacheStats: ...
+
+    def add(self, group: object, requests: list[EngineRequest]) -> dict[str, float]: ...
+
+    def step(self, group: object) -> StepResult: ...
+
+    def cancel(self, request_id: str) -> bool: ...
+
+    def has_work(self) -> bool: ...
+
+
+@dataclass(slots=True, eq=False)
+class RequestHandle:
+    """A request in flight: its parameters and the queue its events arrive on."""
+
+    ticket: str  # unique inside the server; request ids come from clients and may repeat
+    params: GenerationParams
+    loop: asyncio.AbstractEventLoop
+    wants_progress: bool  # StreamProgress: queued/started/step events too, not only the result
+    accepted_at: float
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    # Engine-thread bookkeeping.
+    started_at: float | None = None
+    steps_run: int = 0
+    rows_seen: int = 0  # sum of batch sizes over its steps
+    max_batch: int = 0
+    last_position: int | None = None
+
+    def emit(self, event: Event) -> None:
+        # A closed event loop means the server is gone and nobody listens.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Batcher:
+    def __init__(
+        self,
+        engine_factory: Callable[[], EngineLike],
+        scheduler: Scheduler,
+        metrics: Metrics,
+        warmup: EngineRequest | None = None,
+        on_ready: Callable[[EngineLike], None] | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._engine_factory = engine_factory
+        self._scheduler = scheduler
+        self._metrics = metrics
+        self._warmup = warmup
+        self._on_ready = on_ready
+        self._on_failure = on_failure
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._handles: dict[str, RequestHandle] = {}  # by ticket
+        self._tickets = itertools.count()
+        self._cancel_running: set[str] = set()
+        self._ready = False
+        self._draining = False
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._step_seconds = 0.0
+        self._step_budget: int | None = None  # None = run freely (see set_step_budget)
+        self._prompt_stats_seen = PromptCacheStats()
+        self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
+
+    # --- event-loop side ---
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and not self._draining and self._dead is None
+
+    def submit(
+        self, params: GenerationParams, deadline: float | None, wants_progress: bool
+    ) -> RequestHandle:
+        """Queues a validated request; its events arrive on the returned handle.
+
+        Raises:
+            EngineUnavailable: the model is loading or the engine failed.
+            Draining: the server is shutting down.
+            QueueFull: no room (UNAVAILABLE).
+        """
+        loop = asyncio.get_running_loop()
+        with self._cond:
+            self._check_accepting()
+            now = self._clock()
+            ticket = f"{next(self._tickets)}:{params.request_id}"
+            handle = RequestHandle(ticket, params, loop, wants_progress, accepted_at=now)
+            entry = QueueEntry(
+                request_id=ticket,
+                key=params.batch_key,
+                rows=params.num_images,
+                steps=params.steps,
+                priority=params.priority,
+                arrival=now,
+                deadline=deadline,
+            )
+            shed = self._scheduler.add(entry, now)
+            self._handles[ticket] = handle
+            if shed is not None:
+                self._fail(shed.request_id, Shed("shed for a higher-priority request; retry later"))
+            if wants_progress:
+                self._report_positions()
+            self._metrics.pending.set(self._scheduler.waiting_count)
+            self._cond.notify_all()
+        return handle
+
+    def cancel(self, handle: RequestHandle) -> None:
+        """The caller gave up (cancelled, disconnected or past its deadline).
+
+        A queued request is removed and never reaches the engine; a running one loses its rows at
+        the next step boundary.
+        """
+        with self._cond:
+            if self._forget(handle.ticket) is None:
+                return
+            if self._scheduler.cancel(handle.ticket) == "running":
+                self._cancel_running.add(handle.ticket)
+            self._metrics.pending.set(self._scheduler.waiting_count)
+            self._cond.notify_all()
+
+    def set_step_budget(self, steps: int | None) -> None:
+        """Holds the engine at a step boundary after `steps` more steps (None = run freely).
+
+        Lets tests place requests at exact step boundaries without timing, and lets an operator
+        freeze the engine while inspecting it. Deadlines and cancellations still apply.
+        """
+        with self._cond:
+            self._step_budget = steps
+            self._cond.notify_all()
+
+    def begin_drain(self) -> None:
+        """Refuses new requests from now on; queued and running ones still finish."""
+        with self._cond:
+            self._draining = True
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Waits until no request is queued or running; False if `timeout_s` passed first."""
+        return await asyncio.get_running_loop().run_in_executor(None, self._wait_idle, timeout_s)
+
+    def _wait_idle(self, timeout_s: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._handles, timeout_s)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stops the engine thread; requests still waiting get UNAVAILABLE."""
+        with self._cond:
+            self._stopping = True
+            for request_id in list(self._handles):
+                self._fail(request_id, EngineUnavailable("server stopping"))
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def _check_accepting(self) -> None:
+        if self._dead is not None:
+            raise EngineUnavailable("engine failed; this replica cannot serve")
+        if self._draining or self._stopping:
+            raise Draining("server draining; retry on another replica")
+        if not self._ready:
+            raise EngineUnavailable("model loading; retry shortly")
+
+    # --- engine thread ---
+
+    def _main(self) -> None:
+        try:
+            engine = self._engine_factory()
+            if self._warmup is not None:
+                self._warm_up(engine, self._warmup)
+                log.info("warm-up batch done")
+            with self._cond:
+                self._ready = True
+            if self._on_ready is not None:
+                self._on_ready(engine)
+            self._loop(engine)
+        except BaseException as error:  # the engine thread must never die silently
+            log.exception("engine thread failed")
+            with self._cond:
+                self._dead = error
+                for request_id in list(self._handles):
+                    self._fail(
+                        request_id, EngineUnavailable("engine failed; retry on another replica")
+                    )
+            if self._on_failure is not None:
+                self._on_failure(error)
+
+    def _warm_up(self, engine: EngineLike, request: EngineRequest) -> None:
+        """Runs one request through the engine before serving, honouring the step budget."""
+        group = ("warm-up",)
+        self._observe_stages(engine.add(group, [request]))
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._step_budget != 0 or self._stopping)
+                if self._stopping:
+                    return
+            result = engine.step(group)
+            self._observe_step(result)
+            if result.finished:
+                return
+
+    def _loop(self, engine: EngineLike) -> None:
+        while True:
+            with self._cond:
+                plan, dropped = self._next_plan()
+                if plan is None:
+                    return
+            for request_id in dropped:  # cancelled or expired while running
+                engine.cancel(request_id)
+            if plan.group is not None:
+                self._run_step(engine, plan)
+
+    def _next_plan(self) -> tuple[StepPlan | None, list[str]]:
+        """Waits (lock held) until there is a step to run or rows to drop; None when stopping."""
+        while True:
+            if self._stopping:
+                return None, []
+            dropped = list(self._cancel_running)
+            self._cancel_running.clear()
+            for request_id in dropped:
+                self._scheduler.finish(request_id)
+            dropped += self._expire(self._scheduler.expire(self._clock()))
+            plan = StepPlan() if self._step_budget == 0 else self._scheduler.schedule(self._clock())
+            self._metrics.pending.set(self._scheduler.waiting_count)
+            if plan.group is not None or dropped:
+                return plan, dropped
+            wake_at = plan.wake_at if self._step_budget != 0 else self._scheduler.next_deadline()
+            self._cond.wait(None if wake_at is None else max(0.0, wake_at - self._clock()))
+
+    def _expire(self, expired: Expired) -> list[str]:
+        """Fails expired requests (lock held); returns the running ones, whose rows must go."""
+        for entry in expired.queued + expired.running:
+            self._fail(
+                entry.request_id, DeadlineExceeded(f"deadline passed after {self._age(entry):.3f}s")
+            )
+        return [entry.request_id for entry in expired.running]
+
+    def _run_step(self, engine: EngineLike, plan: StepPlan) -> None:
+        group = plan.group
+        try:
+            if plan.admitted:
+                requests = [
+                    EngineRequest(e.request_id, self._handles_params(e)) for e in plan.admitted
+                ]
+                self._observe_stages(engine.add(group, requests))
+            result = engine.step(group)
+        except Exception:
+            log.exception("batch %s failed", group)
+            self._fail_group(engine, group)
+            return
+        now = self._clock()
+        self._observe_step(result)
+        self._observe_prompt_cache(engine.prompt_stats)
+        with self._cond:
+            self._scheduler.step_done(group)
+            for progress in result.progress:
+                handle = self._handles.get(progress.request_id)
+                if handle is None:
+                    continue
+                self._note_step(handle, result.batch_size, now)
+                if handle.wants_progress:
+                    handle.emit(StepEvent(progress.step, progress.total_steps, progress.previews))
+            for finished in result.finished:
+                self._scheduler.finish(finished.request_id)
+                self._complete(finished.request_id, finished.images, now)
+            self._report_positions()
+            self._metrics.running_rows.set(self._scheduler.running_rows)
+
+    def _observe_step(self, result: StepResult) -> None:
+        """Step time estimate, metrics and the step budget, after every engine step."""
+        step_s = result.stage_seconds["denoise_step"]
+        if self._step_seconds == 0:
+            self._step_seconds = step_s
+        else:
+            self._step_seconds += STEP_TIME_SMOOTHING * (step_s - self._step_seconds)
+        self._observe_stages(result.stage_seconds)
+        self._metrics.batch_size.observe(result.batch_size)
+        with self._cond:
+            if self._step_budget is not None:
+                self._step_budget = max(0, self._step_budget - 1)
+
+    def _handles_params(self, entry: QueueEntry) -> GenerationParams:
+        handle = self._handles.get(entry.request_id)
+        assert handle is not None, "admitted request without a handle"
+        return handle.params
+
+    def _note_step(self, handle: RequestHandle, batch_size: int, now: float) -> None:
+        if handle.started_at is None:
+            handle.started_at = now
+            queued = now - handle.accepted_at
+            self._metrics.queue_time.observe(queued)
+            if handle.wants_progress:
+                handle.emit(StartedEvent(batch_size=batch_size, queued_s=queued))
+        handle.steps_run += 1
+        handle.rows_seen += batch_size
+        handle.max_batch = max(handle.max_batch, batch_size)
+
+    def _complete(self, request_id: str, images: list[GeneratedImage], now: float) -> None:
+        handle = self._forget(request_id)
+        if handle is None:  # cancelled while its last step ran
+            return
+        started = handle.started_at if handle.started_at is not None else now
+        self._metrics.compute_time.observe(now - started)
+        handle.emit(
+            CompletedEvent(
+                images=images,
+                queued_s=started - handle.accepted_at,
+                compute_s=now - started,
+                max_batch_size=handle.max_batch,
+                mean_batch_size=handle.rows_seen / max(1, handle.steps_run),
+            )
+        )
+
+    def _fail(self, request_id: str, error: ImageGenError) -> None:
+        """Ends a request with an error (lock held)."""
+        handle = self._forget(request_id)
+        if handle is not None:
+            handle.emit(FailedEvent(error))
+
+    def _forget(self, request_id: str) -> RequestHandle | None:
+        """Drops a request's handle (lock held); wakes drain waiters when none are left."""
+        handle = self._handles.pop(request_id, None)
+        if not self._handles:
+            self._cond.notify_all()
+        return handle
+
+    def _fail_group(self, engine: EngineLike, group: object) -> None:
+        with self._cond:
+            members = [entry.request_id for entry in self._scheduler.running_in(group)]
+            for request_id in members:
+                self._scheduler.finish(request_id)
+                self._fail(request_id, InternalError("generation failed; see the server log"))
+        for request_id in members:
+            engine.cancel(request_id)
+
+    def _report_positions(self) -> None:
+        """Sends queued events to streaming requests whose queue position changed (lock held)."""
+        for request_id, estimate in self._scheduler.estimates(self._step_seconds).items():
+            handle = self._handles.get(request_id)
+            if (
+                handle is None
+                or not handle.wants_progress
+                or handle.last_position == estimate.position
+            ):
+                continue
+            handle.last_position = estimate.position
+            handle.emit(QueuedEvent(estimate.position, estimate.start_in_s))
+
+    def _observe_stages(self, stage_seconds: dict[str, float]) -> None:
+        for stage, seconds in stage_seconds.items():
+            self._metrics.stage.labels(stage=stage).observe(seconds)
+
+    def _observe_prompt_cache(self, stats: PromptCacheStats) -> None:
+        seen = self._prompt_stats_seen
+        self._metrics.prompt_cache_hits.inc(stats.hits - seen.hits)
+        self._metrics.prompt_cache_misses.inc(stats.misses - seen.misses)
+        self._prompt_stats_seen = PromptCacheStats(stats.hits, stats.misses)
+
+    def _age(self, entry: QueueEntry) -> float:
+        return self._clock() - entry.arrival

@@ -1,0 +1,206 @@
+"""Server settings: one pydantic-settings object, from CLI flags, `IMAGEGEN_*` variables and YAML.
+
+Precedence: CLI flags > environment > YAML file (`--config` / `IMAGEGEN_CONFIG`) > defaults.
+Every setting is validated once, at start-up, with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    CliSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+MAX_INT64 = 2**63 - 1
+LIGHTNING_DEFAULT_STEPS = 8
+BASE_DEFAULT_STEPS = 30
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMAGEGEN_", extra="forbid")
+
+    # --- model ---
+    model: str = Field(description="diffusers-format Qwen-Image directory or hub id")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bfloat16 on CUDA, float32 on CPU"
+    )
+    scheduler_preset: Literal["default", "lightning"] = Field(
+        "default",
+        description="lightning = Qwen-Image-Lightning's FlowMatch settings (shift ln 3)",
+    )
+    lora: list[str] = Field(
+        default_factory=list,
+        description="base LoRA files loaded at start-up with load_lora_weights: PATH or PATH@SCALE",
+    )
+    fuse_lora: bool = Field(True, description="fuse base LoRAs into the weights (faster steps)")
+    torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = torch's default")
+    warmup: bool = Field(True, description="run one batch before reporting SERVING")
+
+    # --- network ---
+    host: str = Field("127.0.0.1", description="gRPC bind address (0.0.0.0 in containers)")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 = any free port")
+    metrics_host: str | None = Field(None, description="metrics bind address; default = host")
+    metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus port; 0 = any free")
+
+    # --- batching (Triton's meaning where the names match) ---
+    batching: Literal["step", "request"] = Field(
+        "step", description="step = rows join and leave at step boundaries; request = Triton-style"
+    )
+    max_batch_size: int = Field(8, ge=1, description="most images in one denoising step")
+    max_queue_delay_ms: float = Field(
+        5.0, ge=0, description="longest a new batch waits to fill before it starts"
+    )
+    preferred_batch_sizes: list[int] = Field(
+        default_factory=list, description="batch sizes a new batch tries to reach (Triton)"
+    )
+    max_queue_size: int = Field(64, ge=0, description="most queued requests; 0 = unbounded")
+    priority_levels: int = Field(3, ge=1, le=100, description="1 = highest priority")
+    default_priority: int = Field(2, ge=1, description="level of requests that give none")
+    default_queue_timeout_ms: float = Field(
+        0.0, ge=0, description="longest a request may wait queued; 0 = only its own deadline"
+    )
+    max_active_batches: int = Field(
+        2, ge=1, description="step batching: batches of different shapes in flight at once"
+    )
+    prompt_cache_size: int = Field(256, ge=0, description="prompt embeddings kept (LRU); 0 = off")
+
+    # --- request limits (reported by GetServerInfo) ---
+    min_width: int = Field(256, ge=1, description="narrowest image, pixels")
+    max_width: int = Field(2048, ge=1, description="widest image, pixels")
+    min_height: int = Field(256, ge=1, description="shortest image, pixels")
+    max_height: int = Field(2048, ge=1, description="tallest image, pixels")
+    max_pixels: int = Field(2048 * 2048, ge=1, description="most width x height")
+    default_width: int = Field(1024, ge=1, description="width of requests that give none")
+    default_height: int = Field(1024, ge=1, description="height of requests that give none")
+    max_steps: int = Field(50, ge=1, description="most denoising steps per request")
+    default_steps: int | None = Field(
+        None,
+        ge=1,
+        description=f"steps of requests that give none; unset = {LIGHTNING_DEFAULT_STEPS} "
+        f"(lightning) or {BASE_DEFAULT_STEPS} (default preset)",
+    )
+    max_num_images: int = Field(4, ge=1, description="most images per request")
+    max_prompt_chars: int = Field(4000, ge=1, description="longest prompt, characters")
+    max_prompt_tokens: int = Field(
+        512, ge=1, le=1024, description="longest prompt, text-encoder tokens"
+    )
+    max_negative_prompt_chars: int = Field(4000, ge=1, description="longest negative prompt")
+    max_negative_prompt_tokens: int = Field(
+        512, ge=1, le=1024, description="longest negative prompt, tokens"
+    )
+    min_guidance_scale: float = Field(1.0, ge=0, description="lowest true-CFG scale")
+    max_guidance_scale: float = Field(20.0, ge=1, description="highest true-CFG scale")
+    min_seed: int = Field(0, ge=0, le=MAX_INT64, description="lowest seed")
+    max_seed: int = Field(MAX_INT64, ge=0, le=MAX_INT64, description="highest seed (+ images - 1)")
+    max_adapters_per_request: int = Field(4, ge=0, description="most adapters on one request")
+    min_adapter_scale: float = Field(-4.0, description="lowest per-request adapter scale")
+    max_adapter_scale: float = Field(4.0, description="highest per-request adapter scale")
+    min_preview_every_n_steps: int = Field(1, ge=1, description="most frequent preview allowed")
+    default_output_quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality")
+
+    # --- operations ---
+    drain_timeout_s: float = Field(30.0, ge=0, description="bound on finishing work at SIGTERM")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="server log level"
+    )
+    config: Path | None = Field(None, description="YAML file with any of these settings")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        problems = []
+        for axis in ("width", "height"):
+            low, high = getattr(self, f"min_{axis}"), getattr(self, f"max_{axis}")
+            default = getattr(self, f"default_{axis}")
+            if low > high:
+                problems.append(f"min_{axis} ({low}) > max_{axis} ({high})")
+            if not low <= default <= high:
+                problems.append(f"default_{axis} ({default}) outside [{low}, {high}]")
+        if self.default_width * self.default_height > self.max_pixels:
+            problems.append("default_width x default_height exceeds max_pixels")
+        if self.resolved_default_steps > self.max_steps:
+            problems.append(f"default steps ({self.resolved_default_steps}) > max_steps")
+        if self.max_num_images > self.max_batch_size:
+            problems.append(
+                f"max_num_images ({self.max_num_images}) > max_batch_size ({self.max_batch_size}):"
+                " a request's images must fit one batch"
+            )
+        if not 1 <= self.default_priority <= self.priority_levels:
+            problems.append(f"default_priority outside [1, priority_levels={self.priority_levels}]")
+        if self.min_guidance_scale > self.max_guidance_scale:
+            problems.append("min_guidance_scale > max_guidance_scale")
+        if self.min_seed > self.max_seed:
+            problems.append("min_seed > max_seed")
+        if any(size < 1 or size > self.max_batch_size for size in self.preferred_batch_sizes):
+            problems.append(f"preferred_batch_sizes must lie in [1, {self.max_batch_size}]")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def resolved_default_steps(self) -> int:
+        if self.default_steps is not None:
+            return self.default_steps
+        if self.scheduler_preset == "lightning":
+            return LIGHTNING_DEFAULT_STEPS
+        return BASE_DEFAULT_STEPS
+
+    @property
+    def resolved_metrics_host(self) -> str:
+        return self.metrics_host or self.host
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # CLI values arrive as init kwargs (see load_settings), so they outrank the environment.
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> CliSettingsSource[Settings]:
+    """Adds one `--kebab-case` flag per setting to `parser`; returns the source that parses them."""
+    return CliSettingsSource(
+        Settings, root_parser=parser, cli_kebab_case=True, cli_implicit_flags=True
+    )
+
+
+def load_settings(
+    cli_source: CliSettingsSource[Settings] | None = None,
+    args: argparse.Namespace | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Builds the settings from CLI args (if given), `IMAGEGEN_*` variables and the YAML file.
+
+    Raises:
+        pydantic.ValidationError: a setting is missing or invalid (the message names it).
+    """
+    values: dict[str, Any] = {}
+    if cli_source is not None and args is not None:
+        values = cli_source(parsed_args=args)()
+    values.update(overrides)
+    config_path = values.get("config") or os.environ.get("IMAGEGEN_CONFIG")
+    settings_cls: type[Settings] = Settings
+    if config_path:
+        if not Path(config_path).is_file():
+            raise FileNotFoundError(f"config file not found: {config_path}")
+        # The YAML source reads its path from model_config, so bind it on a throwaway subclass.
+        settings_cls = type(
+            "Settings",
+            (Settings,),
+            {"model_config": {**Settings.model_config, "yaml_file": config_path}},
+        )
+    return settings_cls(**values)

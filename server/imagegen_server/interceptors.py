@@ -1,0 +1,145 @@
+"""Server interceptors: the one place typed errors become gRPC statuses and RPCs are counted."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from .errors import ImageGenError, InvalidArgument
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/imagegen.v1."
+if TYPE_CHECKING:  # generic only in grpc-stubs, not at run time
+    Context = grpc.aio.ServicerContext[Any, Any]
+    Handler = grpc.RpcMethodHandler[Any, Any]
+
+
+class _MalformedRequest:
+    """Stands in for a request whose bytes did not parse, so the handler can answer
+    INVALID_ARGUMENT instead of gRPC's generic INTERNAL for deserialization failures."""
+
+    def __init__(self, error: DecodeError) -> None:
+        self.error = error
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Maps ImageGenError to its status, anything else to INTERNAL with a safe message (details
+    go to the log), and counts every RPC of the imagegen API by method and final status."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(API_PREFIX):
+            return handler
+        rpc = method.rsplit("/", 1)[-1]
+        deserializer = _tolerant(handler.request_deserializer)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(rpc, handler.unary_unary),
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(rpc, handler.unary_stream),  # type: ignore[arg-type]
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _unary(
+        self, rpc: str, behavior: Callable[..., Awaitable[Any]]
+    ) -> Callable[..., Awaitable[Any]]:
+        async def handle(request: Any, context: Context) -> Any:
+            async with self._accounted(rpc, request, context):
+                return await behavior(request, context)
+
+        return handle
+
+    def _stream(
+        self, rpc: str, behavior: Callable[..., AsyncIterator[Any]]
+    ) -> Callable[..., AsyncIterator[Any]]:
+        async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
+            async with self._accounted(rpc, request, context):
+                async for message in behavior(request, context):
+                    yield message
+
+        return handle
+
+    @contextlib.asynccontextmanager
+    async def _accounted(self, rpc: str, request: Any, context: Context) -> AsyncIterator[None]:
+        """Maps errors raised inside to statuses and counts the RPC with its final status."""
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            _reject_malformed(request)
+            yield
+        except BaseException as error:
+            code = _status_of(error, context)
+            await _abort_if_ours(error, context)
+            raise
+        finally:
+            self._metrics.requests.labels(rpc=rpc, code=code.name).inc()
+            self._metrics.request_latency.labels(rpc=rpc).observe(time.perf_counter() - started)
+
+
+def _status_of(error: BaseException, context: Context) -> grpc.StatusCode:
+    """The status the client ends up with for `error`."""
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+    if isinstance(error, grpc.aio.AbortError):
+        code: grpc.StatusCode = context.code()
+        return code
+    if isinstance(error, ImageGenError):
+        return error.code
+    return grpc.StatusCode.INTERNAL
+
+
+async def _abort_if_ours(error: BaseException, context: Context) -> None:
+    """Ends the RPC with the mapped status (abort raises); leaves cancellation and aborts be."""
+    if isinstance(error, ImageGenError):
+        await context.abort(error.code, error.message, trailing_metadata=_trailers(error))
+    if isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
+        log.error("unhandled error in RPC", exc_info=error)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+
+def _trailers(error: ImageGenError) -> tuple[tuple[str, str], ...]:
+    retry_after = getattr(error, "retry_after_s", None)
+    return (("retry-after-ms", str(int(retry_after * 1000))),) if retry_after is not None else ()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as error:
+            return _MalformedRequest(error)
+
+    return parse
+
+
+def _reject_malformed(request: Any) -> None:
+    if isinstance(request, _MalformedRequest):
+        raise InvalidArgument("request", f"malformed protobuf message ({request.error})")

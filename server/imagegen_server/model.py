@@ -1,0 +1,129 @@
+"""Loading a Qwen-Image pipeline the way real deployments do.
+
+`QwenImagePipeline.from_pretrained` on a local directory or hub id, base LoRAs through
+`load_lora_weights` (optionally fused into the weights), and the scheduler either as shipped or
+with the Qwen-Image-Lightning settings. The engine then uses the components, never `pipe(...)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+from diffusers.utils import logging as diffusers_logging
+
+from .sampling import LIGHTNING_SCHEDULER_OVERRIDES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BaseLora:
+    path: Path
+    scale: float
+
+    @classmethod
+    def parse(cls, spec: str) -> BaseLora:
+        """`PATH` or `PATH@SCALE`."""
+        path, _, scale = spec.rpartition("@") if "@" in spec else (spec, "", "1.0")
+        try:
+            return cls(Path(path), float(scale))
+        except ValueError:
+            raise ValueError(f"lora: bad scale in {spec!r}; expected PATH or PATH@SCALE") from None
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    pipeline: QwenImagePipeline
+    name: str  # what --model named
+    device: torch.device
+    dtype: torch.dtype
+    scheduler_preset: str
+    fused_loras: list[str] = field(default_factory=list)  # names of base LoRAs in the weights
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.pipeline.vae_scale_factor)
+
+    @property
+    def size_multiple(self) -> int:
+        # The VAE downsamples by vae_scale_factor and latents are packed in 2x2 patches.
+        return self.vae_scale_factor * 2
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.pipeline.transformer.config.in_channels) // 4
+
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        return dict(self.pipeline.scheduler.config)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} asked for but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def lightning_scheduler(base: FlowMatchEulerDiscreteScheduler) -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler.from_config(
+        {**base.config, **LIGHTNING_SCHEDULER_OVERRIDES}
+    )
+
+
+def load_model(
+    model: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    scheduler_preset: str = "default",
+    loras: list[str] | None = None,
+    fuse_lora: bool = True,
+) -> LoadedModel:
+    """Loads the pipeline onto the device, applies the scheduler preset and the base LoRAs."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    log.info("loading %s on %s as %s", model, torch_device, torch_dtype)
+    # Loading progress bars are noise in a server log.
+    diffusers_logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    pipeline = QwenImagePipeline.from_pretrained(model, dtype=torch_dtype)
+    pipeline.to(torch_device)
+    pipeline.set_progress_bar_config(disable=True)
+    if scheduler_preset == "lightning":
+        pipeline.scheduler = lightning_scheduler(pipeline.scheduler)
+    loaded = LoadedModel(pipeline, model, torch_device, torch_dtype, scheduler_preset)
+    if loras:
+        _apply_base_loras(loaded, [BaseLora.parse(spec) for spec in loras], fuse_lora)
+    return loaded
+
+
+def _apply_base_loras(model: LoadedModel, loras: list[BaseLora], fuse: bool) -> None:
+    pipeline = model.pipeline
+    names = []
+    for index, lora in enumerate(loras):
+        if not lora.path.is_file():
+            raise FileNotFoundError(f"lora: file not found: {lora.path}")
+        name = f"base{index}_{lora.path.stem}"
+        pipeline.load_lora_weights(str(lora.path), adapter_name=name)
+        names.append(name)
+    pipeline.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
+    if fuse:
+        pipeline.fuse_lora(adapter_names=names, lora_scale=1.0)
+        # Drop the LoRA layers but keep the fused weights: steps cost what the base model costs.
+        pipeline.unload_lora_weights()
+    model.fused_loras = [f"{lora.path.name}@{lora.scale:g}" for lora in loras] if fuse else []
+    log.info("base LoRAs %s %s", names, "fused" if fuse else "active on every row")

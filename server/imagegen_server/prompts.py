@@ -1,0 +1,119 @@
+"""Prompt encoding: batched over rows, cached by prompt text, masks kept per prompt.
+
+Each prompt's embedding is stored unpadded ([tokens, dim]); a batch pads them to its longest
+prompt and passes the padding mask to the transformer, so a row's result does not depend on the
+other prompts in its batch. The template and the dropped system-prompt prefix are the pipeline's
+own (`QwenImagePipeline.prompt_template_encode` / `prompt_template_encode_start_idx`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers import QwenImagePipeline
+
+# QwenImagePipeline.__call__'s default max_sequence_length; prompts past it are refused upstream.
+PIPELINE_MAX_SEQUENCE_LENGTH = 512
+
+
+@dataclass(slots=True)
+class PromptCacheStats:
+    hits: int = 0
+    misses: int = 0  # prompts that went through the text encoder
+
+
+class PromptTokenizer:
+    """Counts a prompt's tokens as the text encoder will see them (for request validation)."""
+
+    def __init__(self, pipeline: QwenImagePipeline) -> None:
+        # A private copy: a fast tokenizer is not safe to share with the engine thread.
+        self._tokenizer = copy.deepcopy(pipeline.tokenizer)
+        self._template = pipeline.prompt_template_encode
+        self._drop = pipeline.prompt_template_encode_start_idx
+
+    def count(self, prompt: str) -> int:
+        ids = self._tokenizer(self._template.format(prompt), add_special_tokens=True).input_ids
+        return max(0, len(ids) - int(self._drop))
+
+
+class PromptEncoder:
+    """Turns prompts into text-encoder hidden states. Runs on the engine thread only."""
+
+    def __init__(self, pipeline: QwenImagePipeline, cache_size: int, max_tokens: int) -> None:
+        self._tokenizer = pipeline.tokenizer
+        self._text_encoder = pipeline.text_encoder
+        self._template = pipeline.prompt_template_encode
+        self._drop = pipeline.prompt_template_encode_start_idx
+        self._max_tokens = min(max_tokens, PIPELINE_MAX_SEQUENCE_LENGTH)
+        self._tokenizer_max_length = pipeline.tokenizer_max_length + self._drop
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache_size = cache_size
+        self.stats = PromptCacheStats()
+
+    @torch.no_grad()
+    def encode(
+        self, prompts: Sequence[str], device: torch.device, dtype: torch.dtype
+    ) -> list[torch.Tensor]:
+        """Returns one [tokens, dim] tensor per prompt; uncached prompts share one encoder call."""
+        found = {prompt: self._lookup(prompt) for prompt in dict.fromkeys(prompts)}
+        missing = [prompt for prompt, embedding in found.items() if embedding is None]
+        self.stats.hits += len(prompts) - len(missing)
+        self.stats.misses += len(missing)
+        if missing:
+            for prompt, embedding in zip(
+                missing, self._run_encoder(missing, device, dtype), strict=True
+            ):
+                found[prompt] = embedding
+                self._store(prompt, embedding)
+        return [found[prompt] for prompt in prompts]  # type: ignore[misc]
+
+    def _run_encoder(
+        self, prompts: list[str], device: torch.device, dtype: torch.dtype
+    ) -> list[torch.Tensor]:
+        tokens = self._tokenizer(
+            [self._template.format(prompt) for prompt in prompts],
+            max_length=self._tokenizer_max_length,
+            padding=True,
+            padding_side="right",
+            truncation=True,
+            return_tensors="pt",
+        ).to(device)
+        hidden = self._text_encoder(
+            input_ids=tokens.input_ids,
+            attention_mask=tokens.attention_mask,
+            output_hidden_states=True,
+        ).hidden_states[-1]
+        lengths = tokens.attention_mask.sum(dim=1).tolist()
+        return [
+            hidden[row, self._drop : length][: self._max_tokens].to(dtype)
+            for row, length in enumerate(lengths)
+        ]
+
+    def _lookup(self, prompt: str) -> torch.Tensor | None:
+        embedding = self._cache.get(prompt)
+        if embedding is not None:
+            self._cache.move_to_end(prompt)
+        return embedding
+
+    def _store(self, prompt: str, embedding: torch.Tensor) -> None:
+        if self._cache_size <= 0:
+            return
+        self._cache[prompt] = embedding
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+
+def pad_embeddings(embeddings: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacks [tokens_i, dim] tensors into [B, max_tokens, dim] plus a [B, max_tokens] mask."""
+    longest = max(embedding.shape[0] for embedding in embeddings)
+    first = embeddings[0]
+    batch = first.new_zeros((len(embeddings), longest, first.shape[1]))
+    mask = torch.zeros((len(embeddings), longest), dtype=torch.long, device=first.device)
+    for row, embedding in enumerate(embeddings):
+        batch[row, : embedding.shape[0]] = embedding
+        mask[row, : embedding.shape[0]] = 1
+    return batch, mask

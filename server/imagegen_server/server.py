@@ -1,0 +1,282 @@
+"""Builds the gRPC server from the settings and runs its life: load, warm up, serve, drain.
+
+The server listens at once with health NOT_SERVING (so orchestrators see a live process during a
+long model load); the engine thread loads the model, runs a warm-up batch, and only then does
+health turn SERVING. SIGTERM starts a graceful drain: NOT_SERVING at once, new requests get
+UNAVAILABLE, queued and running ones finish (bounded by drain_timeout_s), then exit 0. A second
+signal stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import torch
+from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.aio names
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+
+from .batcher import Batcher, EngineLike
+from .config import Settings
+from .engine import Engine, EngineRequest
+from .interceptors import StatusInterceptor
+from .metrics import Metrics
+from .model import load_model
+from .prompts import PromptTokenizer
+from .scheduler import Scheduler, SchedulerConfig
+from .service import ImageGenerationService, ModelDescription
+from .types import GenerationParams, OutputFormat
+from .validation import RequestLimits, RequestValidator
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageGeneration"].full_name
+ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdapterAdmin"].full_name
+HEALTH_SERVICES = ("", SERVICE_NAME)
+MESSAGE_OVERHEAD_BYTES = 1 << 20
+WARMUP_STEPS = 2
+RPC_FLUSH_S = 5.0  # after the drain: time for finished RPCs to encode and send their images
+
+
+def scheduler_config(settings: Settings) -> SchedulerConfig:
+    return SchedulerConfig(
+        policy=settings.batching,
+        max_batch_size=settings.max_batch_size,
+        max_queue_delay_s=settings.max_queue_delay_ms / 1000,
+        preferred_batch_sizes=tuple(settings.preferred_batch_sizes),
+        max_queue_size=settings.max_queue_size,
+        max_active_batches=settings.max_active_batches,
+        default_queue_timeout_s=settings.default_queue_timeout_ms / 1000,
+    )
+
+
+def max_response_bytes(settings: Settings) -> int:
+    """Largest response: the most images at the most pixels as float32 NPY, the widest format."""
+    return settings.max_num_images * settings.max_pixels * 3 * 4 + MESSAGE_OVERHEAD_BYTES
+
+
+def max_request_bytes(settings: Settings) -> int:
+    # Prompts are bounded in characters (up to 4 bytes each in UTF-8); the rest is small.
+    return (
+        4 * (settings.max_prompt_chars + settings.max_negative_prompt_chars)
+        + MESSAGE_OVERHEAD_BYTES
+    )
+
+
+class ImageGenServer:
+    """One server process: gRPC + health + reflection + metrics around one engine thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.port = 0
+        self.metrics_port = 0
+        self._health = health_aio.HealthServicer()
+        self._codec_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="codec")
+        self._ready = asyncio.Event()
+        self._failed = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._batcher = Batcher(
+            engine_factory=self._build_engine,
+            scheduler=Scheduler(scheduler_config(settings)),
+            metrics=self.metrics,
+            warmup=self._warmup_request() if settings.warmup else None,
+            on_ready=self._engine_ready,
+            on_failure=self._engine_failed,
+        )
+        self._service = ImageGenerationService(
+            self._batcher, self._batching_info(), self.metrics, self._codec_pool
+        )
+        self._grpc = grpc.aio.server(
+            interceptors=[StatusInterceptor(self.metrics)],
+            options=[
+                ("grpc.max_send_message_length", max_response_bytes(settings)),
+                ("grpc.max_receive_message_length", max_request_bytes(settings)),
+            ],
+        )
+        pb_grpc.add_ImageGenerationServicer_to_server(self._service, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self._grpc,
+        )
+
+    @property
+    def batcher(self) -> Batcher:
+        return self._batcher
+
+    async def start(self) -> None:
+        """Binds the ports and starts loading the model; returns before the model is ready."""
+        self._loop = asyncio.get_running_loop()
+        settings = self.settings
+        self.metrics_port = self.metrics.serve(
+            settings.resolved_metrics_host, settings.metrics_port
+        )
+        self.port = self._grpc.add_insecure_port(f"{settings.host}:{settings.port}")
+        for service in HEALTH_SERVICES:
+            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._grpc.start()
+        log.info(
+            "gRPC on %s:%d, metrics on %s:%d",
+            settings.host,
+            self.port,
+            settings.resolved_metrics_host,
+            self.metrics_port,
+        )
+        self._batcher.start()
+
+    async def wait_ready(self) -> bool:
+        """Waits until SERVING (True) or the engine failed to start (False)."""
+        ready = asyncio.ensure_future(self._ready.wait())
+        failed = asyncio.ensure_future(self._failed.wait())
+        await asyncio.wait((ready, failed), return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        failed.cancel()
+        return self._ready.is_set()
+
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Graceful drain: NOT_SERVING, refuse new work, finish what was accepted, stop.
+
+        Returns True if everything accepted finished within the timeout.
+        """
+        timeout = self.settings.drain_timeout_s if timeout_s is None else timeout_s
+        log.info("draining (up to %.1fs)", timeout)
+        self.metrics.ready.set(0)
+        await self._health.enter_graceful_shutdown()
+        self._batcher.begin_drain()
+        finished = await self._batcher.wait_idle(timeout)
+        # The engine has answered everyone; the RPCs only need to encode and send their images.
+        # The whole drain stays within drain_timeout_s + RPC_FLUSH_S.
+        await self._grpc.stop(grace=RPC_FLUSH_S)
+        self._batcher.stop()
+        self._codec_pool.shutdown(wait=False)
+        log.info("drained %s", "cleanly" if finished else "with requests left at the timeout")
+        return finished
+
+    async def stop_now(self) -> None:
+        self.metrics.ready.set(0)
+        await self._grpc.stop(grace=0)
+        self._batcher.stop(timeout_s=0.5)
+        self._codec_pool.shutdown(wait=False)
+
+    # --- engine thread callbacks ---
+
+    def _build_engine(self) -> EngineLike:
+        settings = self.settings
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        model = load_model(
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            scheduler_preset=settings.scheduler_preset,
+            loras=settings.lora,
+            fuse_lora=settings.fuse_lora,
+        )
+        if model.device.type == "cuda":
+            torch.cuda.set_device(model.device)
+        limits = RequestLimits.from_settings(
+            settings, model.size_multiple
+        )  # fails fast if misconfigured
+        validator = RequestValidator(limits, PromptTokenizer(model.pipeline).count, lambda: ())
+        description = ModelDescription(
+            name=settings.model,
+            device=str(model.device),
+            dtype=str(model.dtype).removeprefix("torch."),
+            scheduler_preset=settings.scheduler_preset,
+            fused_adapters=tuple(model.fused_loras),
+        )
+        self._service.set_model(validator, description)
+        return Engine(model, settings.prompt_cache_size, settings.max_prompt_tokens)
+
+    def _engine_ready(self, engine: EngineLike) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._mark_serving()))
+
+    async def _mark_serving(self) -> None:
+        for service in HEALTH_SERVICES:
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.metrics.ready.set(1)
+        self._ready.set()
+        log.info("SERVING")
+
+    def _engine_failed(self, error: BaseException) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._mark_failed()))
+
+    async def _mark_failed(self) -> None:
+        self.metrics.ready.set(0)
+        for service in HEALTH_SERVICES:
+            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._failed.set()
+
+    def _warmup_request(self) -> EngineRequest:
+        """One image at the default size: the first real batch compiles kernels and fills caches."""
+        settings = self.settings
+        params = GenerationParams(
+            request_id="warm-up",
+            prompt="warm-up",
+            negative_prompt="",
+            width=settings.default_width,
+            height=settings.default_height,
+            steps=min(WARMUP_STEPS, settings.max_steps),
+            guidance_scale=1.0,
+            seed=0,
+            num_images=1,
+            output_format=OutputFormat.PNG,
+            output_quality=settings.default_output_quality,
+        )
+        return EngineRequest("warm-up", params)
+
+    def _batching_info(self) -> pb.BatchingInfo:
+        settings = self.settings
+        return pb.BatchingInfo(
+            policy=settings.batching,
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay_ms=settings.max_queue_delay_ms,
+            max_queue_size=settings.max_queue_size,
+            preferred_batch_sizes=settings.preferred_batch_sizes,
+        )
+
+
+async def serve(settings: Settings) -> int:
+    """Runs a server until SIGTERM/SIGINT; returns the process exit code."""
+    server = ImageGenServer(settings)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    signals: asyncio.Queue[int] = asyncio.Queue()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, signals.put_nowait, signum)
+    ready = asyncio.ensure_future(server.wait_ready())
+    first_signal = asyncio.ensure_future(signals.get())
+    await asyncio.wait((ready, first_signal), return_when=asyncio.FIRST_COMPLETED)
+    if ready.done() and not ready.result():
+        log.error("engine failed to start; exiting")
+        first_signal.cancel()
+        await server.stop_now()
+        return 1
+    received = await first_signal
+    ready.cancel()
+    log.info(
+        "signal %s: graceful drain; send it again to stop at once", signal.Signals(received).name
+    )
+    drain = asyncio.ensure_future(server.drain())
+    second_signal = asyncio.ensure_future(signals.get())
+    await asyncio.wait((drain, second_signal), return_when=asyncio.FIRST_COMPLETED)
+    if not drain.done():
+        log.warning("second signal: stopping now")
+        drain.cancel()
+        await server.stop_now()
+        return 0
+    second_signal.cancel()
+    return 0

@@ -1,0 +1,244 @@
+"""The gRPC servicer: converts protobuf to internal types, validates, delegates to the batcher.
+
+Errors are raised as typed ImageGenErrors and turned into gRPC statuses by the interceptor
+(interceptors.py), the one place that mapping happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+
+from . import __version__
+from .batcher import Batcher, RequestHandle
+from .codec import encode_image, encode_preview
+from .errors import EngineUnavailable
+from .metrics import Metrics
+from .types import (
+    CompletedEvent,
+    FailedEvent,
+    GenerationParams,
+    QueuedEvent,
+    StartedEvent,
+    StepEvent,
+)
+from .validation import OUTPUT_FORMATS, RequestValidator
+
+if TYPE_CHECKING:  # generic only in grpc-stubs, not at run time
+    Context = grpc.aio.ServicerContext[Any, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelDescription:
+    """Static facts about the loaded model, for GetServerInfo."""
+
+    name: str
+    device: str
+    dtype: str
+    scheduler_preset: str
+    fused_adapters: tuple[str, ...]
+
+
+class ImageGenerationService(pb_grpc.ImageGenerationServicer):
+    def __init__(
+        self,
+        batcher: Batcher,
+        batching: pb.BatchingInfo,
+        metrics: Metrics,
+        codec_pool: Executor,
+    ) -> None:
+        self._batcher = batcher
+        self._batching = batching
+        self._metrics = metrics
+        self._codec_pool = codec_pool
+        # Set once the engine thread has loaded the model (see set_model).
+        self._validator: RequestValidator | None = None
+        self._model: ModelDescription | None = None
+
+    def set_model(self, validator: RequestValidator, model: ModelDescription) -> None:
+        self._validator = validator
+        self._model = model
+
+    async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
+        params = self._validate(request, streaming=False)
+        handle = self._submit(params, context, wants_progress=False)
+        try:
+            while True:
+                event = await handle.events.get()
+                if isinstance(event, FailedEvent):
+                    raise event.error
+                if isinstance(event, CompletedEvent):
+                    return await self._response(params, event, handle)
+        finally:
+            # Cancelled or past its deadline: drop the work (a no-op once the request ended).
+            self._batcher.cancel(handle)
+
+    async def StreamProgress(
+        self, request: pb.GenerateRequest, context: Context
+    ) -> AsyncIterator[pb.ProgressEvent]:
+        params = self._validate(request, streaming=True)
+        handle = self._submit(params, context, wants_progress=True)
+        request_id = params.request_id
+        try:
+            while True:
+                event = await handle.events.get()
+                if isinstance(event, FailedEvent):
+                    raise event.error
+                if isinstance(event, QueuedEvent):
+                    yield pb.ProgressEvent(
+                        request_id=request_id,
+                        queued=pb.Queued(
+                            position=event.position, estimated_start_seconds=event.estimated_start_s
+                        ),
+                    )
+                elif isinstance(event, StartedEvent):
+                    yield pb.ProgressEvent(
+                        request_id=request_id,
+                        started=pb.Started(
+                            batch_size=event.batch_size, queued_seconds=event.queued_s
+                        ),
+                    )
+                elif isinstance(event, StepEvent):
+                    yield pb.ProgressEvent(
+                        request_id=request_id, step=await self._step_message(event)
+                    )
+                elif isinstance(event, CompletedEvent):
+                    response = await self._response(params, event, handle)
+                    yield pb.ProgressEvent(
+                        request_id=request_id, completed=pb.Completed(response=response)
+                    )
+                    return
+        finally:
+            # A stream closed early (client gone, write failed) must not leave work behind.
+            self._batcher.cancel(handle)
+
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: Context
+    ) -> pb.ServerInfo:
+        info = pb.ServerInfo(
+            server_version=__version__, batching=self._batching, ready=self._batcher.ready
+        )
+        if self._model is not None and self._validator is not None:
+            model = self._model
+            info.model, info.device, info.dtype = model.name, model.device, model.dtype
+            info.scheduler_preset = model.scheduler_preset
+            info.fused_adapters.extend(model.fused_adapters)
+            info.limits.CopyFrom(self._limits_message())
+        return info
+
+    # --- helpers ---
+
+    def _validate(self, request: pb.GenerateRequest, streaming: bool) -> GenerationParams:
+        if self._validator is None:
+            raise EngineUnavailable("model loading; retry shortly")
+        return self._validator.validate(request, streaming)
+
+    def _submit(
+        self, params: GenerationParams, context: Context, wants_progress: bool
+    ) -> RequestHandle:
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        return self._batcher.submit(params, deadline, wants_progress)
+
+    async def _response(
+        self, params: GenerationParams, event: CompletedEvent, handle: RequestHandle
+    ) -> pb.GenerateResponse:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        encoded = await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    self._codec_pool,
+                    encode_image,
+                    image.pixels,
+                    params.output_format,
+                    params.output_quality,
+                )
+                for image in event.images
+            )
+        )
+        self._metrics.stage.labels(stage="image_encode").observe(time.perf_counter() - started)
+        self._metrics.images.inc(len(encoded))
+        response = pb.GenerateResponse(
+            request_id=params.request_id,
+            timings=pb.Timings(
+                queued_seconds=event.queued_s,
+                compute_seconds=event.compute_s,
+                total_seconds=time.monotonic() - handle.accepted_at,
+            ),
+            batch_size=event.max_batch_size,
+            mean_batch_size=event.mean_batch_size,
+            model=self._model.name if self._model else "",
+        )
+        for image, data in zip(event.images, encoded, strict=True):
+            response.images.add(
+                data=data,
+                mime_type=params.output_format.mime_type,
+                width=params.width,
+                height=params.height,
+                seed=image.seed,
+            )
+        return response
+
+    async def _step_message(self, event: StepEvent) -> pb.Step:
+        step = pb.Step(step=event.step, total_steps=event.total_steps)
+        if event.previews:
+            loop = asyncio.get_running_loop()
+            encoded = await asyncio.gather(
+                *(
+                    loop.run_in_executor(self._codec_pool, encode_preview, preview.pixels)
+                    for preview in event.previews
+                )
+            )
+            for preview, data in zip(event.previews, encoded, strict=True):
+                height, width = preview.pixels.shape[:2]
+                step.previews.add(
+                    image_index=preview.image_index,
+                    data=data,
+                    mime_type="image/jpeg",
+                    width=width,
+                    height=height,
+                )
+        return step
+
+    def _limits_message(self) -> pb.Limits:
+        assert self._validator is not None
+        limits = self._validator.limits
+        return pb.Limits(
+            size_multiple=limits.size_multiple,
+            min_width=limits.min_width,
+            max_width=limits.max_width,
+            min_height=limits.min_height,
+            max_height=limits.max_height,
+            max_pixels=limits.max_pixels,
+            default_width=limits.default_width,
+            default_height=limits.default_height,
+            max_steps=limits.max_steps,
+            default_steps=limits.default_steps,
+            max_num_images=limits.max_num_images,
+            max_prompt_chars=limits.max_prompt_chars,
+            max_prompt_tokens=limits.max_prompt_tokens,
+            max_negative_prompt_chars=limits.max_negative_prompt_chars,
+            max_negative_prompt_tokens=limits.max_negative_prompt_tokens,
+            min_guidance_scale=limits.min_guidance_scale,
+            max_guidance_scale=limits.max_guidance_scale,
+            min_seed=limits.min_seed,
+            max_seed=limits.max_seed,
+            max_adapters_per_request=limits.max_adapters_per_request,
+            min_adapter_scale=limits.min_adapter_scale,
+            max_adapter_scale=limits.max_adapter_scale,
+            min_preview_every_n_steps=limits.min_preview_every_n_steps,
+            priority_levels=limits.priority_levels,
+            default_priority=limits.default_priority,
+            output_formats=sorted(
+                {value for value in OUTPUT_FORMATS if value != pb.OUTPUT_FORMAT_UNSPECIFIED}
+            ),
+        )

@@ -1,0 +1,244 @@
+"""A deterministic random-weight Qwen-Image pipeline, written in diffusers format.
+
+No model hub is reachable here, so tests, `make run` and the CPU benchmarks use a pipeline this
+module builds from a fixed seed: the real classes (Qwen2.5-VL text encoder, byte-level Qwen2
+tokenizer, QwenImage transformer, Qwen-Image VAE, FlowMatch scheduler) at tiny sizes, saved with
+`save_pretrained` and loaded back through the same `QwenImagePipeline.from_pretrained` path as
+real weights. It also writes LoRA adapters in the two formats the server accepts: Kohya
+(`lora_down`/`lora_up`/`alpha`, as the Qwen-Image-Lightning release) and diffusers/PEFT
+(`transformer.<module>.lora_A`/`lora_B`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+)
+from safetensors.torch import save_file
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+# Special tokens of the real Qwen2.5 tokenizer that the prompt template and the VL config use.
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# Qwen-Image's own scheduler settings (resolution-dependent exponential shift, terminal 0.02).
+QWEN_IMAGE_SCHEDULER = {
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 8192,
+    "base_shift": 0.5,
+    "max_shift": 0.9,
+    "shift": 1.0,
+    "shift_terminal": 0.02,
+    "time_shift_type": "exponential",
+    "use_dynamic_shifting": True,
+}
+
+# Linear layers of each transformer block that the adapters touch (a subset of Lightning's).
+LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "img_mlp.net.2",
+    "txt_mlp.net.2",
+)
+
+# name -> (file format, rank, seed); the bench spreads clients over these four.
+ADAPTERS = {
+    "ink": ("kohya", 4, 101),
+    "neon": ("peft", 4, 102),
+    "sepia": ("kohya", 2, 103),
+    "pastel": ("peft", 8, 104),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Preset:
+    layers: int
+    heads: int
+    head_dim: int
+    text_dim: int  # text encoder hidden size = transformer joint_attention_dim
+    text_layers: int
+    vae_base_dim: int
+
+
+PRESETS = {
+    # Tests: every stage in milliseconds at 64x64.
+    "tiny": Preset(layers=2, heads=2, head_dim=16, text_dim=32, text_layers=2, vae_base_dim=8),
+    # CPU benchmarks: denoising dominates as on the real model (DESIGN.md, "The tiny model").
+    "bench": Preset(layers=8, heads=4, head_dim=64, text_dim=64, text_layers=2, vae_base_dim=4),
+}
+
+
+def write_tiny_model(directory: Path, preset: str = "tiny", seed: int = 0) -> Path:
+    """Writes the pipeline and its adapters under `directory`; returns the directory.
+
+    The same (preset, seed) always gives the same bytes, so tests and benchmarks are repeatable.
+    """
+    sizes = PRESETS[preset]
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_tokenizer_files(directory / "tokenizer")
+    tokenizer = Qwen2Tokenizer.from_pretrained(directory / "tokenizer")
+    torch.manual_seed(seed)
+    text_encoder = _build_text_encoder(sizes, vocab_size=len(tokenizer))
+    torch.manual_seed(seed + 1)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=64,
+        out_channels=16,
+        num_layers=sizes.layers,
+        attention_head_dim=sizes.head_dim,
+        num_attention_heads=sizes.heads,
+        joint_attention_dim=sizes.text_dim,
+        axes_dims_rope=_rope_axes(sizes.head_dim),
+    )
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLQwenImage(
+        base_dim=sizes.vae_base_dim,
+        z_dim=16,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 16,
+        latents_std=[1.0] * 16,
+    )
+    pipeline = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    pipeline.save_pretrained(directory, safe_serialization=True)
+    # Keep the tokenizer as the real release ships it (vocab + merges, converted at load time)
+    # rather than the tokenizer.json that save_pretrained writes.
+    shutil.rmtree(directory / "tokenizer")
+    _write_tokenizer_files(directory / "tokenizer")
+    _write_adapters(directory / "adapters", transformer)
+    return directory
+
+
+def _write_tokenizer_files(source: Path) -> None:
+    """A byte-level BPE with no merges: every UTF-8 byte is a token, plus Qwen's specials."""
+    source.mkdir(parents=True, exist_ok=True)
+    byte_symbols = list(bytes_to_unicode().values())
+    vocab = {symbol: index for index, symbol in enumerate(byte_symbols)}
+    specials = {token: len(vocab) + index for index, token in enumerate(SPECIAL_TOKENS)}
+    (source / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (source / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    config = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "model_max_length": 32768,
+        "bos_token": None,
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "padding_side": "right",
+        "extra_special_tokens": list(SPECIAL_TOKENS[1:]),
+        "added_tokens_decoder": {
+            str(token_id): {
+                "content": token,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+                "special": True,
+            }
+            for token, token_id in specials.items()
+        },
+    }
+    (source / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def _build_text_encoder(sizes: Preset, vocab_size: int) -> Qwen2_5_VLForConditionalGeneration:
+    heads = 2
+    head_dim = sizes.text_dim // heads
+    quarter = head_dim // 4
+    # The three multimodal-rope sections must add up to head_dim / 2.
+    mrope_section = [head_dim // 2 - 2 * quarter, quarter, quarter]
+    special = {token: 256 + index for index, token in enumerate(SPECIAL_TOKENS)}
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": sizes.text_dim,
+            "intermediate_size": sizes.text_dim * 2,
+            "num_hidden_layers": sizes.text_layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
+            "rope_scaling": {"type": "mrope", "mrope_section": mrope_section},
+            "vocab_size": vocab_size,
+            "max_position_embeddings": 4096,
+            "bos_token_id": None,
+            "eos_token_id": special["<|endoftext|>"],
+            "pad_token_id": special["<|endoftext|>"],
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_heads": 2,
+            "out_hidden_size": sizes.text_dim,
+        },
+        vocab_size=vocab_size,
+        image_token_id=special["<|image_pad|>"],
+        video_token_id=special["<|video_pad|>"],
+        vision_start_token_id=special["<|vision_start|>"],
+        vision_end_token_id=special["<|vision_end|>"],
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def _rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """Split head_dim over (frame, height, width) like Qwen-Image's (16, 56, 56) of 128; each
+    part must be even (rotary pairs)."""
+    frame = max(2, head_dim // 8 // 2 * 2)
+    height = (head_dim - frame) // 4 * 2
+    return (frame, height, head_dim - frame - height)
+
+
+def _write_adapters(directory: Path, transformer: QwenImageTransformer2DModel) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    modules = dict(transformer.named_modules())
+    for name, (file_format, rank, seed) in ADAPTERS.items():
+        generator = torch.Generator("cpu").manual_seed(seed)
+        tensors: dict[str, torch.Tensor] = {}
+        for block in range(len(transformer.transformer_blocks)):
+            for target in LORA_TARGETS:
+                path = f"transformer_blocks.{block}.{target}"
+                layer = modules[path]
+                down = (
+                    torch.randn((rank, layer.in_features), generator=generator)
+                    / layer.in_features**0.5
+                )
+                up = torch.randn((layer.out_features, rank), generator=generator) * 2.0
+                if file_format == "kohya":
+                    tensors[f"{path}.lora_down.weight"] = down
+                    tensors[f"{path}.lora_up.weight"] = up
+                    tensors[f"{path}.alpha"] = torch.tensor(float(rank))
+                else:
+                    tensors[f"transformer.{path}.lora_A.weight"] = down
+                    tensors[f"transformer.{path}.lora_B.weight"] = up
+        save_file(
+            {key: value.contiguous() for key, value in tensors.items()},
+            directory / f"{name}.safetensors",
+        )

@@ -1,0 +1,158 @@
+"""Internal request and result types shared by the service, batcher, scheduler and engine.
+
+Nothing here imports torch or generated protobuf code: the service converts protobuf messages into
+these, and everything below it works on them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class OutputFormat(enum.Enum):
+    PNG = "png"
+    JPEG = "jpeg"
+    WEBP = "webp"
+    # Lossless float32 HxWx3 array in [0, 1] (.npy), for pipelines that post-process the pixels and
+    # for checking the determinism contract, which 8-bit formats cannot resolve.
+    NPY = "npy"
+
+    @property
+    def mime_type(self) -> str:
+        return _MIME_TYPES[self]
+
+    @property
+    def is_float(self) -> bool:
+        return self is OutputFormat.NPY
+
+
+_MIME_TYPES = {
+    OutputFormat.PNG: "image/png",
+    OutputFormat.JPEG: "image/jpeg",
+    OutputFormat.WEBP: "image/webp",
+    OutputFormat.NPY: "application/x-npy",
+}
+
+
+class Mode(enum.Enum):
+    TEXT_TO_IMAGE = "txt2img"
+    IMAGE_TO_IMAGE = "img2img"
+    INPAINT = "inpaint"
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterSpec:
+    name: str  # adapter name in the registry
+    scale: float  # multiplier of the adapter's delta; 0 = no effect
+
+
+@dataclass(frozen=True, slots=True)
+class BatchKey:
+    """What must be equal for rows to share one transformer call (see DESIGN.md, Batching)."""
+
+    height: int  # pixels; the rotary embedding uses one image shape per batch
+    width: int
+    cfg: bool  # true classifier-free guidance doubles the transformer batch
+    mode: Mode
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}{'+cfg' if self.cfg else ''}/{self.mode.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class InitImage:
+    """Image-to-image input, already decoded and resized to the request's size."""
+
+    pixels: np.ndarray  # float32 HxWx3 in [0, 1]
+    strength: float  # (0, 1]: fraction of the schedule that runs
+    mask: np.ndarray | None  # float32 HxW in [0, 1], 1 = regenerate; None = plain img2img
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    """A validated generation request: every field is within the server's limits."""
+
+    request_id: str
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int  # denoising steps the request runs (after strength, for img2img)
+    guidance_scale: float  # true CFG scale; 1.0 = off
+    seed: int  # image i uses seed + i
+    num_images: int
+    output_format: OutputFormat
+    output_quality: int  # JPEG/WebP quality 1..100
+    adapters: tuple[AdapterSpec, ...] = ()
+    priority: int = 1  # 1 = highest
+    preview_every_n_steps: int = 0  # 0 = no previews
+    init_image: InitImage | None = None
+    schedule_steps: int = 0  # length of the full schedule img2img starts into; 0 = steps
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    @property
+    def mode(self) -> Mode:
+        if self.init_image is None:
+            return Mode.TEXT_TO_IMAGE
+        return Mode.INPAINT if self.init_image.mask is not None else Mode.IMAGE_TO_IMAGE
+
+    @property
+    def batch_key(self) -> BatchKey:
+        return BatchKey(height=self.height, width=self.width, cfg=self.cfg, mode=self.mode)
+
+
+@dataclass(slots=True)
+class GeneratedImage:
+    pixels: np.ndarray  # HxWx3: uint8 for 8-bit formats, float32 in [0, 1] for NPY
+    seed: int
+
+
+@dataclass(slots=True)
+class Preview:
+    image_index: int  # which of the request's images
+    pixels: np.ndarray  # small uint8 HxWx3 from the latent-to-RGB projection
+
+
+# Events from the engine thread to a request's waiter, in the order a request sees them.
+
+
+@dataclass(slots=True)
+class QueuedEvent:
+    position: int  # 0 = next to start
+    estimated_start_s: float  # seconds from now
+
+
+@dataclass(slots=True)
+class StartedEvent:
+    batch_size: int  # rows in the first denoising step this request ran in
+    queued_s: float
+
+
+@dataclass(slots=True)
+class StepEvent:
+    step: int  # 1..total_steps
+    total_steps: int
+    previews: list[Preview] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class CompletedEvent:
+    images: list[GeneratedImage]
+    queued_s: float
+    compute_s: float
+    max_batch_size: int  # most rows in one step this request ran in
+    mean_batch_size: float
+
+
+@dataclass(slots=True)
+class FailedEvent:
+    error: Exception  # an ImageGenError; mapped to a gRPC status by the service
+
+
+Event = QueuedEvent | StartedEvent | StepEvent | CompletedEvent | FailedEvent

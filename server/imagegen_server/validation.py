@@ -1,0 +1,275 @@
+"""GenerateRequest -> GenerationParams: defaults filled in, every field checked against the limits.
+
+A field outside its range raises InvalidArgument whose message names the field and the allowed
+range, so a client can fix the request without reading the server's code.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+import uuid
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+from imagegen.v1 import imagegen_pb2 as pb
+
+from .config import Settings
+from .errors import InvalidArgument, NotFound
+from .types import AdapterSpec, GenerationParams, OutputFormat
+
+OUTPUT_FORMATS = {
+    pb.OUTPUT_FORMAT_UNSPECIFIED: OutputFormat.PNG,
+    pb.OUTPUT_FORMAT_PNG: OutputFormat.PNG,
+    pb.OUTPUT_FORMAT_JPEG: OutputFormat.JPEG,
+    pb.OUTPUT_FORMAT_WEBP: OutputFormat.WEBP,
+    pb.OUTPUT_FORMAT_NPY: OutputFormat.NPY,
+}
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """The ranges a request must respect; GetServerInfo reports them."""
+
+    size_multiple: int
+    min_width: int
+    max_width: int
+    min_height: int
+    max_height: int
+    max_pixels: int
+    default_width: int
+    default_height: int
+    max_steps: int
+    default_steps: int
+    max_num_images: int
+    max_prompt_chars: int
+    max_prompt_tokens: int
+    max_negative_prompt_chars: int
+    max_negative_prompt_tokens: int
+    min_guidance_scale: float
+    max_guidance_scale: float
+    min_seed: int
+    max_seed: int
+    max_adapters_per_request: int
+    min_adapter_scale: float
+    max_adapter_scale: float
+    min_preview_every_n_steps: int
+    priority_levels: int
+    default_priority: int
+    default_output_quality: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings, size_multiple: int) -> RequestLimits:
+        """Combines the configured limits with the model's size multiple.
+
+        Raises:
+            ValueError: a configured size is not a multiple of the model's size multiple.
+        """
+        for name in (
+            "min_width",
+            "max_width",
+            "min_height",
+            "max_height",
+            "default_width",
+            "default_height",
+        ):
+            if getattr(settings, name) % size_multiple:
+                raise ValueError(
+                    f"{name} ({getattr(settings, name)}) must be a multiple of {size_multiple}"
+                    " for this model"
+                )
+        return cls(
+            size_multiple=size_multiple,
+            min_width=settings.min_width,
+            max_width=settings.max_width,
+            min_height=settings.min_height,
+            max_height=settings.max_height,
+            max_pixels=settings.max_pixels,
+            default_width=settings.default_width,
+            default_height=settings.default_height,
+            max_steps=settings.max_steps,
+            default_steps=settings.resolved_default_steps,
+            max_num_images=settings.max_num_images,
+            max_prompt_chars=settings.max_prompt_chars,
+            max_prompt_tokens=settings.max_prompt_tokens,
+            max_negative_prompt_chars=settings.max_negative_prompt_chars,
+            max_negative_prompt_tokens=settings.max_negative_prompt_tokens,
+            min_guidance_scale=settings.min_guidance_scale,
+            max_guidance_scale=settings.max_guidance_scale,
+            min_seed=settings.min_seed,
+            max_seed=settings.max_seed,
+            max_adapters_per_request=settings.max_adapters_per_request,
+            min_adapter_scale=settings.min_adapter_scale,
+            max_adapter_scale=settings.max_adapter_scale,
+            min_preview_every_n_steps=settings.min_preview_every_n_steps,
+            priority_levels=settings.priority_levels,
+            default_priority=settings.default_priority,
+            default_output_quality=settings.default_output_quality,
+        )
+
+
+class RequestValidator:
+    def __init__(
+        self,
+        limits: RequestLimits,
+        count_tokens: Callable[[str], int],
+        adapter_names: Callable[[], Collection[str]],
+    ) -> None:
+        self.limits = limits
+        self._count_tokens = count_tokens
+        self._adapter_names = adapter_names
+
+    def validate(self, request: pb.GenerateRequest, streaming: bool) -> GenerationParams:
+        """Raises InvalidArgument (or NotFound for an unknown adapter) naming the field."""
+        limits = self.limits
+        num_images = _in_range("num_images", request.num_images or 1, 1, limits.max_num_images)
+        width, height = self._size(request)
+        steps = _in_range(
+            "num_inference_steps",
+            request.num_inference_steps or limits.default_steps,
+            1,
+            limits.max_steps,
+        )
+        if request.init_image or request.mask_image or request.HasField("strength"):
+            raise InvalidArgument("init_image", "image-to-image is not enabled on this server")
+        return GenerationParams(
+            request_id=self._request_id(request.request_id),
+            prompt=self._prompt(
+                "prompt", request.prompt, limits.max_prompt_chars, limits.max_prompt_tokens, 1
+            ),
+            negative_prompt=self._prompt(
+                "negative_prompt",
+                request.negative_prompt,
+                limits.max_negative_prompt_chars,
+                limits.max_negative_prompt_tokens,
+                0,
+            ),
+            width=width,
+            height=height,
+            steps=steps,
+            guidance_scale=self._guidance(request),
+            seed=self._seed(request, num_images),
+            num_images=num_images,
+            output_format=_output_format(request.output_format),
+            output_quality=_in_range(
+                "output_quality", request.output_quality or limits.default_output_quality, 1, 100
+            ),
+            adapters=self._adapters(request),
+            priority=_in_range(
+                "priority", request.priority or limits.default_priority, 1, limits.priority_levels
+            ),
+            preview_every_n_steps=self._preview(request, steps, streaming),
+        )
+
+    def _size(self, request: pb.GenerateRequest) -> tuple[int, int]:
+        limits = self.limits
+        width = request.width or limits.default_width
+        height = request.height or limits.default_height
+        for name, value, low, high in (
+            ("width", width, limits.min_width, limits.max_width),
+            ("height", height, limits.min_height, limits.max_height),
+        ):
+            _in_range(name, value, low, high)
+            if value % limits.size_multiple:
+                raise InvalidArgument(
+                    name,
+                    f"{value} is not a multiple of {limits.size_multiple}"
+                    f" (allowed: multiples of {limits.size_multiple} in [{low}, {high}])",
+                )
+        if width * height > limits.max_pixels:
+            raise InvalidArgument(
+                "width", f"width x height = {width * height} exceeds max_pixels {limits.max_pixels}"
+            )
+        return width, height
+
+    def _prompt(
+        self, field: str, text: str, max_chars: int, max_tokens: int, min_chars: int
+    ) -> str:
+        if len(text) < min_chars or len(text) > max_chars:
+            raise InvalidArgument(
+                field, f"{len(text)} characters; allowed [{min_chars}, {max_chars}]"
+            )
+        if "\x00" in text:
+            raise InvalidArgument(field, "contains a NUL character")
+        tokens = self._count_tokens(text) if text else 0
+        if tokens > max_tokens:
+            raise InvalidArgument(field, f"{tokens} tokens; allowed at most {max_tokens}")
+        return text
+
+    def _guidance(self, request: pb.GenerateRequest) -> float:
+        if not request.HasField("guidance_scale"):
+            return 1.0
+        value = request.guidance_scale
+        low, high = self.limits.min_guidance_scale, self.limits.max_guidance_scale
+        if not math.isfinite(value) or not low <= value <= high:
+            raise InvalidArgument("guidance_scale", f"{value} outside [{low}, {high}] (1.0 = off)")
+        return float(value)
+
+    def _seed(self, request: pb.GenerateRequest, num_images: int) -> int:
+        low = self.limits.min_seed
+        high = self.limits.max_seed - (num_images - 1)  # image i uses seed + i
+        if not request.HasField("seed"):
+            return low + secrets.randbelow(high - low + 1)
+        return _in_range("seed", request.seed, low, high)
+
+    def _adapters(self, request: pb.GenerateRequest) -> tuple[AdapterSpec, ...]:
+        limits = self.limits
+        if len(request.adapters) > limits.max_adapters_per_request:
+            raise InvalidArgument(
+                "adapters",
+                f"{len(request.adapters)} given; allowed at most {limits.max_adapters_per_request}",
+            )
+        specs: list[AdapterSpec] = []
+        known = self._adapter_names()
+        for index, adapter in enumerate(request.adapters):
+            field = f"adapters[{index}]"
+            scale = adapter.scale if adapter.HasField("scale") else 1.0
+            if (
+                not math.isfinite(scale)
+                or not limits.min_adapter_scale <= scale <= limits.max_adapter_scale
+            ):
+                raise InvalidArgument(
+                    f"{field}.scale",
+                    f"{scale} outside [{limits.min_adapter_scale}, {limits.max_adapter_scale}]",
+                )
+            if adapter.name not in known:
+                raise NotFound(
+                    f"{field}.name: adapter {adapter.name!r} is not loaded"
+                    " (ListAdapters shows what is)"
+                )
+            if any(spec.name == adapter.name for spec in specs):
+                raise InvalidArgument(f"{field}.name", f"adapter {adapter.name!r} named twice")
+            specs.append(AdapterSpec(adapter.name, float(scale)))
+        return tuple(specs)
+
+    def _preview(self, request: pb.GenerateRequest, steps: int, streaming: bool) -> int:
+        every = request.preview_every_n_steps
+        if every == 0 or not streaming:
+            return 0
+        return _in_range(
+            "preview_every_n_steps", every, self.limits.min_preview_every_n_steps, steps
+        )
+
+    @staticmethod
+    def _request_id(value: str) -> str:
+        if not value:
+            return uuid.uuid4().hex
+        if not REQUEST_ID_PATTERN.match(value):
+            raise InvalidArgument("request_id", "1-128 characters from [A-Za-z0-9._:-]")
+        return value
+
+
+def _in_range(field: str, value: int, low: int, high: int) -> int:
+    if not low <= value <= high:
+        raise InvalidArgument(field, f"{value} outside [{low}, {high}]")
+    return int(value)
+
+
+def _output_format(value: int) -> OutputFormat:
+    output_format: OutputFormat | None = OUTPUT_FORMATS.get(value)  # type: ignore[call-overload]
+    if output_format is None:
+        allowed = ", ".join(pb.OutputFormat.Name(v) for v in OUTPUT_FORMATS)
+        raise InvalidArgument("output_format", f"unknown value {value}; allowed {allowed}")
+    return output_format

@@ -1,0 +1,58 @@
+"""Fixtures sorted by what they need: unit tests use none of these; integration tests get a real
+server on 127.0.0.1 serving the tiny random-weight model."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from imagegen_server.tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def reference_pipeline(tiny_model: Path) -> Any:
+    """The plain diffusers pipeline on the same weights: the fidelity reference."""
+    import torch
+    from diffusers import QwenImagePipeline
+
+    pipeline = QwenImagePipeline.from_pretrained(tiny_model, dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model: Path) -> Iterator[Any]:
+    """One server per test module, default test settings."""
+    from support import start_server
+
+    running = start_server(tiny_model)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def server_factory(tiny_model: Path) -> Iterator[Any]:
+    """Starts servers with setting overrides; stops them after the test."""
+    from support import start_server
+
+    started: list[Any] = []
+
+    def start(wait_ready: bool = True, step_budget: int | None = None, **overrides: Any) -> Any:
+        running = start_server(tiny_model, wait_ready, step_budget, **overrides)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()

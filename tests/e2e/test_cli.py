@@ -1,0 +1,84 @@
+"""The `imagegen` CLI against a real server process, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+BIN = Path(sys.executable).parent
+
+
+def imagegen(server: object, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "imagegen"), "--target", server.target, *args],  # type: ignore[attr-defined]
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_generate_writes_a_png_of_the_asked_size(server_process: object, tmp_path: Path) -> None:
+    output = tmp_path / "out.png"
+    result = imagegen(
+        server_process,
+        "generate",
+        "a red fox in snow",
+        "-o",
+        str(output),
+        "--steps",
+        "4",
+        "--seed",
+        "42",
+        "--size",
+        "96x64",
+    )
+    assert result.returncode == 0, result.stderr
+    with Image.open(output) as image:
+        assert image.format == "PNG" and image.size == (96, 64)
+    assert "seed=42" in result.stdout
+
+
+def test_several_images_get_numbered_files_and_the_format_follows_the_extension(
+    server_process: object, tmp_path: Path
+) -> None:
+    result = imagegen(
+        server_process,
+        "generate",
+        "two cats",
+        "-o",
+        str(tmp_path / "cat.jpg"),
+        "--num-images",
+        "2",
+        "--seed",
+        "7",
+        "--no-progress",
+    )
+    assert result.returncode == 0, result.stderr
+    for index, seed in ((0, 7), (1, 8)):
+        with Image.open(tmp_path / f"cat-{index}.jpg") as image:
+            assert image.format == "JPEG" and image.size == (64, 64)
+        assert f"seed={seed}" in result.stdout
+
+
+def test_bad_input_is_reported_with_the_status_and_field(
+    server_process: object, tmp_path: Path
+) -> None:
+    result = imagegen(
+        server_process, "generate", "x", "-o", str(tmp_path / "x.png"), "--size", "100x64"
+    )
+    assert result.returncode == 1
+    assert "INVALID_ARGUMENT: width: 100 is not a multiple of 16" in result.stderr
+
+
+def test_info_and_health(server_process: object) -> None:
+    info = imagegen(server_process, "info")
+    assert info.returncode == 0, info.stderr
+    parsed = json.loads(info.stdout)
+    assert parsed["limits"]["sizeMultiple"] == 16 and parsed["batching"]["policy"] == "step"
+    health = imagegen(server_process, "health")
+    assert (health.returncode, health.stdout.strip()) == (0, "SERVING")

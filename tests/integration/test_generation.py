@@ -1,0 +1,141 @@
+"""Images through the real server equal QwenImagePipeline's, whatever the batch around them."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from imagegen_client import OutputFormat
+from PIL import Image
+from support import StreamWatcher, assert_same_image, pixels
+
+
+def reference(
+    pipeline: Any,
+    prompt: str,
+    seed: int,
+    *,
+    width: int = 64,
+    height: int = 64,
+    steps: int = 4,
+    negative_prompt: str | None = None,
+    guidance: float = 1.0,
+) -> np.ndarray:
+    """QwenImagePipeline.__call__ with the server's conventions (CPU generator seeded per image)."""
+    output = pipeline(
+        prompt,
+        negative_prompt=negative_prompt,
+        true_cfg_scale=guidance,
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="np",
+    )
+    return np.asarray(output.images[0], dtype=np.float32)
+
+
+@pytest.mark.parametrize("width,height", [(64, 64), (96, 48)])
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_server_image_equals_the_diffusers_pipeline(
+    server: Any, reference_pipeline: Any, width: int, height: int, guidance: float
+) -> None:
+    negative = "blurry, low quality" if guidance > 1 else ""
+    result = server.client().generate(
+        "a lighthouse on a cliff at dusk",
+        negative_prompt=negative,
+        guidance_scale=guidance,
+        width=width,
+        height=height,
+        steps=4,
+        seed=1234,
+        output_format=OutputFormat.NPY,
+    )
+    expected = reference(
+        reference_pipeline,
+        "a lighthouse on a cliff at dusk",
+        1234,
+        width=width,
+        height=height,
+        negative_prompt=negative if guidance > 1 else None,
+        guidance=guidance,
+    )
+    assert pixels(result).shape == (height, width, 3)
+    assert_same_image(pixels(result), expected)
+
+
+def test_a_request_gives_the_same_image_alone_and_inside_a_batch_of_four(
+    server_factory: Any,
+) -> None:
+    server = server_factory()
+    client = server.client()
+    alone = client.generate("a red fox in the snow", seed=7, output_format=OutputFormat.NPY)
+    assert alone.batch_size == 1
+
+    server.batcher.set_step_budget(0)  # hold the engine so all four queue up and share steps
+    prompts = [
+        "a red fox in the snow",
+        "x",
+        "a much longer prompt about an old harbour town at night",
+        "山水画",
+    ]
+    watchers = [
+        StreamWatcher(client, prompt, seed=7 + i * 100, output_format=OutputFormat.NPY)
+        for i, prompt in enumerate(prompts)
+    ]
+    for watcher in watchers:
+        watcher.queued()
+    server.batcher.set_step_budget(None)
+    batched = [watcher.completed().result for watcher in watchers]
+    assert [result.batch_size for result in batched] == [4, 4, 4, 4]
+    assert_same_image(pixels(batched[0]), pixels(alone))
+
+
+def test_num_images_uses_consecutive_seeds(server: Any) -> None:
+    client = server.client()
+    together = client.generate(
+        "three lanterns", seed=41, num_images=3, output_format=OutputFormat.NPY
+    )
+    assert [image.seed for image in together.images] == [41, 42, 43]
+    for index, seed in enumerate((41, 42, 43)):
+        single = client.generate("three lanterns", seed=seed, output_format=OutputFormat.NPY)
+        assert_same_image(pixels(together, index), pixels(single))
+    assert not np.array_equal(pixels(together, 0), pixels(together, 1))
+
+
+@pytest.mark.parametrize(
+    "output_format,mime,pil_format",
+    [
+        (OutputFormat.PNG, "image/png", "PNG"),
+        (OutputFormat.JPEG, "image/jpeg", "JPEG"),
+        (OutputFormat.WEBP, "image/webp", "WEBP"),
+    ],
+)
+def test_encoded_images_decode_to_the_requested_size(
+    server: Any, output_format: OutputFormat, mime: str, pil_format: str
+) -> None:
+    result = server.client().generate(
+        "a teapot", width=96, height=64, seed=3, output_format=output_format
+    )
+    image = result.images[0]
+    assert image.mime_type == mime
+    decoded = Image.open(io.BytesIO(image.data))
+    assert decoded.format == pil_format and decoded.size == (96, 64) and decoded.mode == "RGB"
+
+
+def test_png_is_the_lossless_8_bit_rounding_of_the_float_image(server: Any) -> None:
+    client = server.client()
+    as_float = pixels(client.generate("a teapot", seed=5, output_format=OutputFormat.NPY))
+    as_png = np.asarray(Image.open(io.BytesIO(client.generate("a teapot", seed=5).images[0].data)))
+    # Rounding can flip where two float images differ by ~1e-7, so allow one level on a few pixels.
+    assert np.abs(as_png.astype(int) - np.round(as_float * 255).astype(int)).max() <= 1
+
+
+def test_a_random_seed_is_reported_and_reproduces_the_image(server: Any) -> None:
+    client = server.client()
+    first = client.generate("a kite", output_format=OutputFormat.NPY)
+    again = client.generate("a kite", seed=first.images[0].seed, output_format=OutputFormat.NPY)
+    assert_same_image(pixels(again), pixels(first))

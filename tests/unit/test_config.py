@@ -1,0 +1,90 @@
+"""Settings precedence (CLI > environment > YAML > defaults) and start-up validation."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+from imagegen_server.config import add_settings_arguments, load_settings
+from pydantic import ValidationError
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, object]:
+    parser = argparse.ArgumentParser()
+    source = add_settings_arguments(parser)
+    return parser.parse_args(argv), source
+
+
+def test_cli_beats_environment_beats_yaml_beats_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "imagegen.yaml"
+    config.write_text("model: from-yaml\nport: 7001\nmax_batch_size: 6\nmax_queue_delay_ms: 9\n")
+    monkeypatch.setenv("IMAGEGEN_CONFIG", str(config))
+    monkeypatch.setenv("IMAGEGEN_PORT", "7002")
+    monkeypatch.setenv("IMAGEGEN_MAX_BATCH_SIZE", "7")
+    args, source = parse(["--max-batch-size", "5", "--batching", "request"])
+    settings = load_settings(source, args)  # type: ignore[arg-type]
+    assert settings.model == "from-yaml"  # only the YAML sets it
+    assert settings.max_queue_delay_ms == 9  # YAML beats the default
+    assert settings.port == 7002  # the environment beats YAML
+    assert settings.max_batch_size == 5  # the flag beats the environment
+    assert settings.batching == "request"
+    assert settings.metrics_port == 9090  # default
+
+
+def test_flags_are_kebab_case_with_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IMAGEGEN_CONFIG", raising=False)
+    args, source = parse(
+        [
+            "--model",
+            "m",
+            "--drain-timeout-s",
+            "12.5",
+            "--preferred-batch-sizes",
+            "[2,4]",
+            "--no-warmup",
+        ]
+    )
+    settings = load_settings(source, args)  # type: ignore[arg-type]
+    assert (settings.drain_timeout_s, settings.preferred_batch_sizes, settings.warmup) == (
+        12.5,
+        [2, 4],
+        False,
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"min_width": 512, "max_width": 256}, "min_width (512) > max_width (256)"),
+        ({"default_width": 4096}, "default_width (4096) outside [256, 2048]"),
+        ({"max_num_images": 9, "max_batch_size": 8}, "a request's images must fit one batch"),
+        ({"default_priority": 5}, "default_priority outside [1, priority_levels=3]"),
+        ({"preferred_batch_sizes": [16]}, "preferred_batch_sizes must lie in [1, 8]"),
+        ({"batching": "dynamic"}, "batching"),
+        ({"max_batch_size": 0}, "max_batch_size"),
+    ],
+)
+def test_inconsistent_settings_are_refused_with_an_actionable_message(
+    overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=__import__("re").escape(message)):
+        load_settings(model="m", **overrides)
+
+
+def test_a_missing_config_file_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_settings(model="m", config=tmp_path / "absent.yaml")
+
+
+def test_default_steps_follow_the_scheduler_preset() -> None:
+    assert load_settings(model="m").resolved_default_steps == 30
+    assert load_settings(model="m", scheduler_preset="lightning").resolved_default_steps == 8
+    assert (
+        load_settings(
+            model="m", scheduler_preset="lightning", default_steps=4
+        ).resolved_default_steps
+        == 4
+    )

@@ -1,0 +1,327 @@
+"""The queue policy on its own: a fake clock, no torch, no sockets."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from imagegen_server.errors import QueueFull
+from imagegen_server.scheduler import QueueEntry, Scheduler, SchedulerConfig
+
+_ids = itertools.count()
+
+
+def entry(
+    key: Hashable = "A",
+    at: float = 0.0,
+    steps: int = 4,
+    rows: int = 1,
+    priority: int = 1,
+    deadline: float | None = None,
+    name: str | None = None,
+) -> QueueEntry:
+    return QueueEntry(
+        request_id=name or f"r{next(_ids)}",
+        key=key,
+        rows=rows,
+        steps=steps,
+        priority=priority,
+        arrival=at,
+        deadline=deadline,
+    )
+
+
+def step_policy(**overrides: object) -> Scheduler:
+    config = {"policy": "step", "max_batch_size": 4, "max_active_batches": 2, **overrides}
+    return Scheduler(SchedulerConfig(**config))  # type: ignore[arg-type]
+
+
+def request_policy(**overrides: object) -> Scheduler:
+    config = {"policy": "request", "max_batch_size": 4, **overrides}
+    return Scheduler(SchedulerConfig(**config))  # type: ignore[arg-type]
+
+
+def ids(entries: list[QueueEntry]) -> list[str]:
+    return [e.request_id for e in entries]
+
+
+@dataclass
+class Simulation:
+    """Drives a scheduler like the engine thread does: one step per tick of the fake clock."""
+
+    scheduler: Scheduler
+    now: float = 0.0
+    started: dict[str, float] = field(default_factory=dict)
+    finished: dict[str, float] = field(default_factory=dict)
+    steps: list[tuple[Hashable, int]] = field(default_factory=list)  # (group, rows) per step
+
+    def tick(self) -> None:
+        self.scheduler.expire(self.now)
+        plan = self.scheduler.schedule(self.now)
+        if plan.group is not None:
+            for admitted in plan.admitted:
+                self.started[admitted.request_id] = self.now
+            members = self.scheduler.running_in(plan.group)
+            self.steps.append((plan.group, sum(e.rows for e in members)))
+            self.scheduler.step_done(plan.group)
+            for member in members:
+                if member.steps_done >= member.steps:
+                    self.scheduler.finish(member.request_id)
+                    self.finished[member.request_id] = self.now
+        self.now += 1.0
+
+    def run(self, ticks: int) -> None:
+        for _ in range(ticks):
+            self.tick()
+
+
+# --- ordering ---
+
+
+def test_priority_first_then_fifo_within_a_level() -> None:
+    scheduler = request_policy(max_batch_size=1)
+    for name, priority, at in (
+        ("low-1", 2, 0.0),
+        ("low-2", 2, 1.0),
+        ("high", 1, 2.0),
+        ("high-2", 1, 3.0),
+    ):
+        scheduler.add(entry(priority=priority, at=at, name=name), now=at)
+    estimates = scheduler.estimates(step_s=1.0)
+    order = sorted(estimates, key=lambda name: estimates[name].position)
+    assert order == ["high", "high-2", "low-1", "low-2"]
+    assert ids(scheduler.schedule(now=3.0).admitted) == ["high"]
+
+
+def test_looks_past_the_queue_head_for_rows_of_the_same_key() -> None:
+    scheduler = request_policy(max_batch_size=3)
+    for name, key in (("a1", "A"), ("b1", "B"), ("a2", "A"), ("b2", "B"), ("a3", "A")):
+        scheduler.add(entry(key=key, name=name), now=0.0)
+    plan = scheduler.schedule(now=0.0)
+    assert ids(plan.admitted) == ["a1", "a2", "a3"]
+
+
+# --- request-level (Triton) policy ---
+
+
+def test_request_level_waits_max_queue_delay_to_fill_a_batch() -> None:
+    scheduler = request_policy(max_queue_delay_s=0.5)
+    scheduler.add(entry(name="first"), now=0.0)
+    plan = scheduler.schedule(now=0.1)
+    assert plan.group is None and plan.wake_at == pytest.approx(0.5)
+    scheduler.add(entry(name="second", at=0.2), now=0.2)
+    plan = scheduler.schedule(now=0.5)
+    assert ids(plan.admitted) == ["first", "second"]
+
+
+def test_a_full_batch_starts_without_waiting_for_the_delay() -> None:
+    scheduler = request_policy(max_queue_delay_s=10.0, max_batch_size=2)
+    scheduler.add(entry(), now=0.0)
+    scheduler.add(entry(), now=0.0)
+    assert len(scheduler.schedule(now=0.0).admitted) == 2
+
+
+def test_request_level_batches_need_equal_step_counts_and_nothing_joins() -> None:
+    scheduler = request_policy()
+    scheduler.add(entry(steps=4, name="four"), now=0.0)
+    scheduler.add(entry(steps=8, name="eight"), now=0.0)
+    plan = scheduler.schedule(now=0.0)
+    assert ids(plan.admitted) == ["four"]
+    scheduler.add(entry(steps=4, name="late-four", at=1.0), now=1.0)
+    plan = scheduler.schedule(now=1.0)
+    assert plan.group == ("A", 4) and plan.admitted == []  # runs on, nobody joins
+
+
+def test_preferred_batch_sizes_after_the_delay() -> None:
+    scheduler = request_policy(
+        max_batch_size=8, preferred_batch_sizes=(2, 4), max_queue_delay_s=1.0
+    )
+    for _ in range(3):
+        scheduler.add(entry(), now=0.0)
+    assert scheduler.schedule(now=0.5).group is None  # 3 < 4 (the largest preferred): wait
+    assert len(scheduler.schedule(now=1.0).admitted) == 2  # the largest preferred size that fits
+
+
+def test_reaching_the_largest_preferred_size_starts_at_once() -> None:
+    scheduler = request_policy(
+        max_batch_size=8, preferred_batch_sizes=(2, 4), max_queue_delay_s=1.0
+    )
+    for _ in range(5):
+        scheduler.add(entry(), now=0.0)
+    assert len(scheduler.schedule(now=0.0).admitted) == 4
+
+
+# --- step-level (continuous) policy ---
+
+
+def test_step_level_rows_join_a_running_batch_whatever_their_step_count() -> None:
+    simulation = Simulation(step_policy())
+    simulation.scheduler.add(entry(steps=8, name="eight"), now=0.0)
+    simulation.run(3)
+    simulation.scheduler.add(entry(steps=4, name="four", at=3.0), now=3.0)
+    simulation.run(10)
+    assert simulation.started == {"eight": 0.0, "four": 3.0}
+    assert simulation.finished["four"] == 6.0  # 4 steps from tick 3, not after "eight"
+    assert simulation.finished["eight"] == 7.0
+    assert [rows for _, rows in simulation.steps] == [1, 1, 1, 2, 2, 2, 2, 1]
+
+
+def test_a_request_that_does_not_fit_is_not_overtaken() -> None:
+    scheduler = step_policy(max_batch_size=4)
+    scheduler.add(entry(rows=3, name="three"), now=0.0)
+    assert ids(scheduler.schedule(now=0.0).admitted) == ["three"]
+    scheduler.add(entry(rows=2, name="two", at=1.0), now=1.0)
+    scheduler.add(entry(rows=1, name="one", at=2.0), now=2.0)
+    plan = scheduler.schedule(now=2.0)
+    assert plan.admitted == []  # "one" would fit, but "two" is older and waits for room
+
+
+def test_row_limit_caps_a_key_below_max_batch_size() -> None:
+    scheduler = step_policy(max_batch_size=8)
+    scheduler.set_row_limit("A", 2)
+    for _ in range(4):
+        scheduler.add(entry(), now=0.0)
+    assert len(scheduler.schedule(now=0.0).admitted) == 2
+    scheduler.set_row_limit("A", None)
+    assert len(scheduler.schedule(now=0.0).admitted) == 2
+
+
+def test_batches_of_different_keys_take_turns_oldest_first() -> None:
+    simulation = Simulation(step_policy(max_active_batches=2))
+    simulation.scheduler.add(entry(key="A", steps=4, name="a"), now=0.0)
+    simulation.run(1)
+    simulation.scheduler.add(entry(key="B", steps=2, name="b", at=1.0), now=1.0)
+    simulation.run(10)
+    assert [group for group, _ in simulation.steps] == ["A", "A", "A", "A", "B", "B"]
+
+
+def test_a_blocked_key_makes_the_running_batch_drain() -> None:
+    simulation = Simulation(step_policy(max_active_batches=1, max_batch_size=8))
+    scheduler = simulation.scheduler
+    scheduler.add(entry(key="A", steps=4, name="a0"), now=0.0)
+    simulation.run(1)
+    scheduler.add(entry(key="B", steps=4, name="b", at=1.0), now=1.0)
+    for tick in range(1, 12):  # a steady stream of A that would keep the batch alive forever
+        scheduler.add(entry(key="A", steps=4, at=float(tick)), now=float(tick))
+        simulation.tick()
+    assert simulation.started["b"] == 4.0  # right after a0's last step, not after the A stream
+
+
+# --- admission, deadlines, cancellation ---
+
+
+def test_full_queue_refuses_same_priority_and_sheds_for_higher() -> None:
+    scheduler = request_policy(max_queue_size=2)
+    scheduler.add(entry(priority=2, name="old"), now=0.0)
+    scheduler.add(entry(priority=2, name="new"), now=1.0)
+    with pytest.raises(QueueFull, match="queue full"):
+        scheduler.add(entry(priority=2), now=2.0)
+    shed = scheduler.add(entry(priority=1, name="urgent"), now=3.0)
+    assert shed is not None and shed.request_id == "new"  # the worst-ranked: lowest, newest
+    assert scheduler.waiting_count == 2
+
+
+def test_queued_requests_expire_at_their_deadline_or_the_default_timeout() -> None:
+    scheduler = request_policy(default_queue_timeout_s=5.0, max_queue_delay_s=100.0)
+    scheduler.add(entry(name="client-deadline", deadline=2.0), now=0.0)
+    scheduler.add(entry(name="timeout"), now=0.0)
+    assert scheduler.next_deadline() == 2.0
+    assert ids(scheduler.expire(now=2.0).queued) == ["client-deadline"]
+    assert ids(scheduler.expire(now=5.0).queued) == ["timeout"]
+    assert scheduler.waiting_count == 0
+
+
+def test_running_requests_expire_at_their_deadline() -> None:
+    scheduler = step_policy()
+    scheduler.add(entry(name="late", deadline=3.0), now=0.0)
+    scheduler.schedule(now=0.0)
+    assert ids(scheduler.expire(now=3.0).running) == ["late"]
+    assert scheduler.running_count == 0
+
+
+def test_cancel_reports_where_the_request_was() -> None:
+    scheduler = step_policy(max_batch_size=1)
+    scheduler.add(entry(name="running"), now=0.0)
+    scheduler.schedule(now=0.0)
+    scheduler.add(entry(name="queued"), now=0.0)
+    assert scheduler.cancel("queued") == "queued"
+    assert scheduler.cancel("running") == "running"
+    assert scheduler.cancel("unknown") is None
+    assert scheduler.waiting_count == 0
+
+
+def test_estimates_follow_freeing_slots() -> None:
+    scheduler = step_policy(max_batch_size=2)
+    scheduler.add(entry(steps=4, name="r1"), now=0.0)
+    scheduler.add(entry(steps=2, name="r2"), now=0.0)
+    plan = scheduler.schedule(now=0.0)
+    scheduler.step_done(plan.group)  # both ran one step: 3 and 1 steps left
+    scheduler.add(entry(steps=4, name="w1"), now=1.0)
+    scheduler.add(entry(steps=4, name="w2"), now=1.0)
+    estimates = scheduler.estimates(step_s=0.5)
+    assert (estimates["w1"].position, estimates["w1"].start_in_s) == (0, 0.5)  # after r2's 1 step
+    assert (estimates["w2"].position, estimates["w2"].start_in_s) == (1, 1.5)  # after r1's 3 steps
+
+
+# --- no key starves (property) ---
+
+single_arrivals = st.lists(
+    st.tuples(
+        st.integers(min_value=0, max_value=40),  # tick
+        st.sampled_from(["A", "B", "C"]),  # key
+        st.sampled_from([4, 8]),  # steps
+        st.integers(min_value=1, max_value=2),  # rows
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+@st.composite
+def arrivals(draw: st.DrawFn) -> list[tuple[int, str, int, int]]:
+    """Random arrivals plus, often, a steady stream of one key (one request per tick): the
+    pattern that starves other keys under a naive continuous batcher."""
+    result = draw(single_arrivals)
+    if draw(st.booleans()):
+        key = draw(st.sampled_from(["A", "B", "C"]))
+        start = draw(st.integers(min_value=0, max_value=5))
+        length = draw(st.integers(min_value=10, max_value=40))
+        steps = draw(st.sampled_from([4, 8]))
+        result += [(tick, key, steps, 1) for tick in range(start, start + length)]
+        other = draw(st.sampled_from(sorted({"A", "B", "C"} - {key})))
+        result.append((start + 1, other, draw(st.sampled_from([4, 8])), 1))  # the one at risk
+    return result
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    arrivals=arrivals(),
+    active=st.integers(min_value=1, max_value=3),
+    policy=st.sampled_from(["step", "request"]),
+)
+def test_no_request_waits_for_work_that_arrived_after_it(
+    arrivals: list[tuple[int, str, int, int]], active: int, policy: str
+) -> None:
+    """A request's wait is bounded by the work of requests that arrived before it: a steady
+    stream of another key arriving later can never hold it back."""
+    config = SchedulerConfig(policy=policy, max_batch_size=4, max_active_batches=active)  # type: ignore[arg-type]
+    simulation = Simulation(Scheduler(config))
+    pending = sorted(arrivals)
+    requests = []
+    for index, (tick, key, steps, rows) in enumerate(pending):
+        requests.append(entry(key=key, steps=steps, rows=rows, at=float(tick), name=f"q{index}"))
+    cursor = 0
+    max_steps = 8
+    for _ in range(max(t for t, *_ in pending) + max_steps * len(pending) + 2):
+        while cursor < len(requests) and requests[cursor].arrival <= simulation.now:
+            simulation.scheduler.add(requests[cursor], now=simulation.now)
+            cursor += 1
+        simulation.tick()
+    assert set(simulation.finished) == {r.request_id for r in requests}, "a request never finished"
+    for earlier, request in enumerate(requests):  # requests are in rank (arrival) order
+        wait = simulation.started[request.request_id] - request.arrival
+        assert wait <= max_steps * (earlier + 1), (request, wait, earlier)
