@@ -13,6 +13,7 @@ Contract: every accepted request gets exactly one terminal event (`CompletedEven
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -20,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from .engine import EngineRequest, StepResult
 from .errors import (
@@ -46,6 +47,8 @@ from .types import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Weight of the newest step time in the running estimate used for queue ETAs.
 STEP_TIME_SMOOTHING = 0.2
@@ -111,6 +114,9 @@ class Batcher:
         self._handles: dict[str, RequestHandle] = {}  # by ticket
         self._tickets = itertools.count()
         self._cancel_running: set[str] = set()
+        self._commands: list[
+            tuple[Callable[[EngineLike], Any], concurrent.futures.Future[Any]]
+        ] = []
         self._ready = False
         self._draining = False
         self._stopping = False
@@ -178,6 +184,21 @@ class Batcher:
             self._metrics.pending.set(self._scheduler.waiting_count)
             self._cond.notify_all()
 
+    async def call_on_engine(self, command: Callable[[EngineLike], T]) -> T:
+        """Runs `command(engine)` on the engine thread at the next step boundary.
+
+        The way to change the model while serving (loading an adapter, say) without racing a
+        step in progress. Raises what the command raises.
+        """
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._cond:
+            if self._dead is not None:
+                raise EngineUnavailable("engine failed; this replica cannot serve")
+            self._commands.append((command, future))
+            self._cond.notify_all()
+        result: T = await asyncio.wrap_future(future)
+        return result
+
     def set_step_budget(self, steps: int | None) -> None:
         """Holds the engine at a step boundary after `steps` more steps (None = run freely).
 
@@ -207,9 +228,16 @@ class Batcher:
             self._stopping = True
             for request_id in list(self._handles):
                 self._fail(request_id, EngineUnavailable("server stopping"))
+            self._abandon_commands()
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+
+    def _abandon_commands(self) -> None:
+        """Answers queued engine commands that will never run (lock held)."""
+        for _, future in self._commands:
+            future.set_exception(EngineUnavailable("engine stopped"))
+        self._commands = []
 
     def _check_accepting(self) -> None:
         if self._dead is not None:
@@ -240,6 +268,7 @@ class Batcher:
                     self._fail(
                         request_id, EngineUnavailable("engine failed; retry on another replica")
                     )
+                self._abandon_commands()
             if self._on_failure is not None:
                 self._on_failure(error)
 
@@ -263,8 +292,11 @@ class Batcher:
                 plan, dropped = self._next_plan()
                 if plan is None:
                     return
+                commands, self._commands = self._commands, []
             for request_id in dropped:  # cancelled or expired while running
                 engine.cancel(request_id)
+            for command, future in commands:  # after the drops: they may free what a command frees
+                _run_command(engine, command, future)
             if plan.group is not None:
                 self._run_step(engine, plan)
 
@@ -280,9 +312,10 @@ class Batcher:
             dropped += self._expire(self._scheduler.expire(self._clock()))
             plan = StepPlan() if self._step_budget == 0 else self._scheduler.schedule(self._clock())
             self._metrics.pending.set(self._scheduler.waiting_count)
-            if plan.group is not None or dropped:
+            if plan.group is not None or dropped or self._commands:
                 return plan, dropped
             wake_at = plan.wake_at if self._step_budget != 0 else self._scheduler.next_deadline()
+            # (a command queued while waiting wakes this through notify_all)
             self._cond.wait(None if wake_at is None else max(0.0, wake_at - self._clock()))
 
     def _expire(self, expired: Expired) -> list[str]:
@@ -332,6 +365,7 @@ class Batcher:
         else:
             self._step_seconds += STEP_TIME_SMOOTHING * (step_s - self._step_seconds)
         self._observe_stages(result.stage_seconds)
+        self._observe_adapters(result.adapter_rows)
         self._metrics.batch_size.observe(result.batch_size)
         with self._cond:
             if self._step_budget is not None:
@@ -404,6 +438,10 @@ class Batcher:
             handle.last_position = estimate.position
             handle.emit(QueuedEvent(estimate.position, estimate.start_in_s))
 
+    def _observe_adapters(self, adapter_rows: dict[str, int]) -> None:
+        for name, rows in adapter_rows.items():
+            self._metrics.adapter_rows.labels(adapter=name).inc(rows)
+
     def _observe_stages(self, stage_seconds: dict[str, float]) -> None:
         for stage, seconds in stage_seconds.items():
             self._metrics.stage.labels(stage=stage).observe(seconds)
@@ -416,3 +454,12 @@ class Batcher:
 
     def _age(self, entry: QueueEntry) -> float:
         return self._clock() - entry.arrival
+
+
+def _run_command(
+    engine: EngineLike, command: Callable[[EngineLike], Any], future: concurrent.futures.Future[Any]
+) -> None:
+    try:
+        future.set_result(command(engine))
+    except Exception as error:  # the caller gets it; the engine goes on
+        future.set_exception(error)

@@ -43,6 +43,15 @@ class Settings(BaseSettings):
         description="base LoRA files loaded at start-up with load_lora_weights: PATH or PATH@SCALE",
     )
     fuse_lora: bool = Field(True, description="fuse base LoRAs into the weights (faster steps)")
+    adapter_dir: Path | None = Field(
+        None, description="directory of per-request adapters (<name>.safetensors, Kohya or PEFT)"
+    )
+    max_loaded_adapters: int = Field(
+        8, ge=1, description="most adapters loaded at once; the least recently used idle one goes"
+    )
+    preload_adapters: list[str] = Field(
+        default_factory=list, description="adapter names loaded at start-up"
+    )
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = torch's default")
     warmup: bool = Field(True, description="run one batch before reporting SERVING")
 

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .lora import LoraBank
 from .model import LoadedModel
 from .preview import PreviewProjector, denormalize
-from .prompts import PromptEncoder, pad_embeddings
+from .prompts import PromptCacheStats, PromptEncoder, pad_embeddings
 from .sampling import LatentShape, ScheduleTable, SigmaSchedule, initial_noise, unpack
-from .types import BatchKey, GeneratedImage, GenerationParams, Preview
+from .types import AdapterSpec, BatchKey, GeneratedImage, GenerationParams, Preview
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class StepResult:
     progress: list[RequestProgress]
     finished: list[FinishedRequest]
     stage_seconds: dict[str, float]  # text_encode / denoise_step / vae_decode / preview
+    adapter_rows: dict[str, int] = field(default_factory=dict)  # rows that used each adapter
 
 
 @dataclass(slots=True, eq=False)
@@ -68,6 +70,7 @@ class _Row:
     prompt: torch.Tensor  # [tokens, dim] text-encoder states
     negative: torch.Tensor | None  # the same for the negative prompt when CFG is on
     guidance: float
+    adapters: tuple[AdapterSpec, ...]  # per-request LoRAs and their scales
     preview_every: int  # 0 = none
     float_output: bool  # decode to float32 (NPY) instead of uint8
     step: int = 0  # index of the next step in `schedule`
@@ -101,11 +104,18 @@ class Engine:
         self._prompts = PromptEncoder(pipeline, prompt_cache_size, max_prompt_tokens)
         self._schedules = ScheduleTable(model.scheduler_config)
         self._batches: dict[Hashable, _Batch] = {}
+        self.adapters = LoraBank(self._transformer)
         self._projector = PreviewProjector.fit(self._vae, model.vae_scale_factor, model.device)
 
     @property
-    def prompt_stats(self):  # type: ignore[no-untyped-def]
+    def prompt_stats(self) -> PromptCacheStats:
         return self._prompts.stats
+
+    def min_steps(self, width: int, height: int) -> int:
+        shape = LatentShape.for_image(
+            height, width, self.model.latent_channels, self.model.vae_scale_factor
+        )
+        return self._schedules.min_steps(shape.seq_len)
 
     # --- the interface the batcher drives ---
 
@@ -138,6 +148,7 @@ class Engine:
                         prompt=prompt_states[params.prompt],
                         negative=negative_states[params.negative_prompt] if params.cfg else None,
                         guidance=params.guidance_scale,
+                        adapters=params.adapters,
                         preview_every=params.preview_every_n_steps,
                         float_output=params.output_format.is_float,
                     )
@@ -183,6 +194,7 @@ class Engine:
             progress=self._progress(batch, previews),
             finished=self._collect_finished(batch, finished_rows, images),
             stage_seconds=timings,
+            adapter_rows=_count_adapter_rows(batch.rows),
         )
         batch.keep([index for index, row in enumerate(batch.rows) if not row.done])
         if not batch.rows:
@@ -239,16 +251,19 @@ class Engine:
         # As QwenImagePipeline: the timestep is cast to the latents' dtype, then scaled to [0, 1].
         timesteps = timesteps.to(batch.latents.dtype) / 1000
         hidden = batch.latents
+        row_adapters = [row.adapters for row in rows]
         if batch.key.cfg:
             hidden, timesteps = torch.cat([hidden, hidden]), torch.cat([timesteps, timesteps])
-        output: torch.Tensor = self._transformer(
-            hidden_states=hidden,
-            timestep=timesteps,
-            encoder_hidden_states=text,
-            encoder_hidden_states_mask=mask,
-            img_shapes=[[batch.shape.rope_shape]] * hidden.shape[0],
-            return_dict=False,
-        )[0]
+            row_adapters += row_adapters  # the unconditional half uses the same adapters
+        with self.adapters.applied(row_adapters, hidden.dtype):
+            output: torch.Tensor = self._transformer(
+                hidden_states=hidden,
+                timestep=timesteps,
+                encoder_hidden_states=text,
+                encoder_hidden_states_mask=mask,
+                img_shapes=[[batch.shape.rope_shape]] * hidden.shape[0],
+                return_dict=False,
+            )[0]
         if not batch.key.cfg:
             return output
         cond, uncond = output.chunk(2)
@@ -332,3 +347,11 @@ class Engine:
     def _sync(self) -> None:
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
+
+
+def _count_adapter_rows(rows: list[_Row]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for row in rows:
+        for spec in row.adapters:
+            counts[spec.name] = counts.get(spec.name, 0) + 1
+    return counts

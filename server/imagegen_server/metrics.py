@@ -81,6 +81,25 @@ class Metrics:
         self.loaded_adapters = Gauge(
             "imagegen_loaded_adapters", "Adapters loaded and selectable", registry=registry
         )
+        self.adapter_loads = Counter(
+            "imagegen_adapter_loads", "Adapters loaded at run time", registry=registry
+        )
+        self.adapter_evictions = Counter(
+            "imagegen_adapter_evictions",
+            "Idle adapters unloaded to make room for another",
+            registry=registry,
+        )
+        self.adapter_parameters = Gauge(
+            "imagegen_adapter_parameters",
+            "Parameters of the loaded adapters held on the device",
+            registry=registry,
+        )
+        self.adapter_rows = Counter(
+            "imagegen_adapter_rows",
+            "Rows stepped with each adapter (rate / steps = rows per adapter per step)",
+            ["adapter"],
+            registry=registry,
+        )
         self.ready = Gauge(
             "imagegen_ready", "1 while the server reports SERVING, else 0", registry=registry
         )

@@ -64,6 +64,11 @@ class ScheduleTable:
     def config(self) -> Any:
         return self._scheduler.config
 
+    def min_steps(self, image_seq_len: int) -> int:
+        """The fewest steps with a finite schedule: Qwen-Image's terminal stretch divides by
+        zero for a single step, so that scheduler needs two."""
+        return 1 if all(np.isfinite(self.get(1, image_seq_len).sigmas)) else 2
+
     def get(self, steps: int, image_seq_len: int) -> SigmaSchedule:
         key = (steps, image_seq_len)
         if key not in self._cache:

@@ -22,6 +22,8 @@ from grpc_reflection.v1alpha import reflection
 from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 
+from .adapters import AdapterDirectory, AdapterFile, AdapterRegistry
+from .admin import AdapterAdminService
 from .batcher import Batcher, EngineLike
 from .config import Settings
 from .engine import Engine, EngineRequest
@@ -90,8 +92,16 @@ class ImageGenServer:
             on_ready=self._engine_ready,
             on_failure=self._engine_failed,
         )
+        self._adapters = AdapterRegistry(
+            AdapterDirectory(settings.adapter_dir),
+            settings.max_loaded_adapters,
+            self._batcher.call_on_engine,
+            self.metrics,
+        )
+        self._preloaded: list[AdapterFile] = []
+        self._preloaded_parameters = 0
         self._service = ImageGenerationService(
-            self._batcher, self._batching_info(), self.metrics, self._codec_pool
+            self._batcher, self._batching_info(), self.metrics, self._codec_pool, self._adapters
         )
         self._grpc = grpc.aio.server(
             interceptors=[StatusInterceptor(self.metrics)],
@@ -101,10 +111,12 @@ class ImageGenServer:
             ],
         )
         pb_grpc.add_ImageGenerationServicer_to_server(self._service, self._grpc)
+        pb_grpc.add_AdapterAdminServicer_to_server(AdapterAdminService(self._adapters), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(
             (
                 SERVICE_NAME,
+                ADMIN_SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -185,10 +197,13 @@ class ImageGenServer:
         )
         if model.device.type == "cuda":
             torch.cuda.set_device(model.device)
-        limits = RequestLimits.from_settings(
-            settings, model.size_multiple
-        )  # fails fast if misconfigured
-        validator = RequestValidator(limits, PromptTokenizer(model.pipeline).count, lambda: ())
+        engine = Engine(model, settings.prompt_cache_size, settings.max_prompt_tokens)
+        min_steps = engine.min_steps(settings.default_width, settings.default_height)
+        # Fails fast, with the setting's name, if the limits do not suit this model.
+        limits = RequestLimits.from_settings(settings, model.size_multiple, min_steps)
+        validator = RequestValidator(
+            limits, PromptTokenizer(model.pipeline).count, self._adapters.selectable
+        )
         description = ModelDescription(
             name=settings.model,
             device=str(model.device),
@@ -197,13 +212,18 @@ class ImageGenServer:
             fused_adapters=tuple(model.fused_loras),
         )
         self._service.set_model(validator, description)
-        return Engine(model, settings.prompt_cache_size, settings.max_prompt_tokens)
+        for name in settings.preload_adapters:
+            file = self._adapters.directory.describe(name)
+            self._preloaded_parameters = engine.adapters.load(name, file.path)
+            self._preloaded.append(file)
+        return engine
 
     def _engine_ready(self, engine: EngineLike) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._mark_serving()))
 
     async def _mark_serving(self) -> None:
+        self._adapters.adopt(self._preloaded, self._preloaded_parameters)
         for service in HEALTH_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.metrics.ready.set(1)

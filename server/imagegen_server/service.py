@@ -7,8 +7,9 @@ Errors are raised as typed ImageGenErrors and turned into gRPC statuses by the i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,8 @@ from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 
 from . import __version__
+from .adapters import AdapterRegistry
+from .admin import adapter_message
 from .batcher import Batcher, RequestHandle
 from .codec import encode_image, encode_preview
 from .errors import EngineUnavailable
@@ -54,8 +57,10 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
         batching: pb.BatchingInfo,
         metrics: Metrics,
         codec_pool: Executor,
+        adapters: AdapterRegistry,
     ) -> None:
         self._batcher = batcher
+        self._adapters = adapters
         self._batching = batching
         self._metrics = metrics
         self._codec_pool = codec_pool
@@ -69,25 +74,20 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
         params = self._validate(request, streaming=False)
-        handle = self._submit(params, context, wants_progress=False)
-        try:
+        with self._admitted(params, context, wants_progress=False) as handle:
             while True:
                 event = await handle.events.get()
                 if isinstance(event, FailedEvent):
                     raise event.error
                 if isinstance(event, CompletedEvent):
                     return await self._response(params, event, handle)
-        finally:
-            # Cancelled or past its deadline: drop the work (a no-op once the request ended).
-            self._batcher.cancel(handle)
 
     async def StreamProgress(
         self, request: pb.GenerateRequest, context: Context
     ) -> AsyncIterator[pb.ProgressEvent]:
         params = self._validate(request, streaming=True)
-        handle = self._submit(params, context, wants_progress=True)
         request_id = params.request_id
-        try:
+        with self._admitted(params, context, wants_progress=True) as handle:
             while True:
                 event = await handle.events.get()
                 if isinstance(event, FailedEvent):
@@ -96,7 +96,8 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
                     yield pb.ProgressEvent(
                         request_id=request_id,
                         queued=pb.Queued(
-                            position=event.position, estimated_start_seconds=event.estimated_start_s
+                            position=event.position,
+                            estimated_start_seconds=event.estimated_start_s,
                         ),
                     )
                 elif isinstance(event, StartedEvent):
@@ -116,9 +117,6 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
                         request_id=request_id, completed=pb.Completed(response=response)
                     )
                     return
-        finally:
-            # A stream closed early (client gone, write failed) must not leave work behind.
-            self._batcher.cancel(handle)
 
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: Context
@@ -132,6 +130,9 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
             info.scheduler_preset = model.scheduler_preset
             info.fused_adapters.extend(model.fused_adapters)
             info.limits.CopyFrom(self._limits_message())
+        info.adapters.extend(
+            adapter_message(file, loaded=True) for file in self._adapters.loaded_files()
+        )
         return info
 
     # --- helpers ---
@@ -141,12 +142,23 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
             raise EngineUnavailable("model loading; retry shortly")
         return self._validator.validate(request, streaming)
 
-    def _submit(
+    @contextlib.contextmanager
+    def _admitted(
         self, params: GenerationParams, context: Context, wants_progress: bool
-    ) -> RequestHandle:
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
-        return self._batcher.submit(params, deadline, wants_progress)
+    ) -> Iterator[RequestHandle]:
+        """Queues the request and holds its adapters until it ends; when the RPC ends early
+        (cancelled, past its deadline, stream closed) its work is dropped."""
+        self._adapters.hold(params.adapters)
+        try:
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            handle = self._batcher.submit(params, deadline, wants_progress)
+            try:
+                yield handle
+            finally:
+                self._batcher.cancel(handle)  # a no-op once the request ended
+        finally:
+            self._adapters.release(params.adapters)
 
     async def _response(
         self, params: GenerationParams, event: CompletedEvent, handle: RequestHandle
@@ -221,6 +233,7 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
             max_pixels=limits.max_pixels,
             default_width=limits.default_width,
             default_height=limits.default_height,
+            min_steps=limits.min_steps,
             max_steps=limits.max_steps,
             default_steps=limits.default_steps,
             max_num_images=limits.max_num_images,

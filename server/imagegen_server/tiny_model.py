@@ -64,12 +64,12 @@ LORA_TARGETS = (
     "txt_mlp.net.2",
 )
 
-# name -> (file format, rank, seed); the bench spreads clients over these four.
-ADAPTERS = {
-    "ink": ("kohya", 4, 101),
-    "neon": ("peft", 4, 102),
-    "sepia": ("kohya", 2, 103),
-    "pastel": ("peft", 8, 104),
+# name -> (rank, Kohya alpha or None for the PEFT format, seed); the bench uses all four.
+ADAPTERS: dict[str, tuple[int, float | None, int]] = {
+    "ink": (4, 4.0, 101),
+    "neon": (4, None, 102),
+    "sepia": (2, 1.0, 103),  # alpha != rank: the delta is scaled by alpha / rank
+    "pastel": (8, None, 104),
 }
 
 
@@ -219,7 +219,7 @@ def _rope_axes(head_dim: int) -> tuple[int, int, int]:
 def _write_adapters(directory: Path, transformer: QwenImageTransformer2DModel) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     modules = dict(transformer.named_modules())
-    for name, (file_format, rank, seed) in ADAPTERS.items():
+    for name, (rank, alpha, seed) in ADAPTERS.items():
         generator = torch.Generator("cpu").manual_seed(seed)
         tensors: dict[str, torch.Tensor] = {}
         for block in range(len(transformer.transformer_blocks)):
@@ -231,10 +231,10 @@ def _write_adapters(directory: Path, transformer: QwenImageTransformer2DModel) -
                     / layer.in_features**0.5
                 )
                 up = torch.randn((layer.out_features, rank), generator=generator) * 2.0
-                if file_format == "kohya":
+                if alpha is not None:  # Kohya
                     tensors[f"{path}.lora_down.weight"] = down
                     tensors[f"{path}.lora_up.weight"] = up
-                    tensors[f"{path}.alpha"] = torch.tensor(float(rank))
+                    tensors[f"{path}.alpha"] = torch.tensor(float(alpha))
                 else:
                     tensors[f"transformer.{path}.lora_A.weight"] = down
                     tensors[f"transformer.{path}.lora_B.weight"] = up

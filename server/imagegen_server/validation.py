@@ -41,6 +41,7 @@ class RequestLimits:
     max_pixels: int
     default_width: int
     default_height: int
+    min_steps: int
     max_steps: int
     default_steps: int
     max_num_images: int
@@ -61,8 +62,8 @@ class RequestLimits:
     default_output_quality: int
 
     @classmethod
-    def from_settings(cls, settings: Settings, size_multiple: int) -> RequestLimits:
-        """Combines the configured limits with the model's size multiple.
+    def from_settings(cls, settings: Settings, size_multiple: int, min_steps: int) -> RequestLimits:
+        """Combines the configured limits with the model's size multiple and step minimum.
 
         Raises:
             ValueError: a configured size is not a multiple of the model's size multiple.
@@ -89,6 +90,7 @@ class RequestLimits:
             max_pixels=settings.max_pixels,
             default_width=settings.default_width,
             default_height=settings.default_height,
+            min_steps=min_steps,
             max_steps=settings.max_steps,
             default_steps=settings.resolved_default_steps,
             max_num_images=settings.max_num_images,
@@ -129,7 +131,7 @@ class RequestValidator:
         steps = _in_range(
             "num_inference_steps",
             request.num_inference_steps or limits.default_steps,
-            1,
+            limits.min_steps,
             limits.max_steps,
         )
         if request.init_image or request.mask_image or request.HasField("strength"):

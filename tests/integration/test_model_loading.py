@@ -53,6 +53,7 @@ def test_the_lightning_preset_uses_its_scheduler_settings(
     server = server_factory(scheduler_preset="lightning", default_steps=None)
     info = server.client().server_info()
     assert info.scheduler_preset == "lightning" and info.limits.default_steps == 8
+    assert info.limits.min_steps == 1  # no terminal stretch: a single step is well defined
     pipeline = QwenImagePipeline.from_pretrained(tiny_model, dtype=torch.float32)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.scheduler = lightning_scheduler(pipeline.scheduler)

@@ -487,6 +487,7 @@ class Limits(_message.Message):
     DEFAULT_PRIORITY_FIELD_NUMBER: _builtins.int
     MAX_INIT_IMAGE_BYTES_FIELD_NUMBER: _builtins.int
     OUTPUT_FORMATS_FIELD_NUMBER: _builtins.int
+    MIN_STEPS_FIELD_NUMBER: _builtins.int
     size_multiple: _builtins.int
     min_width: _builtins.int
     max_width: _builtins.int
@@ -514,6 +515,8 @@ class Limits(_message.Message):
     priority_levels: _builtins.int
     default_priority: _builtins.int
     max_init_image_bytes: _builtins.int
+    min_steps: _builtins.int
+    """2 when the model's scheduler cannot make a 1-step schedule"""
     @_builtins.property
     def output_formats(self) -> _containers.RepeatedScalarFieldContainer[Global___OutputFormat.ValueType]: ...
     def __init__(
@@ -547,10 +550,11 @@ class Limits(_message.Message):
         default_priority: _builtins.int = ...,
         max_init_image_bytes: _builtins.int = ...,
         output_formats: _abc.Iterable[Global___OutputFormat.ValueType] | None = ...,
+        min_steps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_height", b"default_height", "default_priority", b"default_priority", "default_steps", b"default_steps", "default_width", b"default_width", "max_adapter_scale", b"max_adapter_scale", "max_adapters_per_request", b"max_adapters_per_request", "max_guidance_scale", b"max_guidance_scale", "max_height", b"max_height", "max_init_image_bytes", b"max_init_image_bytes", "max_negative_prompt_chars", b"max_negative_prompt_chars", "max_negative_prompt_tokens", b"max_negative_prompt_tokens", "max_num_images", b"max_num_images", "max_pixels", b"max_pixels", "max_prompt_chars", b"max_prompt_chars", "max_prompt_tokens", b"max_prompt_tokens", "max_request_bytes", b"max_request_bytes", "max_seed", b"max_seed", "max_steps", b"max_steps", "max_width", b"max_width", "min_adapter_scale", b"min_adapter_scale", "min_guidance_scale", b"min_guidance_scale", "min_height", b"min_height", "min_preview_every_n_steps", b"min_preview_every_n_steps", "min_seed", b"min_seed", "min_width", b"min_width", "output_formats", b"output_formats", "priority_levels", b"priority_levels", "size_multiple", b"size_multiple"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_height", b"default_height", "default_priority", b"default_priority", "default_steps", b"default_steps", "default_width", b"default_width", "max_adapter_scale", b"max_adapter_scale", "max_adapters_per_request", b"max_adapters_per_request", "max_guidance_scale", b"max_guidance_scale", "max_height", b"max_height", "max_init_image_bytes", b"max_init_image_bytes", "max_negative_prompt_chars", b"max_negative_prompt_chars", "max_negative_prompt_tokens", b"max_negative_prompt_tokens", "max_num_images", b"max_num_images", "max_pixels", b"max_pixels", "max_prompt_chars", b"max_prompt_chars", "max_prompt_tokens", b"max_prompt_tokens", "max_request_bytes", b"max_request_bytes", "max_seed", b"max_seed", "max_steps", b"max_steps", "max_width", b"max_width", "min_adapter_scale", b"min_adapter_scale", "min_guidance_scale", b"min_guidance_scale", "min_height", b"min_height", "min_preview_every_n_steps", b"min_preview_every_n_steps", "min_seed", b"min_seed", "min_steps", b"min_steps", "min_width", b"min_width", "output_formats", b"output_formats", "priority_levels", b"priority_levels", "size_multiple", b"size_multiple"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

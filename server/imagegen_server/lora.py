@@ -1,0 +1,175 @@
+"""Per-row LoRA: several adapters, each on its own rows and scale, inside one transformer call.
+
+Adapter files (Kohya `lora_down`/`lora_up`/`alpha`, or diffusers/PEFT `lora_A`/`lora_B`) are read
+with diffusers' own `QwenImagePipeline.lora_state_dict`, which normalises both formats and folds
+Kohya's alpha into the weights. Each targeted Linear of the transformer is wrapped once; during
+a call its output gets, for every active adapter, `scale[row] * B(A(x[row]))` on the rows that
+use that adapter, which is PEFT's LoRA forward applied row by row. Rows without adapters pay
+nothing but the wrapper's check. Everything here runs on the engine thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import QwenImagePipeline
+from torch import nn
+
+from .types import AdapterSpec
+
+TRANSFORMER_PREFIX = "transformer."
+
+
+@dataclass(frozen=True, slots=True)
+class _Pair:
+    down: torch.Tensor  # A: [rank, in_features]
+    up: torch.Tensor  # B: [out_features, rank]
+
+
+@dataclass(slots=True)
+class _Active:
+    """One adapter in the current call: its weights by layer and the rows it applies to."""
+
+    layers: dict[str, _Pair]
+    rows: torch.Tensor  # long [n] row indices with a non-zero scale
+    scales: torch.Tensor  # [n, 1, 1] in the activation dtype
+
+
+@dataclass(slots=True)
+class _CallState:
+    """Shared by every wrapped layer: what applies during the transformer call in progress."""
+
+    active: list[_Active] = field(default_factory=list)
+
+
+class MultiLoraLinear(nn.Module):
+    """Wraps a Linear (or a PEFT LoRA layer) and adds the active adapters' deltas per row."""
+
+    def __init__(self, base: nn.Module, path: str, state: _CallState) -> None:
+        super().__init__()
+        self.base = base
+        self.path = path
+        self._state = state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output: torch.Tensor = self.base(x)
+        for adapter in self._state.active:
+            pair = adapter.layers.get(self.path)
+            if pair is None:
+                continue
+            rows = x.index_select(0, adapter.rows)
+            delta = F.linear(F.linear(rows, pair.down), pair.up)
+            output = output.index_add(0, adapter.rows, delta * adapter.scales)
+        return output
+
+
+class LoraBank:
+    """The loaded adapters' weights on the device, and the wrapped layers that apply them."""
+
+    def __init__(self, transformer: nn.Module) -> None:
+        self._transformer = transformer
+        self._adapters: dict[str, dict[str, _Pair]] = {}
+        self._wrapped: dict[str, MultiLoraLinear] = {}
+        self._state = _CallState()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._adapters)
+
+    def parameters(self) -> int:
+        """Adapter parameters held on the device (for memory accounting)."""
+        return sum(
+            pair.down.numel() + pair.up.numel()
+            for layers in self._adapters.values()
+            for pair in layers.values()
+        )
+
+    def load(self, name: str, path: Path) -> int:
+        """Reads and checks an adapter file, then makes it available; returns parameters held.
+
+        Raises:
+            ValueError: the file is not a LoRA for this transformer (nothing changes then).
+        """
+        layers = self._read(path)
+        for layer_path in layers:
+            self._wrap(layer_path)
+        self._adapters[name] = layers
+        return self.parameters()
+
+    def unload(self, name: str) -> int:
+        """Drops an adapter's weights; returns the parameters still held."""
+        self._adapters.pop(name, None)
+        return self.parameters()
+
+    @contextlib.contextmanager
+    def applied(
+        self, row_adapters: Sequence[tuple[AdapterSpec, ...]], dtype: torch.dtype
+    ) -> Iterator[None]:
+        """Activates each row's adapters for one transformer call over `row_adapters` rows."""
+        by_name: dict[str, tuple[list[int], list[float]]] = {}
+        for row, specs in enumerate(row_adapters):
+            for spec in specs:
+                if spec.scale != 0.0:
+                    rows, scales = by_name.setdefault(spec.name, ([], []))
+                    rows.append(row)
+                    scales.append(spec.scale)
+        device = next(self._transformer.parameters()).device
+        self._state.active = [
+            _Active(
+                layers=self._adapters[name],
+                rows=torch.tensor(rows, dtype=torch.long, device=device),
+                scales=torch.tensor(scales, dtype=dtype, device=device).view(-1, 1, 1),
+            )
+            for name, (rows, scales) in by_name.items()
+        ]
+        try:
+            yield
+        finally:
+            self._state.active = []
+
+    def _read(self, path: Path) -> dict[str, _Pair]:
+        try:
+            state = QwenImagePipeline.lora_state_dict(str(path))
+        except Exception as error:  # safetensors, key-conversion and shape errors alike
+            raise ValueError(f"not a readable LoRA file: {error}") from error
+        if isinstance(state, tuple):  # some diffusers versions also return network alphas
+            state = state[0]
+        modules = dict(self._transformer.named_modules())
+        reference = next(self._transformer.parameters())
+        layers: dict[str, _Pair] = {}
+        for key, down in state.items():
+            if not key.endswith(".lora_A.weight"):
+                continue
+            layer_path = key.removeprefix(TRANSFORMER_PREFIX).removesuffix(".lora_A.weight")
+            up = state.get(key.replace(".lora_A.", ".lora_B."))
+            target = modules.get(layer_path)
+            if isinstance(target, MultiLoraLinear):
+                target = target.base
+            base = getattr(target, "base_layer", target)  # a PEFT-wrapped base LoRA layer
+            if up is None or not isinstance(base, nn.Linear):
+                raise ValueError(f"{layer_path}: no Linear layer of that name, or no lora_B weight")
+            if down.shape[1] != base.in_features or up.shape[0] != base.out_features:
+                raise ValueError(
+                    f"{layer_path}: shapes {tuple(down.shape)}/{tuple(up.shape)} do not fit "
+                    f"{base.in_features}->{base.out_features}"
+                )
+            layers[layer_path] = _Pair(
+                down.to(reference.device, reference.dtype), up.to(reference.device, reference.dtype)
+            )
+        if not layers:
+            raise ValueError("no lora_A/lora_B (or lora_down/lora_up) weights found")
+        return layers
+
+    def _wrap(self, layer_path: str) -> None:
+        if layer_path in self._wrapped:
+            return
+        parent_path, _, attribute = layer_path.rpartition(".")
+        parent = self._transformer.get_submodule(parent_path) if parent_path else self._transformer
+        wrapper = MultiLoraLinear(getattr(parent, attribute), layer_path, self._state)
+        setattr(parent, attribute, wrapper)
+        self._wrapped[layer_path] = wrapper

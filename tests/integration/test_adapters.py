@@ -1,0 +1,281 @@
+"""Per-request LoRA adapters: several in one batch, loaded and unloaded while serving."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import psutil
+import pytest
+import torch
+from diffusers import QwenImagePipeline
+from imagegen_client import Adapter, OutputFormat, RetryPolicy
+from support import StreamWatcher, assert_same_image, pixels
+from test_generation import reference
+
+NPY = OutputFormat.NPY
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+def pipeline_with(model: Path, adapters: dict[str, float]) -> Any:
+    """QwenImagePipeline with adapters loaded through load_lora_weights: the reference."""
+    pipeline = QwenImagePipeline.from_pretrained(model, dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    for name in adapters:
+        pipeline.load_lora_weights(str(model / f"adapters/{name}.safetensors"), adapter_name=name)
+    if adapters:
+        pipeline.set_adapters(list(adapters), adapter_weights=list(adapters.values()))
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def adapter_server(tiny_model: Path) -> Any:
+    from support import start_server
+
+    running = start_server(
+        tiny_model,
+        adapter_dir=str(tiny_model / "adapters"),
+        preload_adapters=["ink", "neon", "sepia", "pastel"],
+        max_loaded_adapters=6,
+    )
+    yield running
+    running.stop()
+
+
+# (prompt, seed, adapters) of the rows in one mixed batch: Kohya, Kohya with alpha != rank,
+# PEFT, two at once, none.
+MIXED = [
+    ("a fox", 1, {"ink": 1.0}),
+    ("an owl", 2, {"sepia": 0.7}),
+    ("a cat", 3, {"neon": 1.0}),
+    ("a dog", 4, {"neon": 1.0, "pastel": 0.5}),
+    ("a hen", 5, {}),
+]
+
+
+def test_rows_with_different_adapters_share_a_batch_and_match_the_pipeline(
+    adapter_server: Any, tiny_model: Path
+) -> None:
+    client = adapter_server.client()
+    adapter_server.batcher.set_step_budget(0)
+    watchers = [
+        StreamWatcher(
+            client,
+            prompt,
+            seed=seed,
+            output_format=NPY,
+            adapters=[Adapter(name, scale) for name, scale in adapters.items()],
+        )
+        for prompt, seed, adapters in MIXED
+    ]
+    for watcher in watchers:
+        watcher.queued()
+    rows_before = adapter_server.metrics().get('imagegen_adapter_rows_total{adapter="neon"}', 0)
+    adapter_server.batcher.set_step_budget(None)
+    mixed = [watcher.completed().result for watcher in watchers]
+    assert {result.batch_size for result in mixed} == {len(MIXED)}  # one transformer batch
+    # neon is on two rows of each of the 4 steps.
+    assert (
+        adapter_server.metrics()['imagegen_adapter_rows_total{adapter="neon"}'] - rows_before == 8
+    )
+    for result, (prompt, seed, adapters) in zip(mixed, MIXED, strict=True):
+        alone = client.generate(
+            prompt,
+            seed=seed,
+            output_format=NPY,
+            adapters=[Adapter(name, scale) for name, scale in adapters.items()],
+        )
+        assert_same_image(pixels(result), pixels(alone))
+        assert_same_image(
+            pixels(result), reference(pipeline_with(tiny_model, adapters), prompt, seed)
+        )
+
+
+def test_an_adapter_changes_the_image_and_scale_zero_is_no_adapter(adapter_server: Any) -> None:
+    client = adapter_server.client()
+    plain = pixels(client.generate("a fox", seed=1, output_format=NPY))
+    zero = pixels(
+        client.generate("a fox", seed=1, output_format=NPY, adapters=[Adapter("ink", 0.0)])
+    )
+    inked = pixels(
+        client.generate("a fox", seed=1, output_format=NPY, adapters=[Adapter("ink", 1.0)])
+    )
+    assert_same_image(zero, plain)
+    assert float(np.abs(inked - plain).max()) > 0.01
+
+
+def test_server_info_and_list_adapters_describe_them(adapter_server: Any) -> None:
+    client = adapter_server.client()
+    info = client.server_info()
+    assert {a.name for a in info.adapters} == {"ink", "neon", "sepia", "pastel"}
+    listed = {a.name: a for a in client.list_adapters()}
+    assert (listed["ink"].format, listed["ink"].rank) == ("kohya", 4)
+    assert (listed["pastel"].format, listed["pastel"].rank) == ("peft", 8)
+    assert all(a.loaded for a in listed.values())
+
+
+@pytest.fixture
+def runtime_server(server_factory: Any, tiny_model: Path, tmp_path: Path) -> Any:
+    """A server with an adapter directory of its own (copies), nothing preloaded."""
+    directory = tmp_path / "adapters"
+    directory.mkdir()
+    for source in (tiny_model / "adapters").iterdir():
+        (directory / source.name).write_bytes(source.read_bytes())
+    server = server_factory(adapter_dir=str(directory), max_loaded_adapters=2)
+    server.directory = directory
+    return server
+
+
+@pytest.mark.parametrize(
+    "name,code,message",
+    [
+        ("../ink", grpc.StatusCode.INVALID_ARGUMENT, "is not an adapter name"),
+        ("/etc/passwd", grpc.StatusCode.INVALID_ARGUMENT, "is not an adapter name"),
+        ("ink.safetensors", grpc.StatusCode.INVALID_ARGUMENT, "no extension"),
+        ("", grpc.StatusCode.INVALID_ARGUMENT, "is not an adapter name"),
+        ("absent", grpc.StatusCode.NOT_FOUND, "no adapter 'absent'"),
+        ("escape", grpc.StatusCode.INVALID_ARGUMENT, "outside the adapter directory"),
+        ("broken", grpc.StatusCode.INVALID_ARGUMENT, "not a readable safetensors file"),
+    ],
+)
+def test_bad_names_and_files_are_refused_and_change_nothing(
+    runtime_server: Any, tmp_path: Path, name: str, code: grpc.StatusCode, message: str
+) -> None:
+    (tmp_path / "outside.safetensors").write_bytes(
+        (runtime_server.directory / "ink.safetensors").read_bytes()
+    )
+    (runtime_server.directory / "escape.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    (runtime_server.directory / "broken.safetensors").write_bytes(
+        b"\x10\x00\x00\x00not safetensors"
+    )
+    client = runtime_server.client(retry=NO_RETRY)
+    client.load_adapter("ink")
+    before = [(a.name, a.loaded) for a in client.list_adapters()]
+    with pytest.raises(grpc.RpcError) as failure:
+        client.load_adapter(name)
+    assert failure.value.code() == code
+    assert failure.value.details().startswith("name:") and message in failure.value.details()
+    assert [(a.name, a.loaded) for a in client.list_adapters()] == before
+    assert client.generate("still fine", seed=1, adapters=[Adapter("ink")]).images
+
+
+def test_a_lora_for_another_model_is_refused_cleanly(runtime_server: Any) -> None:
+    from safetensors.torch import save_file
+
+    save_file(
+        {
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 999),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4),
+        },
+        str(runtime_server.directory / "other.safetensors"),
+    )
+    client = runtime_server.client(retry=NO_RETRY)
+    with pytest.raises(grpc.RpcError) as failure:
+        client.load_adapter("other")
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "do not fit" in failure.value.details()
+    assert client.server_info().adapters == []
+
+
+def test_the_least_recently_used_idle_adapter_is_evicted(runtime_server: Any) -> None:
+    client = runtime_server.client(retry=NO_RETRY)
+    client.load_adapter("ink")
+    client.load_adapter("neon")
+    client.generate("uses ink", seed=1, adapters=[Adapter("ink")])  # ink is now the most recent
+    client.load_adapter("sepia")  # max 2 loaded: neon goes
+    assert {a.name for a in client.server_info().adapters} == {"ink", "sepia"}
+    metrics = runtime_server.metrics()
+    assert metrics["imagegen_adapter_evictions_total"] == 1
+    assert metrics["imagegen_loaded_adapters"] == 2
+
+
+def test_adapters_held_by_queued_requests_are_never_evicted(runtime_server: Any) -> None:
+    client = runtime_server.client(retry=NO_RETRY)
+    client.load_adapter("ink")
+    client.load_adapter("neon")
+    runtime_server.batcher.set_step_budget(0)
+    waiting = [
+        StreamWatcher(client, f"holds {name}", seed=1, adapters=[Adapter(name)])
+        for name in ("ink", "neon")
+    ]
+    for watcher in waiting:
+        watcher.queued()
+    with pytest.raises(grpc.RpcError) as failure:
+        client.load_adapter("sepia")
+    assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert dict(failure.value.trailing_metadata()).get("retry-after-ms") == "1000"
+    runtime_server.batcher.set_step_budget(None)
+    for watcher in waiting:
+        watcher.completed()
+    client.load_adapter("sepia")  # idle now: neon (least recently used) makes room
+
+
+def test_unload_waits_for_the_requests_that_use_it(runtime_server: Any) -> None:
+    client = runtime_server.client(retry=NO_RETRY)
+    client.load_adapter("ink")
+    runtime_server.batcher.set_step_budget(0)
+    user = StreamWatcher(client, "uses ink", seed=1, adapters=[Adapter("ink")], output_format=NPY)
+    user.queued()
+    unloaded = threading.Event()
+    threading.Thread(
+        target=lambda: (client.unload_adapter("ink"), unloaded.set()), daemon=True
+    ).start()
+    # New requests can no longer pick it while it drains...
+    with pytest.raises(grpc.RpcError) as failure:
+        client.generate("too late", seed=2, adapters=[Adapter("ink")])
+    assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+    assert not unloaded.is_set()
+    runtime_server.batcher.set_step_budget(None)
+    result = user.completed().result  # ...and the holder still ran with it.
+    assert unloaded.wait(60)
+    assert client.server_info().adapters == []
+    client.load_adapter("ink")
+    again = client.generate("uses ink", seed=1, adapters=[Adapter("ink")], output_format=NPY)
+    assert_same_image(pixels(result), pixels(again))
+
+
+def test_load_unload_cycles_under_traffic_fail_nothing_and_leak_nothing(
+    runtime_server: Any,
+) -> None:
+    client = runtime_server.client(retry=NO_RETRY)
+    client.load_adapter("ink")
+    process = psutil.Process()
+    client.load_adapter("pastel")
+    client.unload_adapter("pastel")  # one cycle first: allocator caches settle
+    params_before = runtime_server.metrics()["imagegen_adapter_parameters"]
+    rss_before = process.memory_info().rss
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    served = [0]
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                for adapters in ([Adapter("ink")], []):
+                    assert client.generate(
+                        "traffic", seed=served[0], adapters=adapters, steps=2
+                    ).images
+                    served[0] += 1
+            except BaseException as error:
+                failures.append(error)
+                return
+
+    threads = [threading.Thread(target=traffic, daemon=True) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for cycle in range(50):
+        name = ("pastel", "sepia")[cycle % 2]
+        client.load_adapter(name)
+        assert client.generate("cycled", seed=cycle, adapters=[Adapter(name)], steps=2).images
+        client.unload_adapter(name)
+    stop.set()
+    for thread in threads:
+        thread.join(60)
+    assert not failures, failures[0]
+    assert served[0] > 0
+    assert runtime_server.metrics()["imagegen_adapter_parameters"] == params_before
+    growth_mb = (process.memory_info().rss - rss_before) / 2**20
+    assert growth_mb < 64, f"RSS grew {growth_mb:.1f} MB over 50 load/unload cycles"
