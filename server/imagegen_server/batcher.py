@@ -19,11 +19,11 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from .engine import EngineRequest, StepResult
+from .engine import AddResult, EngineRequest, StepResult
 from .errors import (
     DeadlineExceeded,
     Draining,
@@ -60,13 +60,13 @@ class EngineLike(Protocol):
     @property
     def prompt_stats(self) -> PromptCacheStats: ...
 
-    def add(self, group: object, requests: list[EngineRequest]) -> dict[str, float]: ...
+    def add(self, group: Hashable, requests: Sequence[EngineRequest]) -> AddResult: ...
 
-    def step(self, group: object) -> StepResult: ...
+    def step(self, group: Hashable) -> StepResult: ...
 
     def cancel(self, request_id: str) -> bool: ...
 
-    def has_work(self) -> bool: ...
+    def has_work(self, group: Hashable | None = None) -> bool: ...
 
 
 @dataclass(slots=True, eq=False)
@@ -275,7 +275,7 @@ class Batcher:
     def _warm_up(self, engine: EngineLike, request: EngineRequest) -> None:
         """Runs one request through the engine before serving, honouring the step budget."""
         group = ("warm-up",)
-        self._observe_stages(engine.add(group, [request]))
+        self._observe_stages(engine.add(group, [request]).stage_seconds)
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._step_budget != 0 or self._stopping)
@@ -283,6 +283,8 @@ class Batcher:
                     return
             result = engine.step(group)
             self._observe_step(result)
+            if result.failed:
+                raise RuntimeError("the warm-up batch failed; see the log above")
             if result.finished:
                 return
 
@@ -333,16 +335,29 @@ class Batcher:
                 requests = [
                     EngineRequest(e.request_id, self._handles_params(e)) for e in plan.admitted
                 ]
-                self._observe_stages(engine.add(group, requests))
+                added = engine.add(group, requests)
+                self._observe_stages(added.stage_seconds)
+                self._fail_requests(added.failed)
+            if not engine.has_work(group):  # every admitted request failed to encode
+                return
             result = engine.step(group)
-        except Exception:
+        except Exception:  # the engine isolates model errors per row; this is anything else
             log.exception("batch %s failed", group)
             self._fail_group(engine, group)
             return
         now = self._clock()
         self._observe_step(result)
         self._observe_prompt_cache(engine.prompt_stats)
+        self._fail_requests(result.failed)
         with self._cond:
+            if result.out_of_memory_rows is not None:
+                log.warning(
+                    "out of memory at %s: capping it at %d rows",
+                    result.key,
+                    result.out_of_memory_rows,
+                )
+                self._scheduler.out_of_memory(result.key, result.out_of_memory_rows, now)
+            self._scheduler.recover_row_limits(now)
             self._scheduler.step_done(group)
             for progress in result.progress:
                 handle = self._handles.get(progress.request_id)
@@ -416,7 +431,16 @@ class Batcher:
             self._cond.notify_all()
         return handle
 
-    def _fail_group(self, engine: EngineLike, group: object) -> None:
+    def _fail_requests(self, request_ids: list[str]) -> None:
+        """Requests the engine lost to a model error: INTERNAL, with details in the log."""
+        if not request_ids:
+            return
+        with self._cond:
+            for request_id in request_ids:
+                self._scheduler.finish(request_id)
+                self._fail(request_id, InternalError("generation failed; see the server log"))
+
+    def _fail_group(self, engine: EngineLike, group: Hashable) -> None:
         with self._cond:
             members = [entry.request_id for entry in self._scheduler.running_in(group)]
             for request_id in members:
@@ -463,3 +487,6 @@ def _run_command(
         future.set_result(command(engine))
     except Exception as error:  # the caller gets it; the engine goes on
         future.set_exception(error)
+    except BaseException as error:  # fatal for the thread, but its caller must not hang
+        future.set_exception(EngineUnavailable(f"engine stopped: {error!r}"))
+        raise

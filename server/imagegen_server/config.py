@@ -60,6 +60,40 @@ class Settings(BaseSettings):
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 = any free port")
     metrics_host: str | None = Field(None, description="metrics bind address; default = host")
     metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus port; 0 = any free")
+    health_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="extra plaintext port serving only grpc.health.v1 (for kubelet probes when "
+        "the main port uses TLS); unset = none",
+    )
+    max_connection_age_s: float = Field(
+        0.0,
+        ge=0,
+        description="close client connections after this long (a GOAWAY; clients reconnect and "
+        "round-robin reaches new replicas); 0 = never",
+    )
+
+    # --- security ---
+    auth_tokens_file: Path | None = Field(
+        None,
+        description="bearer tokens, one `role:token` per line (role client or admin, # comments);"
+        " unset = no authentication",
+    )
+    auth_exempt_health: bool = Field(True, description="health checks need no token")
+    auth_exempt_reflection: bool = Field(True, description="server reflection needs no token")
+    tls_cert_file: Path | None = Field(None, description="PEM server certificate (enables TLS)")
+    tls_key_file: Path | None = Field(None, description="PEM private key of the certificate")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA that client certificates must chain to (enables mutual TLS)"
+    )
+    rate_limit_rps: float = Field(
+        0.0, ge=0, description="generation requests per second per client (token or peer); 0 = off"
+    )
+    rate_limit_burst: int = Field(10, ge=1, description="requests a client may send at once")
+    rate_limit_clients: int = Field(
+        10000, ge=1, description="clients whose buckets are kept (least recently seen go first)"
+    )
 
     # --- batching (Triton's meaning where the names match) ---
     batching: Literal["step", "request"] = Field(
@@ -84,6 +118,9 @@ class Settings(BaseSettings):
     prompt_cache_size: int = Field(256, ge=0, description="prompt embeddings kept (LRU); 0 = off")
 
     # --- request limits (reported by GetServerInfo) ---
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="largest request message, bytes"
+    )
     min_width: int = Field(256, ge=1, description="narrowest image, pixels")
     max_width: int = Field(2048, ge=1, description="widest image, pixels")
     min_height: int = Field(256, ge=1, description="shortest image, pixels")
@@ -119,13 +156,30 @@ class Settings(BaseSettings):
 
     # --- operations ---
     drain_timeout_s: float = Field(30.0, ge=0, description="bound on finishing work at SIGTERM")
+    row_limit_recovery_s: float = Field(
+        60.0, gt=0, description="after out-of-memory: how long a key's lowered batch cap lasts"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="server log level"
     )
     config: Path | None = Field(None, description="YAML file with any of these settings")
 
+    # --- testing only: make the model fail on purpose ---
+    fault_injection_request_marker: str | None = Field(
+        None, description="TESTING ONLY: requests whose id contains this fail in the transformer"
+    )
+    fault_injection_oom_rows: int = Field(
+        0, ge=0, description="TESTING ONLY: transformer calls above this many rows raise OOM"
+    )
+
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
+        problems = self._size_problems() + self._range_problems() + self._tls_problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _size_problems(self) -> list[str]:
         problems = []
         for axis in ("width", "height"):
             low, high = getattr(self, f"min_{axis}"), getattr(self, f"max_{axis}")
@@ -136,6 +190,10 @@ class Settings(BaseSettings):
                 problems.append(f"default_{axis} ({default}) outside [{low}, {high}]")
         if self.default_width * self.default_height > self.max_pixels:
             problems.append("default_width x default_height exceeds max_pixels")
+        return problems
+
+    def _range_problems(self) -> list[str]:
+        problems = []
         if self.resolved_default_steps > self.max_steps:
             problems.append(f"default steps ({self.resolved_default_steps}) > max_steps")
         if self.max_num_images > self.max_batch_size:
@@ -151,9 +209,15 @@ class Settings(BaseSettings):
             problems.append("min_seed > max_seed")
         if any(size < 1 or size > self.max_batch_size for size in self.preferred_batch_sizes):
             problems.append(f"preferred_batch_sizes must lie in [1, {self.max_batch_size}]")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+        return problems
+
+    def _tls_problems(self) -> list[str]:
+        problems = []
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            problems.append("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            problems.append("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        return problems
 
     @property
     def resolved_default_steps(self) -> int:

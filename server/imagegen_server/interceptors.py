@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from .auth import Guard
 from .errors import ImageGenError, InvalidArgument
 from .metrics import Metrics
 
@@ -32,11 +33,13 @@ class _MalformedRequest:
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Maps ImageGenError to its status, anything else to INTERNAL with a safe message (details
-    go to the log), and counts every RPC of the imagegen API by method and final status."""
+    """Checks each call with the guard (token, role, rate), maps ImageGenError to its status and
+    anything else to INTERNAL with a safe message (details go to the log), and counts every RPC
+    of the imagegen API by method and final status."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, guard: Guard | None = None) -> None:
         self._metrics = metrics
+        self._guard = guard
 
     async def intercept_service(
         self,
@@ -45,58 +48,71 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     ) -> Handler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or not method.startswith(API_PREFIX):
-            return handler
-        rpc = method.rsplit("/", 1)[-1]
-        deserializer = _tolerant(handler.request_deserializer)
+        api = method.startswith(API_PREFIX)
+        if handler is None or not (api or (self._guard and self._guard.needs_check(method))):
+            return handler  # health and reflection, open by configuration
+        deserializer = (
+            _tolerant(handler.request_deserializer) if api else handler.request_deserializer
+        )
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(rpc, handler.unary_unary),
+                self._unary(method, handler.unary_unary),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(rpc, handler.unary_stream),  # type: ignore[arg-type]
+                self._stream(method, handler.unary_stream),  # type: ignore[arg-type]
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None:  # server reflection
+            return grpc.stream_stream_rpc_method_handler(
+                self._stream(method, handler.stream_stream),  # type: ignore[arg-type]
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
 
     def _unary(
-        self, rpc: str, behavior: Callable[..., Awaitable[Any]]
+        self, method: str, behavior: Callable[..., Awaitable[Any]]
     ) -> Callable[..., Awaitable[Any]]:
         async def handle(request: Any, context: Context) -> Any:
-            async with self._accounted(rpc, request, context):
+            async with self._accounted(method, request, context):
                 return await behavior(request, context)
 
         return handle
 
     def _stream(
-        self, rpc: str, behavior: Callable[..., AsyncIterator[Any]]
+        self, method: str, behavior: Callable[..., AsyncIterator[Any]]
     ) -> Callable[..., AsyncIterator[Any]]:
         async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
-            async with self._accounted(rpc, request, context):
+            async with self._accounted(method, request, context):
                 async for message in behavior(request, context):
                     yield message
 
         return handle
 
     @contextlib.asynccontextmanager
-    async def _accounted(self, rpc: str, request: Any, context: Context) -> AsyncIterator[None]:
-        """Maps errors raised inside to statuses and counts the RPC with its final status."""
+    async def _accounted(self, method: str, request: Any, context: Context) -> AsyncIterator[None]:
+        """Guards the call, maps errors raised inside to statuses and, for the imagegen API,
+        counts the RPC with its final status."""
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
             _reject_malformed(request)
+            if self._guard is not None:
+                self._guard.check(method, context.invocation_metadata() or (), context.peer())
             yield
         except BaseException as error:
             code = _status_of(error, context)
             await _abort_if_ours(error, context)
             raise
         finally:
-            self._metrics.requests.labels(rpc=rpc, code=code.name).inc()
-            self._metrics.request_latency.labels(rpc=rpc).observe(time.perf_counter() - started)
+            if method.startswith(API_PREFIX):
+                rpc = method.rsplit("/", 1)[-1]
+                self._metrics.requests.labels(rpc=rpc, code=code.name).inc()
+                self._metrics.request_latency.labels(rpc=rpc).observe(time.perf_counter() - started)
 
 
 def _status_of(error: BaseException, context: Context) -> grpc.StatusCode:

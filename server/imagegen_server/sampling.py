@@ -67,7 +67,9 @@ class ScheduleTable:
     def min_steps(self, image_seq_len: int) -> int:
         """The fewest steps with a finite schedule: Qwen-Image's terminal stretch divides by
         zero for a single step, so that scheduler needs two."""
-        return 1 if all(np.isfinite(self.get(1, image_seq_len).sigmas)) else 2
+        with np.errstate(invalid="ignore", divide="ignore"):  # the 0/0 is what we look for
+            one_step = self.get(1, image_seq_len)
+        return 1 if all(np.isfinite(one_step.sigmas)) else 2
 
     def get(self, steps: int, image_seq_len: int) -> SigmaSchedule:
         key = (steps, image_seq_len)

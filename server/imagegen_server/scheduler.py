@@ -58,6 +58,7 @@ class SchedulerConfig:
     max_queue_size: int = 0  # most waiting requests; 0 = unbounded
     max_active_batches: int = 1  # step policy: batches of different keys in flight
     default_queue_timeout_s: float = 0.0  # longest wait in the queue; 0 = none
+    row_limit_recovery_s: float = 60.0  # after out-of-memory: when to try twice the rows again
 
     @property
     def joins_running(self) -> bool:
@@ -107,6 +108,7 @@ class Scheduler:
         self._seq = itertools.count()
         # Per-key limits below max_batch_size (memory probe, out-of-memory back-off).
         self._row_limits: dict[Hashable, int] = {}
+        self._backoff_since: dict[Hashable, float] = {}  # out-of-memory limits and when set
 
     # --- requests arriving and leaving ---
 
@@ -155,6 +157,24 @@ class Scheduler:
         """The engine ran one denoising step of `group`."""
         for entry in self.running_in(group):
             entry.steps_done += 1
+
+    def out_of_memory(self, key: Hashable, rows_that_fit: int, now: float) -> None:
+        """A step of `key` ran out of memory; `rows_that_fit` rows did not. Caps the key there
+        until `recover_row_limits` finds the back-off old enough to try twice as many."""
+        self.set_row_limit(key, rows_that_fit)
+        self._backoff_since[key] = now
+
+    def recover_row_limits(self, now: float) -> None:
+        for key, since in list(self._backoff_since.items()):
+            if now - since < self.config.row_limit_recovery_s:
+                continue
+            doubled = self._row_limits.get(key, self.config.max_batch_size) * 2
+            if doubled >= self.config.max_batch_size:
+                self.set_row_limit(key, None)
+                del self._backoff_since[key]
+            else:
+                self.set_row_limit(key, doubled)
+                self._backoff_since[key] = now
 
     def set_row_limit(self, key: Hashable, rows: int | None) -> None:
         """Caps the rows per step for `key` below max_batch_size (None removes the cap)."""

@@ -26,6 +26,7 @@ from .adapters import AdapterDirectory, AdapterFile, AdapterRegistry
 from .admin import AdapterAdminService
 from .batcher import Batcher, EngineLike
 from .config import Settings
+from .denoise import FaultInjection
 from .engine import Engine, EngineRequest
 from .interceptors import StatusInterceptor
 from .metrics import Metrics
@@ -33,6 +34,7 @@ from .model import load_model
 from .prompts import PromptTokenizer
 from .scheduler import Scheduler, SchedulerConfig
 from .service import ImageGenerationService, ModelDescription
+from .transport import build_guard, server_credentials, server_options
 from .types import GenerationParams, OutputFormat
 from .validation import RequestLimits, RequestValidator
 
@@ -41,7 +43,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageGeneration"].full_name
 ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdapterAdmin"].full_name
 HEALTH_SERVICES = ("", SERVICE_NAME)
-MESSAGE_OVERHEAD_BYTES = 1 << 20
 WARMUP_STEPS = 2
 RPC_FLUSH_S = 5.0  # after the drain: time for finished RPCs to encode and send their images
 
@@ -55,19 +56,7 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
         max_queue_size=settings.max_queue_size,
         max_active_batches=settings.max_active_batches,
         default_queue_timeout_s=settings.default_queue_timeout_ms / 1000,
-    )
-
-
-def max_response_bytes(settings: Settings) -> int:
-    """Largest response: the most images at the most pixels as float32 NPY, the widest format."""
-    return settings.max_num_images * settings.max_pixels * 3 * 4 + MESSAGE_OVERHEAD_BYTES
-
-
-def max_request_bytes(settings: Settings) -> int:
-    # Prompts are bounded in characters (up to 4 bytes each in UTF-8); the rest is small.
-    return (
-        4 * (settings.max_prompt_chars + settings.max_negative_prompt_chars)
-        + MESSAGE_OVERHEAD_BYTES
+        row_limit_recovery_s=settings.row_limit_recovery_s,
     )
 
 
@@ -104,12 +93,13 @@ class ImageGenServer:
             self._batcher, self._batching_info(), self.metrics, self._codec_pool, self._adapters
         )
         self._grpc = grpc.aio.server(
-            interceptors=[StatusInterceptor(self.metrics)],
-            options=[
-                ("grpc.max_send_message_length", max_response_bytes(settings)),
-                ("grpc.max_receive_message_length", max_request_bytes(settings)),
-            ],
+            interceptors=[StatusInterceptor(self.metrics, build_guard(settings))],
+            options=server_options(settings),
         )
+        # A plaintext health-only port for probes that cannot speak TLS (the kubelet's).
+        self._health_grpc = grpc.aio.server() if settings.health_port is not None else None
+        if self._health_grpc is not None:
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_grpc)
         pb_grpc.add_ImageGenerationServicer_to_server(self._service, self._grpc)
         pb_grpc.add_AdapterAdminServicer_to_server(AdapterAdminService(self._adapters), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
@@ -134,10 +124,20 @@ class ImageGenServer:
         self.metrics_port = self.metrics.serve(
             settings.resolved_metrics_host, settings.metrics_port
         )
-        self.port = self._grpc.add_insecure_port(f"{settings.host}:{settings.port}")
+        address = f"{settings.host}:{settings.port}"
+        credentials = server_credentials(settings)
+        if credentials is None:
+            self.port = self._grpc.add_insecure_port(address)
+        else:
+            self.port = self._grpc.add_secure_port(address, credentials)
         for service in HEALTH_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._grpc.start()
+        if self._health_grpc is not None:
+            self.health_port = self._health_grpc.add_insecure_port(
+                f"{settings.host}:{settings.health_port}"
+            )
+            await self._health_grpc.start()
         log.info(
             "gRPC on %s:%d, metrics on %s:%d",
             settings.host,
@@ -170,6 +170,8 @@ class ImageGenServer:
         # The engine has answered everyone; the RPCs only need to encode and send their images.
         # The whole drain stays within drain_timeout_s + RPC_FLUSH_S.
         await self._grpc.stop(grace=RPC_FLUSH_S)
+        if self._health_grpc is not None:
+            await self._health_grpc.stop(grace=0)
         self._batcher.stop()
         self._codec_pool.shutdown(wait=False)
         log.info("drained %s", "cleanly" if finished else "with requests left at the timeout")
@@ -178,6 +180,8 @@ class ImageGenServer:
     async def stop_now(self) -> None:
         self.metrics.ready.set(0)
         await self._grpc.stop(grace=0)
+        if self._health_grpc is not None:
+            await self._health_grpc.stop(grace=0)
         self._batcher.stop(timeout_s=0.5)
         self._codec_pool.shutdown(wait=False)
 
@@ -197,7 +201,10 @@ class ImageGenServer:
         )
         if model.device.type == "cuda":
             torch.cuda.set_device(model.device)
-        engine = Engine(model, settings.prompt_cache_size, settings.max_prompt_tokens)
+        faults = FaultInjection(
+            settings.fault_injection_request_marker, settings.fault_injection_oom_rows
+        )
+        engine = Engine(model, settings.prompt_cache_size, settings.max_prompt_tokens, faults)
         min_steps = engine.min_steps(settings.default_width, settings.default_height)
         # Fails fast, with the setting's name, if the limits do not suit this model.
         limits = RequestLimits.from_settings(settings, model.size_multiple, min_steps)
@@ -271,8 +278,12 @@ class ImageGenServer:
 
 async def serve(settings: Settings) -> int:
     """Runs a server until SIGTERM/SIGINT; returns the process exit code."""
-    server = ImageGenServer(settings)
-    await server.start()
+    try:
+        server = ImageGenServer(settings)
+        await server.start()
+    except (ValueError, OSError, RuntimeError) as error:  # bad token file, port in use, ...
+        log.error("cannot start: %s", error)
+        return 2
     loop = asyncio.get_running_loop()
     signals: asyncio.Queue[int] = asyncio.Queue()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -249,6 +249,7 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
             min_adapter_scale=limits.min_adapter_scale,
             max_adapter_scale=limits.max_adapter_scale,
             min_preview_every_n_steps=limits.min_preview_every_n_steps,
+            max_request_bytes=limits.max_request_bytes,
             priority_levels=limits.priority_levels,
             default_priority=limits.default_priority,
             output_formats=sorted(

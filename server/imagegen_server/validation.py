@@ -57,6 +57,7 @@ class RequestLimits:
     min_adapter_scale: float
     max_adapter_scale: float
     min_preview_every_n_steps: int
+    max_request_bytes: int
     priority_levels: int
     default_priority: int
     default_output_quality: int
@@ -106,6 +107,7 @@ class RequestLimits:
             min_adapter_scale=settings.min_adapter_scale,
             max_adapter_scale=settings.max_adapter_scale,
             min_preview_every_n_steps=settings.min_preview_every_n_steps,
+            max_request_bytes=settings.max_request_bytes,
             priority_levels=settings.priority_levels,
             default_priority=settings.default_priority,
             default_output_quality=settings.default_output_quality,

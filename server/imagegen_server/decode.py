@@ -1,0 +1,41 @@
+"""Latents to pixels: the batched VAE decode of finished rows, and cheap previews."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLQwenImage
+
+from .preview import PreviewProjector, denormalize
+from .sampling import unpack
+
+
+class Decoder:
+    def __init__(
+        self, vae: AutoencoderKLQwenImage, vae_scale_factor: int, device: torch.device
+    ) -> None:
+        self._vae = vae
+        self._scale = vae_scale_factor
+        self._projector = PreviewProjector.fit(vae, vae_scale_factor, device)
+
+    def images(
+        self, latents: torch.Tensor, height: int, width: int, float_output: list[bool]
+    ) -> list[np.ndarray]:
+        """Decodes [n, seq, channels * 4] latents in one VAE call, as QwenImagePipeline does.
+
+        Returns HxWx3 arrays: float32 in [0, 1] where `float_output`, else uint8 rounded as
+        the pipeline's PIL conversion rounds.
+        """
+        unpacked = unpack(latents, height, width, self._scale).to(self._vae.dtype)
+        decoded = self._vae.decode(denormalize(unpacked, self._vae), return_dict=False)[0][:, :, 0]
+        pixels = (decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # [n, H, W, 3]
+        as_uint8 = (pixels * 255).round().to(torch.uint8)
+        return [
+            (pixels[i] if wants_float else as_uint8[i]).cpu().numpy()
+            for i, wants_float in enumerate(float_output)
+        ]
+
+    def previews(self, denoised: torch.Tensor, height: int, width: int) -> np.ndarray:
+        """[n, seq, channels * 4] x0 estimates -> uint8 [n, h, w, 3] at latent resolution."""
+        unpacked = unpack(denoised, height, width, self._scale)
+        return self._projector.project(denormalize(unpacked, self._vae))

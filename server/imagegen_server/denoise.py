@@ -1,0 +1,187 @@
+"""One denoising step for a set of rows: the transformer call (true CFG in the same call, each
+row with its own timestep and adapters) and the per-row flow-matching Euler update.
+
+`Denoiser.advance` changes no state: it returns the rows' next latents, so the engine can retry
+a failed call on part of the batch and keep only what succeeded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .lora import LoraBank
+from .prompts import pad_embeddings
+from .sampling import LatentShape, SigmaSchedule
+from .types import AdapterSpec
+
+
+@dataclass(slots=True, eq=False)
+class Row:
+    """One image being denoised."""
+
+    request_id: str
+    image_index: int
+    seed: int
+    schedule: SigmaSchedule
+    prompt: torch.Tensor  # [tokens, dim] text-encoder states
+    negative: torch.Tensor | None  # the same for the negative prompt when CFG is on
+    guidance: float
+    adapters: tuple[AdapterSpec, ...]  # per-request LoRAs and their scales
+    preview_every: int  # 0 = none
+    float_output: bool  # decode to float32 (NPY) instead of uint8
+    step: int = 0  # index of the next step in `schedule`
+
+    @property
+    def done(self) -> bool:
+        return self.step >= len(self.schedule)
+
+    @property
+    def wants_preview(self) -> bool:
+        """A preview after the coming step (not after the last: the image itself follows)."""
+        coming = self.step + 1
+        return (
+            self.preview_every > 0
+            and coming % self.preview_every == 0
+            and coming < len(self.schedule)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FaultInjection:
+    """Testing only (settings `fault_injection_*`): make the transformer call fail on purpose."""
+
+    request_marker: str | None = None  # a call holding a row of such a request id raises
+    oom_above_rows: int = 0  # a call with more rows raises out-of-memory; 0 = never
+
+    def check(self, rows: Sequence[Row]) -> None:
+        if self.request_marker and any(self.request_marker in row.request_id for row in rows):
+            raise RuntimeError("injected fault (fault_injection_request_marker)")
+        if self.oom_above_rows and len(rows) > self.oom_above_rows:
+            raise torch.OutOfMemoryError(f"injected out-of-memory above {self.oom_above_rows} rows")
+
+
+@dataclass(slots=True)
+class Advance:
+    """The outcome of one step for some rows of a batch, indexed by row position in the batch."""
+
+    indices: list[int]  # rows that stepped, in batch order
+    latents: torch.Tensor | None  # their next latents, [len(indices), seq, channels * 4]
+    denoised: dict[int, torch.Tensor] = field(default_factory=dict)  # x0 estimates for previews
+    failed: dict[int, str] = field(default_factory=dict)  # row -> why (for the log)
+    largest_call: int = 0  # rows in the largest transformer call that succeeded
+    out_of_memory: bool = False  # a call ran out of memory (largest_call then is what fit)
+
+    @staticmethod
+    def merge(first: Advance, second: Advance) -> Advance:
+        parts = [part.latents for part in (first, second) if part.latents is not None]
+        return Advance(
+            indices=first.indices + second.indices,
+            latents=torch.cat(parts) if parts else None,
+            denoised={**first.denoised, **second.denoised},
+            failed={**first.failed, **second.failed},
+            largest_call=max(first.largest_call, second.largest_call),
+            out_of_memory=first.out_of_memory or second.out_of_memory,
+        )
+
+
+class Denoiser:
+    def __init__(
+        self,
+        transformer: nn.Module,
+        adapters: LoraBank,
+        device: torch.device,
+        faults: FaultInjection | None = None,
+    ) -> None:
+        self._transformer = transformer
+        self._adapters = adapters
+        self._device = device
+        self._faults = faults or FaultInjection()
+
+    def advance(
+        self,
+        rows: Sequence[Row],
+        indices: list[int],
+        latents: torch.Tensor,
+        shape: LatentShape,
+        cfg: bool,
+        text: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Advance:
+        """One step for `rows` (at positions `indices` of their batch) from `latents`.
+
+        Rows whose result is not finite are reported failed; a model error raises.
+        """
+        self._faults.check(rows)
+        velocity = self._velocity(rows, latents, shape, cfg, text)
+        sigmas = self._per_row([row.schedule.sigmas[row.step] for row in rows])
+        dts = self._per_row([row.schedule.dts[row.step] for row in rows])
+        # Per-row Euler step, in float32 like FlowMatchEulerDiscreteScheduler.step.
+        stepped = (latents.float() + dts * velocity).to(velocity.dtype)
+        finite = torch.isfinite(stepped).flatten(1).all(dim=1).tolist()
+        advance = Advance(indices=[], latents=None, largest_call=len(rows))
+        keep = []
+        for position, (index, row) in enumerate(zip(indices, rows, strict=True)):
+            if not finite[position]:
+                advance.failed[index] = "non-finite values after the step"
+                continue
+            keep.append(position)
+            advance.indices.append(index)
+            if row.wants_preview:  # x0 estimate from the state before the update
+                x0 = latents[position].float() - sigmas[position] * velocity[position].float()
+                advance.denoised[index] = x0
+        advance.latents = stepped[keep] if keep else None
+        return advance
+
+    def _velocity(
+        self,
+        rows: Sequence[Row],
+        latents: torch.Tensor,
+        shape: LatentShape,
+        cfg: bool,
+        text: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """The transformer's velocity for every row, with true CFG in the same call."""
+        if text is None:
+            text = text_inputs(rows, cfg)
+        states, mask = text
+        timesteps = self._per_row([row.schedule.timesteps[row.step] for row in rows]).view(-1)
+        # As QwenImagePipeline: the timestep is cast to the latents' dtype, then scaled to [0, 1].
+        timesteps = timesteps.to(latents.dtype) / 1000
+        hidden = latents
+        row_adapters = [row.adapters for row in rows]
+        if cfg:
+            hidden, timesteps = torch.cat([hidden, hidden]), torch.cat([timesteps, timesteps])
+            row_adapters += row_adapters  # the unconditional half uses the same adapters
+        with self._adapters.applied(row_adapters, hidden.dtype):
+            output: torch.Tensor = self._transformer(
+                hidden_states=hidden,
+                timestep=timesteps,
+                encoder_hidden_states=states,
+                encoder_hidden_states_mask=mask,
+                img_shapes=[[shape.rope_shape]] * hidden.shape[0],
+                return_dict=False,
+            )[0]
+        if not cfg:
+            return output
+        cond, uncond = output.chunk(2)
+        scale = self._per_row([row.guidance for row in rows])
+        combined = uncond + scale * (cond - uncond)
+        # Qwen-Image rescales the guided velocity to the conditional one's norm, per token.
+        norms = torch.norm(cond, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True)
+        guided: torch.Tensor = (combined * norms).to(output.dtype)
+        return guided
+
+    def _per_row(self, values: list[float]) -> torch.Tensor:
+        """[rows, 1, 1] float32 column on the device (exact: float32 values round-trip)."""
+        return torch.tensor(values, dtype=torch.float32, device=self._device).view(-1, 1, 1)
+
+
+def text_inputs(rows: Sequence[Row], cfg: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt states padded to the longest, plus the mask; negatives after prompts for CFG."""
+    states = [row.prompt for row in rows]
+    if cfg:
+        states += [row.negative for row in rows if row.negative is not None]
+    return pad_embeddings(states)
