@@ -110,7 +110,7 @@ def test_a_second_sigterm_stops_at_once(tiny_model: Path) -> None:
         "600",
     )
     server.wait_serving()
-    running, queued = start_twelve(server)
+    _, queued = start_twelve(server)
     server.process.send_signal(signal.SIGTERM)
     server.process.send_signal(signal.SIGTERM)
     # Far sooner than the 600 s drain bound, and before the queued work could have run.
