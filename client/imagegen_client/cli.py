@@ -63,6 +63,29 @@ def _parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate images from a prompt")
     generate.add_argument("prompt")
+    _add_generation_options(generate)
+    generate.set_defaults(handler=_generate)
+
+    edit = commands.add_parser("edit", help="image-to-image, or inpainting with --mask")
+    edit.add_argument("image", type=Path, help="the init image (PNG, JPEG or WebP)")
+    edit.add_argument("prompt")
+    edit.add_argument("--strength", type=float, default=None, help="(0, 1]; default: the server's")
+    edit.add_argument("--mask", type=Path, default=None, help="white = regenerate, black = keep")
+    _add_generation_options(edit)
+    edit.set_defaults(handler=_generate)
+
+    info = commands.add_parser("info", help="print the server's model, limits and batching as JSON")
+    info.set_defaults(handler=_info)
+    health = commands.add_parser(
+        "health", help="print the grpc.health.v1 status; exit 0 if SERVING"
+    )
+    health.add_argument("--service", default="")
+    health.set_defaults(handler=_health)
+    return parser
+
+
+def _add_generation_options(generate: argparse.ArgumentParser) -> None:
+    """The options `generate` and `edit` share."""
     generate.add_argument(
         "-o", "--output", required=True, type=Path, help="file; with --num-images N, NAME-i.EXT"
     )
@@ -95,16 +118,6 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--no-progress", action="store_true", help="no progress bar (plain Generate call)"
     )
-    generate.set_defaults(handler=_generate)
-
-    info = commands.add_parser("info", help="print the server's model, limits and batching as JSON")
-    info.set_defaults(handler=_info)
-    health = commands.add_parser(
-        "health", help="print the grpc.health.v1 status; exit 0 if SERVING"
-    )
-    health.add_argument("--service", default="")
-    health.set_defaults(handler=_health)
-    return parser
 
 
 @contextmanager
@@ -136,6 +149,8 @@ def _generate(client: ImageGenClient, args: argparse.Namespace) -> int:
         "priority": args.priority,
         "request_id": args.request_id,
     }
+    if args.command == "edit":
+        options.update(init_image=args.image, strength=args.strength, mask_image=args.mask)
     if args.no_progress:
         result = client.generate(args.prompt, **options)
     else:

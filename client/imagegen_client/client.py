@@ -99,8 +99,15 @@ def build_request(
     priority: int = 0,
     request_id: str = "",
     preview_every_n_steps: int = 0,
+    init_image: bytes | str | Path | None = None,
+    strength: float | None = None,
+    mask_image: bytes | str | Path | None = None,
 ) -> pb.GenerateRequest:
-    """A GenerateRequest; 0 means "the server's default" for sizes, steps, quality, priority."""
+    """A GenerateRequest; 0 means "the server's default" for sizes, steps, quality, priority.
+
+    `init_image` (bytes or a file path) turns it into image-to-image with `strength`, and
+    `mask_image` (white = regenerate) into inpainting.
+    """
     request = pb.GenerateRequest(
         prompt=prompt,
         negative_prompt=negative_prompt,
@@ -113,7 +120,11 @@ def build_request(
         priority=priority,
         request_id=request_id,
         preview_every_n_steps=preview_every_n_steps,
+        init_image=_image_bytes(init_image),
+        mask_image=_image_bytes(mask_image),
     )
+    if strength is not None:
+        request.strength = strength
     if guidance_scale is not None:
         request.guidance_scale = guidance_scale
     if seed is not None:
@@ -424,6 +435,12 @@ class AsyncImageGenClient(_ClientBase):
                 if not self._retry_allowed(error, attempt, deadline):
                     raise
                 await asyncio.sleep(self.retry.backoff_s(attempt, error))
+
+
+def _image_bytes(source: bytes | str | Path | None) -> bytes:
+    if source is None:
+        return b""
+    return source if isinstance(source, bytes) else Path(source).read_bytes()
 
 
 def _retry_after_s(error: grpc.RpcError | None) -> float:

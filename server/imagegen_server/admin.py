@@ -14,11 +14,12 @@ if TYPE_CHECKING:  # generic only in grpc-stubs, not at run time
     Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def adapter_message(file: AdapterFile, loaded: bool) -> pb.AdapterInfo:
+def adapter_message(file: AdapterFile, loaded: bool, unloading: bool = False) -> pb.AdapterInfo:
     return pb.AdapterInfo(
         name=file.name,
         format=file.format,
         loaded=loaded,
+        unloading=unloading,
         rank=file.rank,
         parameters=file.parameters,
         size_bytes=file.size_bytes,
@@ -50,5 +51,6 @@ class AdapterAdminService(pb_grpc.AdapterAdminServicer):
                     file = self._registry.directory.describe(name)
                 except Exception:  # an unreadable file is listed by LoadAdapter's error, not here
                     continue
-            response.adapters.append(adapter_message(file, loaded=name in loaded))
+            unloading = name in loaded and name not in self._registry.selectable()
+            response.adapters.append(adapter_message(file, name in loaded, unloading))
         return response

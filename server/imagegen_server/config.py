@@ -119,7 +119,13 @@ class Settings(BaseSettings):
 
     # --- request limits (reported by GetServerInfo) ---
     max_request_bytes: int = Field(
-        4 * 1024 * 1024, ge=1024, description="largest request message, bytes"
+        32 * 1024 * 1024, ge=1024, description="largest request message (init images too), bytes"
+    )
+    max_init_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="largest init or mask image accepted, width x height"
+    )
+    default_strength: float = Field(
+        0.6, gt=0, le=1, description="image-to-image strength of requests that give none"
     )
     min_width: int = Field(256, ge=1, description="narrowest image, pixels")
     max_width: int = Field(2048, ge=1, description="widest image, pixels")

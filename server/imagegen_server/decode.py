@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLQwenImage
 
-from .preview import PreviewProjector, denormalize
-from .sampling import unpack
+from .preview import PreviewProjector
+from .sampling import denormalize, unpack
 
 
 class Decoder:

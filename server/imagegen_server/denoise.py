@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .init_image import InpaintState
 from .lora import LoraBank
 from .prompts import pad_embeddings
 from .sampling import LatentShape, SigmaSchedule
@@ -33,6 +34,7 @@ class Row:
     adapters: tuple[AdapterSpec, ...]  # per-request LoRAs and their scales
     preview_every: int  # 0 = none
     float_output: bool  # decode to float32 (NPY) instead of uint8
+    inpaint: InpaintState | None = None  # inpainting: keeps the unmasked region
     step: int = 0  # index of the next step in `schedule`
 
     @property
@@ -120,6 +122,12 @@ class Denoiser:
         dts = self._per_row([row.schedule.dts[row.step] for row in rows])
         # Per-row Euler step, in float32 like FlowMatchEulerDiscreteScheduler.step.
         stepped = (latents.float() + dts * velocity).to(velocity.dtype)
+        for position, row in enumerate(rows):
+            if row.inpaint is not None:
+                next_sigma = row.schedule.sigmas[row.step + 1]
+                stepped[position] = row.inpaint.blend(stepped[position : position + 1], next_sigma)[
+                    0
+                ]
         finite = torch.isfinite(stepped).flatten(1).all(dim=1).tolist()
         advance = Advance(indices=[], latents=None, largest_call=len(rows))
         keep = []

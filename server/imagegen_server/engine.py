@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .decode import Decoder
 from .denoise import Advance, Denoiser, FaultInjection, Row, text_inputs
+from .init_image import InitImageEncoder
 from .lora import LoraBank
 from .model import LoadedModel
 from .prompts import PromptCacheStats, PromptEncoder
@@ -73,6 +75,15 @@ class StepResult:
     out_of_memory_rows: int | None = None  # after out-of-memory: the largest call that fit
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class _Conditioning:
+    """What a request's rows are conditioned on, computed once per request."""
+
+    prompt: torch.Tensor  # [tokens, dim]
+    negative: torch.Tensor | None  # when CFG is on
+    posterior: DiagonalGaussianDistribution | None  # the init image's, for image-to-image
+
+
 @dataclass(slots=True, eq=False)
 class _Batch:
     key: BatchKey
@@ -108,6 +119,7 @@ class Engine:
         self.adapters = LoraBank(pipeline.transformer)
         self._denoiser = Denoiser(pipeline.transformer, self.adapters, model.device, faults)
         self._decoder = Decoder(pipeline.vae, model.vae_scale_factor, model.device)
+        self._init_images = InitImageEncoder(pipeline, model.device, model.dtype)
 
     @property
     def prompt_stats(self) -> PromptCacheStats:
@@ -123,25 +135,25 @@ class Engine:
         """Creates the rows of `requests` in batch `group`.
 
         All prompts of the admitted requests go through the text encoder in one call (cached
-        prompts skip it); if that call fails, each request is encoded alone and only those that
-        still fail are reported.
+        prompts skip it), and all their init images through the VAE encoder in one call; if
+        that fails, each request is prepared alone and only those that still fail are reported.
         """
         started = time.perf_counter()
         result = AddResult(stage_seconds={})
         try:
-            admitted = list(zip(requests, self._encode(requests), strict=True))
+            prepared = self._prepare(requests)
         except Exception:
-            log.exception("text encoding failed for a batch; encoding its requests one by one")
-            admitted = []
+            log.exception("preparing %d requests failed; preparing them one by one", len(requests))
+            prepared = []
             for request in requests:
                 try:
-                    admitted.append((request, self._encode([request])[0]))
+                    prepared += self._prepare([request])
                 except Exception:
-                    log.exception("text encoding failed for request %s", request.request_id)
+                    log.exception("preparing request %s failed", request.request_id)
                     result.failed.append(request.request_id)
         result.stage_seconds["text_encode"] = time.perf_counter() - started
-        for request, (prompt, negative) in admitted:
-            self._add_rows(group, request, prompt, negative)
+        for request, conditioning in prepared:
+            self._add_rows(group, request, conditioning)
         return result
 
     @torch.inference_mode()
@@ -230,47 +242,79 @@ class Engine:
             raise ValueError(f"request of shape {params.batch_key} sent to batch of {batch.key}")
         return batch
 
-    def _encode(
+    def _prepare(
         self, requests: Sequence[EngineRequest]
-    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    ) -> list[tuple[EngineRequest, _Conditioning]]:
+        """Text states for every request and VAE posteriors for those with an init image."""
         prompts = [request.params.prompt for request in requests]
         negatives = [r.params.negative_prompt for r in requests if r.params.cfg]
         states = self._prompts.encode(prompts + negatives, self.model.device, self.model.dtype)
         negative_states = iter(states[len(prompts) :])
+        with_image = [r for r in requests if r.params.init_image is not None]
+        posteriors = iter(
+            self._init_images.encode(
+                [r.params.init_image for r in with_image if r.params.init_image],
+                with_image[0].params.height,
+                with_image[0].params.width,
+            )
+            if with_image
+            else []
+        )
         return [
-            (states[index], next(negative_states) if request.params.cfg else None)
+            (
+                request,
+                _Conditioning(
+                    prompt=states[index],
+                    negative=next(negative_states) if request.params.cfg else None,
+                    posterior=next(posteriors) if request.params.init_image else None,
+                ),
+            )
             for index, request in enumerate(requests)
         ]
 
     def _add_rows(
-        self,
-        group: Hashable,
-        request: EngineRequest,
-        prompt: torch.Tensor,
-        negative: torch.Tensor | None,
+        self, group: Hashable, request: EngineRequest, conditioning: _Conditioning
     ) -> None:
         params = request.params
         batch = self._batch_for(group, params)
-        schedule = self._schedules.get(params.steps, batch.shape.seq_len)
-        noise = []
+        full_schedule = self._schedules.get(
+            params.schedule_steps or params.steps, batch.shape.seq_len
+        )
+        schedule = full_schedule.tail(params.steps)  # image-to-image starts part way
+        starts = []
         for index in range(params.num_images):
             seed = params.seed + index
+            inpaint = None
+            if params.init_image is not None and conditioning.posterior is not None:
+                latents, inpaint = self._init_images.start(
+                    conditioning.posterior,
+                    params.init_image,
+                    seed,
+                    batch.shape,
+                    schedule,
+                    params.height,
+                    params.width,
+                )
+            else:
+                generator = torch.Generator("cpu").manual_seed(seed)
+                latents = initial_noise(batch.shape, generator, self.model.dtype, self.model.device)
+            starts.append(latents)
             batch.rows.append(
                 Row(
                     request_id=request.request_id,
                     image_index=index,
                     seed=seed,
                     schedule=schedule,
-                    prompt=prompt,
-                    negative=negative,
+                    prompt=conditioning.prompt,
+                    negative=conditioning.negative,
                     guidance=params.guidance_scale,
                     adapters=params.adapters,
                     preview_every=params.preview_every_n_steps,
                     float_output=params.output_format.is_float,
+                    inpaint=inpaint,
                 )
             )
-            noise.append(initial_noise(batch.shape, seed, self.model.dtype, self.model.device))
-        batch.latents = torch.cat(([batch.latents] if batch.latents is not None else []) + noise)
+        batch.latents = torch.cat(([batch.latents] if batch.latents is not None else []) + starts)
         batch.text = None
 
     def _advance(self, batch: _Batch, indices: list[int]) -> Advance:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLQwenImage
 
+from .sampling import denormalize
+
 
 class PreviewProjector:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -49,14 +51,3 @@ class PreviewProjector:
         rgb = rgb + self.bias.view(1, 3, 1, 1)
         pixels = ((rgb / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return pixels.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def denormalize(latents: torch.Tensor, vae: AutoencoderKLQwenImage) -> torch.Tensor:
-    """Normalized latents (what the transformer works on) -> the VAE's latent scale."""
-    channels = vae.config.z_dim
-    mean = torch.tensor(vae.config.latents_mean).view(1, channels, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, channels, 1, 1, 1)
-    # Same arithmetic as QwenImagePipeline: latents / (1 / std) + mean.
-    return latents / (1.0 / std).to(latents.device, latents.dtype) + mean.to(
-        latents.device, latents.dtype
-    )

@@ -124,14 +124,13 @@ class LatentShape:
 
 
 def initial_noise(
-    shape: LatentShape, seed: int, dtype: torch.dtype, device: torch.device
+    shape: LatentShape, generator: torch.Generator, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """Packed noise [1, seq, channels*4] from a CPU generator seeded with `seed`.
+    """Packed noise [1, seq, channels*4] from the row's CPU generator (seeded with its seed).
 
     Drawn on the CPU whatever the device, so an image depends on its seed alone (not on the
     device, the batch or the order rows were admitted).
     """
-    generator = torch.Generator("cpu").manual_seed(seed)
     noise = randn_tensor(
         (1, 1, shape.channels, shape.height, shape.width), generator=generator, dtype=dtype
     )
@@ -156,3 +155,24 @@ def unpack(latents: torch.Tensor, height: int, width: int, vae_scale_factor: int
         latents, height, width, vae_scale_factor
     )
     return unpacked
+
+
+def denormalize(latents: torch.Tensor, vae: Any) -> torch.Tensor:
+    """Normalized latents (what the transformer works on) -> the VAE's latent scale."""
+    mean, inverse_std = _latent_statistics(latents, vae)
+    # Same arithmetic as QwenImagePipeline: latents / (1 / std) + mean.
+    return latents / inverse_std + mean
+
+
+def normalize(latents: torch.Tensor, vae: Any) -> torch.Tensor:
+    """The VAE's latents -> normalized, as the image-to-image pipelines encode init images."""
+    mean, inverse_std = _latent_statistics(latents, vae)
+    return (latents - mean) * inverse_std
+
+
+def _latent_statistics(latents: torch.Tensor, vae: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pipelines' latents_mean and 1 / latents_std, cast before inverting as they do."""
+    channels = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean).view(1, channels, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, channels, 1, 1, 1)
+    return mean.to(latents.device, latents.dtype), 1.0 / std.to(latents.device, latents.dtype)

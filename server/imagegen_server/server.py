@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
@@ -308,6 +309,9 @@ async def serve(settings: Settings) -> int:
         log.warning("second signal: stopping now")
         drain.cancel()
         await server.stop_now()
-        return 0
+        # The engine thread may be inside a long torch call; finalizing the interpreter under
+        # it aborts the process, so leave at once, as a forced stop means to.
+        logging.shutdown()
+        os._exit(0)
     second_signal.cancel()
     return 0

@@ -73,7 +73,7 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
         self._model = model
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
-        params = self._validate(request, streaming=False)
+        params = await self._validate(request, streaming=False)
         with self._admitted(params, context, wants_progress=False) as handle:
             while True:
                 event = await handle.events.get()
@@ -85,7 +85,7 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
     async def StreamProgress(
         self, request: pb.GenerateRequest, context: Context
     ) -> AsyncIterator[pb.ProgressEvent]:
-        params = self._validate(request, streaming=True)
+        params = await self._validate(request, streaming=True)
         request_id = params.request_id
         with self._admitted(params, context, wants_progress=True) as handle:
             while True:
@@ -137,10 +137,15 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
 
     # --- helpers ---
 
-    def _validate(self, request: pb.GenerateRequest, streaming: bool) -> GenerationParams:
-        if self._validator is None:
+    async def _validate(self, request: pb.GenerateRequest, streaming: bool) -> GenerationParams:
+        validator = self._validator
+        if validator is None:
             raise EngineUnavailable("model loading; retry shortly")
-        return self._validator.validate(request, streaming)
+        images = None
+        if request.init_image:  # decoding and resizing take a while: not on the event loop
+            loop = asyncio.get_running_loop()
+            images = await loop.run_in_executor(self._codec_pool, validator.decode_images, request)
+        return validator.validate(request, streaming, images)
 
     @contextlib.contextmanager
     def _admitted(
@@ -234,6 +239,8 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
             default_width=limits.default_width,
             default_height=limits.default_height,
             min_steps=limits.min_steps,
+            max_init_image_pixels=limits.max_init_image_pixels,
+            default_strength=limits.default_strength,
             max_steps=limits.max_steps,
             default_steps=limits.default_steps,
             max_num_images=limits.max_num_images,

@@ -10,6 +10,7 @@ import enum
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL.Image import Image as PILImage
 
 
 class OutputFormat(enum.Enum):
@@ -37,12 +38,6 @@ _MIME_TYPES = {
 }
 
 
-class Mode(enum.Enum):
-    TEXT_TO_IMAGE = "txt2img"
-    IMAGE_TO_IMAGE = "img2img"
-    INPAINT = "inpaint"
-
-
 @dataclass(frozen=True, slots=True)
 class AdapterSpec:
     name: str  # adapter name in the registry
@@ -51,24 +46,34 @@ class AdapterSpec:
 
 @dataclass(frozen=True, slots=True)
 class BatchKey:
-    """What must be equal for rows to share one transformer call (see DESIGN.md, Batching)."""
+    """What must be equal for rows to share one transformer call (see DESIGN.md, Batching).
+
+    Image-to-image and inpainting rows differ only in how their latents start and in a blend
+    after each step, not in the transformer call, so they share batches with text-to-image rows.
+    """
 
     height: int  # pixels; the rotary embedding uses one image shape per batch
     width: int
     cfg: bool  # true classifier-free guidance doubles the transformer batch
-    mode: Mode
 
     def __str__(self) -> str:
-        return f"{self.width}x{self.height}{'+cfg' if self.cfg else ''}/{self.mode.value}"
+        return f"{self.width}x{self.height}{'+cfg' if self.cfg else ''}"
 
 
-@dataclass(frozen=True, slots=True)
+def strength_steps(steps: int, strength: float) -> int:
+    """The steps an image-to-image request runs: the tail of a `steps`-step schedule, cut where
+    diffusers' get_timesteps cuts it for `strength`."""
+    start = int(max(steps - min(steps * strength, steps), 0))
+    return steps - start
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class InitImage:
-    """Image-to-image input, already decoded and resized to the request's size."""
+    """Image-to-image input: decoded and checked; the engine resizes it as diffusers does."""
 
-    pixels: np.ndarray  # float32 HxWx3 in [0, 1]
-    strength: float  # (0, 1]: fraction of the schedule that runs
-    mask: np.ndarray | None  # float32 HxW in [0, 1], 1 = regenerate; None = plain img2img
+    image: PILImage  # RGB
+    strength: float  # (0, 1]: the fraction of the schedule that runs
+    mask: PILImage | None  # white = regenerate, black = keep; None = plain image-to-image
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,14 +102,8 @@ class GenerationParams:
         return self.guidance_scale > 1.0
 
     @property
-    def mode(self) -> Mode:
-        if self.init_image is None:
-            return Mode.TEXT_TO_IMAGE
-        return Mode.INPAINT if self.init_image.mask is not None else Mode.IMAGE_TO_IMAGE
-
-    @property
     def batch_key(self) -> BatchKey:
-        return BatchKey(height=self.height, width=self.width, cfg=self.cfg, mode=self.mode)
+        return BatchKey(height=self.height, width=self.width, cfg=self.cfg)
 
 
 @dataclass(slots=True)

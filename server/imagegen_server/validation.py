@@ -14,10 +14,12 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from imagegen.v1 import imagegen_pb2 as pb
+from PIL.Image import Image as PILImage
 
+from .codec import decode_image, resize
 from .config import Settings
 from .errors import InvalidArgument, NotFound
-from .types import AdapterSpec, GenerationParams, OutputFormat
+from .types import AdapterSpec, GenerationParams, InitImage, OutputFormat, strength_steps
 
 OUTPUT_FORMATS = {
     pb.OUTPUT_FORMAT_UNSPECIFIED: OutputFormat.PNG,
@@ -27,6 +29,18 @@ OUTPUT_FORMATS = {
     pb.OUTPUT_FORMAT_NPY: OutputFormat.NPY,
 }
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# A mask may differ from its init image in size (both are resized), not in shape.
+MAX_MASK_ASPECT_DIFFERENCE = 0.01
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class DecodedImages:
+    """An image-to-image request's pictures, decoded and resized to the output size."""
+
+    image: PILImage  # RGB, width x height
+    mask: PILImage | None  # L, width x height
+    width: int
+    height: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +72,8 @@ class RequestLimits:
     max_adapter_scale: float
     min_preview_every_n_steps: int
     max_request_bytes: int
+    max_init_image_pixels: int
+    default_strength: float
     priority_levels: int
     default_priority: int
     default_output_quality: int
@@ -108,6 +124,8 @@ class RequestLimits:
             max_adapter_scale=settings.max_adapter_scale,
             min_preview_every_n_steps=settings.min_preview_every_n_steps,
             max_request_bytes=settings.max_request_bytes,
+            max_init_image_pixels=settings.max_init_image_pixels,
+            default_strength=settings.default_strength,
             priority_levels=settings.priority_levels,
             default_priority=settings.default_priority,
             default_output_quality=settings.default_output_quality,
@@ -125,19 +143,64 @@ class RequestValidator:
         self._count_tokens = count_tokens
         self._adapter_names = adapter_names
 
-    def validate(self, request: pb.GenerateRequest, streaming: bool) -> GenerationParams:
-        """Raises InvalidArgument (or NotFound for an unknown adapter) naming the field."""
+    def decode_images(self, request: pb.GenerateRequest) -> DecodedImages | None:
+        """Decodes, checks and resizes the init image and mask (CPU work: call it off the event
+        loop). None for text-to-image requests.
+
+        Raises:
+            InvalidArgument: naming init_image, mask_image, width or height.
+        """
+        if not request.init_image:
+            if request.mask_image or request.HasField("strength"):
+                field = "mask_image" if request.mask_image else "strength"
+                raise InvalidArgument(field, "needs init_image")
+            return None
         limits = self.limits
+        image = decode_image(request.init_image, "init_image", limits.max_init_image_pixels)
+        multiple = limits.size_multiple
+        # Edits keep the init image's size unless the request names one.
+        width, height = self._size(
+            request.width or image.width // multiple * multiple,
+            request.height or image.height // multiple * multiple,
+        )
+        mask = None
+        if request.mask_image:
+            mask = decode_image(request.mask_image, "mask_image", limits.max_init_image_pixels)
+            image_ratio, mask_ratio = image.width / image.height, mask.width / mask.height
+            if abs(image_ratio / mask_ratio - 1) > MAX_MASK_ASPECT_DIFFERENCE:
+                raise InvalidArgument(
+                    "mask_image",
+                    f"{mask.width}x{mask.height} does not have init_image's aspect ratio"
+                    f" ({image.width}x{image.height}); both are resized to width x height",
+                )
+            mask = resize(mask, width, height, "L")
+        return DecodedImages(resize(image, width, height, "RGB"), mask, width, height)
+
+    def validate(
+        self, request: pb.GenerateRequest, streaming: bool, images: DecodedImages | None = None
+    ) -> GenerationParams:
+        """Raises InvalidArgument (or NotFound for an unknown adapter) naming the field;
+        `images` comes from decode_images when the request has an init image."""
+        limits = self.limits
+        if images is None:  # text-to-image: checks only that no image-only field is set
+            images = self.decode_images(request)
         num_images = _in_range("num_images", request.num_images or 1, 1, limits.max_num_images)
-        width, height = self._size(request)
-        steps = _in_range(
+        if images is not None:
+            width, height = images.width, images.height
+        else:
+            width, height = self._size(
+                request.width or limits.default_width, request.height or limits.default_height
+            )
+        schedule_steps = _in_range(
             "num_inference_steps",
             request.num_inference_steps or limits.default_steps,
             limits.min_steps,
             limits.max_steps,
         )
-        if request.init_image or request.mask_image or request.HasField("strength"):
-            raise InvalidArgument("init_image", "image-to-image is not enabled on this server")
+        init_image = self._init_image(request, images)
+        steps = (
+            strength_steps(schedule_steps, init_image.strength) if init_image else schedule_steps
+        )
         return GenerationParams(
             request_id=self._request_id(request.request_id),
             prompt=self._prompt(
@@ -165,12 +228,24 @@ class RequestValidator:
                 "priority", request.priority or limits.default_priority, 1, limits.priority_levels
             ),
             preview_every_n_steps=self._preview(request, steps, streaming),
+            init_image=init_image,
+            schedule_steps=schedule_steps,
         )
 
-    def _size(self, request: pb.GenerateRequest) -> tuple[int, int]:
+    def _init_image(
+        self, request: pb.GenerateRequest, images: DecodedImages | None
+    ) -> InitImage | None:
+        if images is None:
+            return None
+        strength = (
+            request.strength if request.HasField("strength") else self.limits.default_strength
+        )
+        if not math.isfinite(strength) or not 0 < strength <= 1:
+            raise InvalidArgument("strength", f"{strength} outside (0, 1]")
+        return InitImage(images.image, float(strength), images.mask)
+
+    def _size(self, width: int, height: int) -> tuple[int, int]:
         limits = self.limits
-        width = request.width or limits.default_width
-        height = request.height or limits.default_height
         for name, value, low, high in (
             ("width", width, limits.min_width, limits.max_width),
             ("height", height, limits.min_height, limits.max_height),

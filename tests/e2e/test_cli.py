@@ -82,3 +82,28 @@ def test_info_and_health(server_process: object) -> None:
     assert parsed["limits"]["sizeMultiple"] == 16 and parsed["batching"]["policy"] == "step"
     health = imagegen(server_process, "health")
     assert (health.returncode, health.stdout.strip()) == (0, "SERVING")
+
+
+def test_edit_writes_an_edited_image_and_inpaints_with_a_mask(
+    server_process: object, tmp_path: Path
+) -> None:
+    source, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.new("RGB", (96, 64), (200, 40, 40)).save(source)
+    Image.new("L", (96, 64), 255).save(mask)
+    for extra, name in (([], "edited.png"), (["--mask", str(mask)], "inpainted.png")):
+        result = imagegen(
+            server_process,
+            "edit",
+            str(source),
+            "a red barn",
+            "--strength",
+            "0.6",
+            "--seed",
+            "3",
+            "-o",
+            str(tmp_path / name),
+            *extra,
+        )
+        assert result.returncode == 0, result.stderr
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG" and image.size == (96, 64)  # the init image's size

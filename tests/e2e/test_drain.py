@@ -15,9 +15,9 @@ from support import StreamWatcher
 
 from .conftest import ServerProcess, launch
 
-# Long enough that a batch is still running when the test signals: 6 rows x 40 steps at
-# 256x256 take seconds on the tiny model, the signal takes microseconds.
-SLOW = {"width": 256, "height": 256, "steps": 40}
+# Long enough that a batch is still running when the test signals: 6 rows x 24 steps at
+# 128x128 take seconds on the tiny model, the signal takes microseconds.
+SLOW = {"width": 128, "height": 128, "steps": 24}
 
 
 def watch_health(server: ServerProcess) -> queue.Queue[int]:
@@ -110,8 +110,12 @@ def test_a_second_sigterm_stops_at_once(tiny_model: Path) -> None:
         "600",
     )
     server.wait_serving()
+    health = watch_health(server)
+    assert health.get(timeout=30) == health_pb2.HealthCheckResponse.SERVING
     _, queued = start_twelve(server)
     server.process.send_signal(signal.SIGTERM)
+    # Signals sent back to back can merge into one; the second goes once the first took hold.
+    assert health.get(timeout=30) == health_pb2.HealthCheckResponse.NOT_SERVING
     server.process.send_signal(signal.SIGTERM)
     # Far sooner than the 600 s drain bound, and before the queued work could have run.
     assert server.process.wait(timeout=30) == 0

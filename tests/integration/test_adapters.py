@@ -223,6 +223,12 @@ def test_unload_waits_for_the_requests_that_use_it(runtime_server: Any) -> None:
     threading.Thread(
         target=lambda: (client.unload_adapter("ink"), unloaded.set()), daemon=True
     ).start()
+    # The unload RPC runs concurrently: wait, through the API, until the server has begun it.
+    for _ in range(10_000):
+        if any(a.name == "ink" and a.unloading for a in client.list_adapters()):
+            break
+    else:
+        raise AssertionError("the unload never began")
     # New requests can no longer pick it while it drains...
     with pytest.raises(grpc.RpcError) as failure:
         client.generate("too late", seed=2, adapters=[Adapter("ink")])

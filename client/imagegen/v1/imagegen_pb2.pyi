@@ -133,7 +133,10 @@ class GenerateRequest(_message.Message):
     init_image: _builtins.bytes
     """Image-to-image and inpainting: start from this image (PNG/JPEG/WebP bytes)."""
     strength: _builtins.float
-    """(0, 1]; how much of the schedule runs; unset = 0.6 with init_image"""
+    """(0, 1]: how much of the schedule runs (the last strength x steps steps); unset = the
+    server's default_strength. width/height default to the init image's size, rounded down
+    to size_multiple; the init image and the mask are both resized to width x height (Lanczos).
+    """
     mask_image: _builtins.bytes
     """inpainting: white = regenerate, black = keep; needs init_image"""
     @_builtins.property
@@ -485,9 +488,10 @@ class Limits(_message.Message):
     MIN_PREVIEW_EVERY_N_STEPS_FIELD_NUMBER: _builtins.int
     PRIORITY_LEVELS_FIELD_NUMBER: _builtins.int
     DEFAULT_PRIORITY_FIELD_NUMBER: _builtins.int
-    MAX_INIT_IMAGE_BYTES_FIELD_NUMBER: _builtins.int
     OUTPUT_FORMATS_FIELD_NUMBER: _builtins.int
     MIN_STEPS_FIELD_NUMBER: _builtins.int
+    MAX_INIT_IMAGE_PIXELS_FIELD_NUMBER: _builtins.int
+    DEFAULT_STRENGTH_FIELD_NUMBER: _builtins.int
     size_multiple: _builtins.int
     min_width: _builtins.int
     max_width: _builtins.int
@@ -514,9 +518,10 @@ class Limits(_message.Message):
     min_preview_every_n_steps: _builtins.int
     priority_levels: _builtins.int
     default_priority: _builtins.int
-    max_init_image_bytes: _builtins.int
     min_steps: _builtins.int
     """2 when the model's scheduler cannot make a 1-step schedule"""
+    max_init_image_pixels: _builtins.int
+    default_strength: _builtins.float
     @_builtins.property
     def output_formats(self) -> _containers.RepeatedScalarFieldContainer[Global___OutputFormat.ValueType]: ...
     def __init__(
@@ -548,13 +553,14 @@ class Limits(_message.Message):
         min_preview_every_n_steps: _builtins.int = ...,
         priority_levels: _builtins.int = ...,
         default_priority: _builtins.int = ...,
-        max_init_image_bytes: _builtins.int = ...,
         output_formats: _abc.Iterable[Global___OutputFormat.ValueType] | None = ...,
         min_steps: _builtins.int = ...,
+        max_init_image_pixels: _builtins.int = ...,
+        default_strength: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_height", b"default_height", "default_priority", b"default_priority", "default_steps", b"default_steps", "default_width", b"default_width", "max_adapter_scale", b"max_adapter_scale", "max_adapters_per_request", b"max_adapters_per_request", "max_guidance_scale", b"max_guidance_scale", "max_height", b"max_height", "max_init_image_bytes", b"max_init_image_bytes", "max_negative_prompt_chars", b"max_negative_prompt_chars", "max_negative_prompt_tokens", b"max_negative_prompt_tokens", "max_num_images", b"max_num_images", "max_pixels", b"max_pixels", "max_prompt_chars", b"max_prompt_chars", "max_prompt_tokens", b"max_prompt_tokens", "max_request_bytes", b"max_request_bytes", "max_seed", b"max_seed", "max_steps", b"max_steps", "max_width", b"max_width", "min_adapter_scale", b"min_adapter_scale", "min_guidance_scale", b"min_guidance_scale", "min_height", b"min_height", "min_preview_every_n_steps", b"min_preview_every_n_steps", "min_seed", b"min_seed", "min_steps", b"min_steps", "min_width", b"min_width", "output_formats", b"output_formats", "priority_levels", b"priority_levels", "size_multiple", b"size_multiple"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_height", b"default_height", "default_priority", b"default_priority", "default_steps", b"default_steps", "default_strength", b"default_strength", "default_width", b"default_width", "max_adapter_scale", b"max_adapter_scale", "max_adapters_per_request", b"max_adapters_per_request", "max_guidance_scale", b"max_guidance_scale", "max_height", b"max_height", "max_init_image_pixels", b"max_init_image_pixels", "max_negative_prompt_chars", b"max_negative_prompt_chars", "max_negative_prompt_tokens", b"max_negative_prompt_tokens", "max_num_images", b"max_num_images", "max_pixels", b"max_pixels", "max_prompt_chars", b"max_prompt_chars", "max_prompt_tokens", b"max_prompt_tokens", "max_request_bytes", b"max_request_bytes", "max_seed", b"max_seed", "max_steps", b"max_steps", "max_width", b"max_width", "min_adapter_scale", b"min_adapter_scale", "min_guidance_scale", b"min_guidance_scale", "min_height", b"min_height", "min_preview_every_n_steps", b"min_preview_every_n_steps", "min_seed", b"min_seed", "min_steps", b"min_steps", "min_width", b"min_width", "output_formats", b"output_formats", "priority_levels", b"priority_levels", "size_multiple", b"size_multiple"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -689,6 +695,7 @@ class AdapterInfo(_message.Message):
     RANK_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    UNLOADING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     format: _builtins.str
     """"kohya" or "peft" """
@@ -696,6 +703,8 @@ class AdapterInfo(_message.Message):
     rank: _builtins.int
     parameters: _builtins.int
     size_bytes: _builtins.int
+    unloading: _builtins.bool
+    """being unloaded: no new request may use it; running ones finish"""
     def __init__(
         self,
         *,
@@ -705,10 +714,11 @@ class AdapterInfo(_message.Message):
         rank: _builtins.int = ...,
         parameters: _builtins.int = ...,
         size_bytes: _builtins.int = ...,
+        unloading: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "loaded", b"loaded", "name", b"name", "parameters", b"parameters", "rank", b"rank", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "loaded", b"loaded", "name", b"name", "parameters", b"parameters", "rank", b"rank", "size_bytes", b"size_bytes", "unloading", b"unloading"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,298 @@
+"""Image-to-image and inpainting through the same batcher as text-to-image."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from diffusers import QwenImageImg2ImgPipeline, QwenImageInpaintPipeline
+from imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from imagegen_client import OutputFormat, Step
+from PIL import Image
+from support import StreamWatcher, assert_same_image, pixels
+
+NPY = OutputFormat.NPY
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def picture() -> Image.Image:
+    """A smooth gradient with a disc: an init image with structure, 96x80 (resized to 64x64)."""
+    y, x = np.mgrid[0:80, 0:96]
+    rgb = np.stack([x / 96, y / 80, ((x - 48) ** 2 + (y - 40) ** 2 < 400).astype(float)], axis=-1)
+    return Image.fromarray((rgb * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def mask() -> Image.Image:
+    """White (regenerate) in the middle, black (keep) around it."""
+    image = Image.new("L", (96, 80), 0)
+    image.paste(255, (32, 24, 64, 56))
+    return image
+
+
+@pytest.fixture(scope="module")
+def img2img(tiny_model: Path) -> Any:
+    pipeline = QwenImageImg2ImgPipeline.from_pretrained(tiny_model, dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def inpaint(tiny_model: Path) -> Any:
+    pipeline = QwenImageInpaintPipeline.from_pretrained(tiny_model, dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def run_pipeline(pipeline: Any, seed: int, **inputs: Any) -> np.ndarray:
+    output = pipeline(
+        "a boat on a lake",
+        height=64,
+        width=64,
+        num_inference_steps=8,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="np",
+        **inputs,
+    )
+    return np.asarray(output.images[0], dtype=np.float32)
+
+
+@pytest.mark.parametrize("strength", [0.5, 0.9])
+def test_image_to_image_equals_the_diffusers_pipeline(
+    server: Any, img2img: Any, picture: Image.Image, strength: float
+) -> None:
+    result = server.client().generate(
+        "a boat on a lake",
+        init_image=png(picture),
+        strength=strength,
+        width=64,
+        height=64,
+        steps=8,
+        seed=11,
+        output_format=NPY,
+    )
+    assert_same_image(pixels(result), run_pipeline(img2img, 11, image=picture, strength=strength))
+
+
+@pytest.mark.parametrize("strength", [0.5, 0.9])
+def test_inpainting_equals_the_diffusers_pipeline(
+    server: Any, inpaint: Any, picture: Image.Image, mask: Image.Image, strength: float
+) -> None:
+    result = server.client().generate(
+        "a boat on a lake",
+        init_image=png(picture),
+        mask_image=png(mask),
+        strength=strength,
+        width=64,
+        height=64,
+        steps=8,
+        seed=11,
+        output_format=NPY,
+    )
+    expected = run_pipeline(inpaint, 11, image=picture, mask_image=mask, strength=strength)
+    assert_same_image(pixels(result), expected)
+
+
+def test_inpainting_keeps_the_unmasked_region_and_changes_the_masked_one(
+    server: Any, inpaint: Any, picture: Image.Image, mask: Image.Image
+) -> None:
+    """The unmasked latents end exactly as the init image's; in pixels the tiny random VAE's
+    mid-block attention mixes every latent into every pixel, so "unchanged" is stated as a
+    tolerance against the init image's VAE round trip (a trained VAE decodes far more locally)."""
+    client = server.client()
+    common = {
+        "init_image": png(picture),
+        "strength": 1.0,
+        "width": 64,
+        "height": 64,
+        "steps": 8,
+        "seed": 5,
+        "output_format": NPY,
+    }
+    inpainted = pixels(client.generate("a boat on a lake", mask_image=png(mask), **common))
+    regenerated = pixels(client.generate("a boat on a lake", **common))  # no mask: all of it
+    vae = inpaint.vae
+    with torch.no_grad():  # the round trip with the same posterior sample (the seed's first draw)
+        source = inpaint.image_processor.preprocess(picture, height=64, width=64).unsqueeze(2)
+        latents = vae.encode(source).latent_dist.sample(torch.Generator("cpu").manual_seed(5))
+        decoded = vae.decode(latents, return_dict=False)[0][:, :, 0]
+        round_trip = inpaint.image_processor.postprocess(decoded, output_type="np")[0]
+    keep = np.asarray(mask.resize((64, 64)), dtype=np.float32) < 128
+    core = keep.copy()
+    core[8:56, 8:56] = False  # away from the mask's edge
+
+    def distance(image: np.ndarray, region: np.ndarray) -> float:
+        return float(np.abs(image - round_trip).max(axis=-1)[region].mean())
+
+    stated_tolerance = 0.03  # mean absolute difference, pixels in [0, 1]
+    assert distance(inpainted, core) <= stated_tolerance
+    assert distance(inpainted, core) < 0.5 * distance(regenerated, core)
+    assert distance(inpainted, ~keep) > 2 * distance(inpainted, core)
+
+
+def test_edits_share_batches_with_text_to_image_rows(
+    server_factory: Any, picture: Image.Image, mask: Image.Image
+) -> None:
+    server = server_factory(step_budget=0)
+    client = server.client()
+    requests = [
+        {"prompt": "text only", "seed": 1},
+        {"prompt": "img2img", "seed": 2, "init_image": png(picture), "strength": 0.75},
+        {
+            "prompt": "inpaint",
+            "seed": 3,
+            "init_image": png(picture),
+            "mask_image": png(mask),
+            "strength": 1.0,
+        },
+    ]
+    watchers = [
+        StreamWatcher(
+            client,
+            r["prompt"],
+            width=64,
+            height=64,
+            steps=8,
+            output_format=NPY,
+            **{k: v for k, v in r.items() if k != "prompt"},
+        )
+        for r in requests
+    ]
+    for watcher in watchers:
+        watcher.queued()
+    server.batcher.set_step_budget(None)
+    batched = [watcher.completed().result for watcher in watchers]
+    assert [result.batch_size for result in batched] == [3, 3, 3]  # one transformer batch
+    steps = [max(e.step for e in w.seen if isinstance(e, Step)) for w in watchers]
+    assert steps == [8, 6, 8]  # strength 0.75 of 8 steps runs the last 6
+    for request, together in zip(requests, batched, strict=True):
+        alone = client.generate(
+            request["prompt"],
+            width=64,
+            height=64,
+            steps=8,
+            output_format=NPY,
+            **{k: v for k, v in request.items() if k != "prompt"},
+        )
+        assert_same_image(pixels(together), pixels(alone))
+
+
+def test_edits_stream_previews_and_default_to_the_init_images_size(
+    server: Any, picture: Image.Image
+) -> None:
+    events = list(
+        server.client().stream(
+            "a boat",
+            init_image=png(picture),
+            strength=1.0,
+            steps=6,
+            preview_every_n_steps=2,
+            seed=1,
+        )
+    )
+    previews = [event.step for event in events if isinstance(event, Step) and event.previews]
+    assert previews == [2, 4]
+    image = events[-1].result.images[0]  # type: ignore[union-attr]
+    assert (image.width, image.height) == (96, 80)  # 96x80 is already a multiple of 16
+    with Image.open(io.BytesIO(image.data)) as decoded:
+        assert decoded.size == (96, 80)
+
+
+def test_cancelling_an_edit_mid_run_leaves_the_others_unchanged(
+    server_factory: Any, picture: Image.Image
+) -> None:
+    server = server_factory(step_budget=0)
+    client = server.client()
+    keeper = StreamWatcher(
+        client, "keeper", seed=1, steps=8, output_format=NPY, width=64, height=64
+    )
+    leaver = client.stream(
+        "leaver", seed=2, steps=8, init_image=png(picture), strength=1.0, width=64, height=64
+    )
+    keeper.queued()
+    next(leaver)
+    server.batcher.set_step_budget(3)
+    keeper.step(3)
+    leaver.close()
+    server.batcher.set_step_budget(None)
+    kept = keeper.completed().result
+    assert_same_image(
+        pixels(kept),
+        pixels(client.generate("keeper", seed=1, steps=8, output_format=NPY, width=64, height=64)),
+    )
+
+
+def bad(**fields: Any) -> pb.GenerateRequest:
+    return pb.GenerateRequest(prompt="x", width=64, height=64, num_inference_steps=4, **fields)
+
+
+@pytest.fixture(scope="module")
+def tiny_png(picture: Image.Image) -> bytes:
+    return png(picture)
+
+
+@pytest.mark.parametrize(
+    "fields,field,message",
+    [
+        (
+            {"init_image": b"\x89PNG not really"},
+            "init_image",
+            "not a decodable PNG, JPEG or WebP image",
+        ),
+        ({"init_image": "gif"}, "init_image", "GIF images are not accepted"),
+        ({"init_image": "huge"}, "init_image", "pixels; allowed at most"),
+        ({"init_image": "ok", "mask_image": b"garbage"}, "mask_image", "not a decodable"),
+        ({"init_image": "ok", "mask_image": "square"}, "mask_image", "aspect ratio"),
+        ({"mask_image": "ok"}, "mask_image", "needs init_image"),
+        ({"strength": 0.5}, "strength", "needs init_image"),
+        ({"init_image": "ok", "strength": 1.5}, "strength", "outside (0, 1]"),
+        ({"init_image": "ok", "strength": 0.0}, "strength", "outside (0, 1]"),
+        ({"init_image": "tall"}, "height", "[32, 256]"),
+    ],
+)
+def test_bad_init_images_and_masks_are_refused_naming_the_field(
+    server: Any, picture: Image.Image, fields: dict[str, Any], field: str, message: str
+) -> None:
+    samples = {
+        "ok": png(picture),
+        "gif": _encoded(picture, "GIF"),
+        "huge": png(Image.new("RGB", (5000, 4000))),
+        "square": png(Image.new("L", (64, 64), 255)),
+        "tall": png(Image.new("RGB", (64, 400))),
+    }
+    resolved = {
+        key: samples.get(value, value) if isinstance(value, str) else value
+        for key, value in fields.items()
+    }
+    if "width" not in resolved and field == "height":
+        request = pb.GenerateRequest(prompt="x", num_inference_steps=4, **resolved)
+    else:
+        request = bad(**resolved)
+    with (
+        grpc.insecure_channel(
+            server.target, options=[("grpc.max_send_message_length", 64 << 20)]
+        ) as channel,
+        pytest.raises(grpc.RpcError) as failure,
+    ):
+        pb_grpc.ImageGenerationStub(channel).Generate(request, timeout=60)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert failure.value.details().startswith(f"{field}:"), failure.value.details()
+    assert message in failure.value.details(), failure.value.details()
+
+
+def _encoded(image: Image.Image, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format)
+    return buffer.getvalue()
