@@ -49,7 +49,8 @@ def server_factory(tiny_model: Path) -> Iterator[Any]:
     started: list[Any] = []
 
     def start(wait_ready: bool = True, step_budget: int | None = None, **overrides: Any) -> Any:
-        running = start_server(tiny_model, wait_ready, step_budget, **overrides)
+        model = overrides.pop("model", tiny_model)
+        running = start_server(model, wait_ready, step_budget, **overrides)
         started.append(running)
         return running
 

@@ -36,6 +36,7 @@ from .metrics import Metrics
 from .prompts import PromptCacheStats
 from .scheduler import Expired, QueueEntry, Scheduler, StepPlan
 from .types import (
+    BatchKey,
     CompletedEvent,
     Event,
     FailedEvent,
@@ -102,6 +103,7 @@ class Batcher:
         on_ready: Callable[[EngineLike], None] | None = None,
         on_failure: Callable[[BaseException], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        row_limit: Callable[[BatchKey], int | None] | None = None,
     ) -> None:
         self._engine_factory = engine_factory
         self._scheduler = scheduler
@@ -110,6 +112,8 @@ class Batcher:
         self._on_ready = on_ready
         self._on_failure = on_failure
         self._clock = clock
+        self._row_limit = row_limit  # what fits on the device, per shape (memory probe)
+        self._limited_keys: set[BatchKey] = set()
         self._cond = threading.Condition()
         self._handles: dict[str, RequestHandle] = {}  # by ticket
         self._tickets = itertools.count()
@@ -160,6 +164,7 @@ class Batcher:
                 arrival=now,
                 deadline=deadline,
             )
+            self._cap_rows(params.batch_key)
             shed = self._scheduler.add(entry, now)
             self._handles[ticket] = handle
             if shed is not None:
@@ -238,6 +243,15 @@ class Batcher:
         for _, future in self._commands:
             future.set_exception(EngineUnavailable("engine stopped"))
         self._commands = []
+
+    def _cap_rows(self, key: BatchKey) -> None:
+        """The first request of a shape caps that shape's batches at what fits (lock held)."""
+        if self._row_limit is None or key in self._limited_keys:
+            return
+        self._limited_keys.add(key)
+        limit = self._row_limit(key)
+        if limit is not None:
+            self._scheduler.set_row_limit(key, limit)
 
     def _check_accepting(self) -> None:
         if self._dead is not None:

@@ -53,6 +53,30 @@ class Settings(BaseSettings):
         default_factory=list, description="adapter names loaded at start-up"
     )
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = torch's default")
+    compile: Literal["off", "buckets", "dynamic"] = Field(
+        "off",
+        description="torch.compile the transformer: buckets = pad batches to compile_buckets "
+        "(one specialised graph each, compiled at start-up); dynamic = one dynamic-shape graph",
+    )
+    compile_buckets: list[int] = Field(
+        default_factory=lambda: [1, 2, 4, 8], description="batch sizes compiled in buckets mode"
+    )
+    attention_backend: str | None = Field(
+        None, description="diffusers attention backend (e.g. flash, _native_cudnn); unset = SDPA"
+    )
+    memory_probe: bool = Field(
+        True, description="CUDA: measure per-row memory at start-up and cap batches to fit"
+    )
+    memory_probe_sizes: list[str] = Field(
+        default_factory=list,
+        description="WIDTHxHEIGHT sizes the probe measures; empty = the default and largest size",
+    )
+    memory_reserve_fraction: float = Field(
+        0.1, ge=0, lt=1, description="share of free device memory the batch caps leave unused"
+    )
+    vae_tiling_min_pixels: int = Field(
+        0, ge=0, description="decode images of at least this many pixels in tiles; 0 = never"
+    )
     warmup: bool = Field(True, description="run one batch before reporting SERVING")
 
     # --- network ---
@@ -215,6 +239,11 @@ class Settings(BaseSettings):
             problems.append("min_seed > max_seed")
         if any(size < 1 or size > self.max_batch_size for size in self.preferred_batch_sizes):
             problems.append(f"preferred_batch_sizes must lie in [1, {self.max_batch_size}]")
+        if self.compile == "buckets" and max(self.compile_buckets, default=0) < self.max_batch_size:
+            problems.append(
+                f"compile_buckets must reach max_batch_size ({self.max_batch_size});"
+                " CFG batches need twice that"
+            )
         return problems
 
     def _tls_problems(self) -> list[str]:

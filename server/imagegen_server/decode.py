@@ -12,10 +12,16 @@ from .sampling import denormalize, unpack
 
 class Decoder:
     def __init__(
-        self, vae: AutoencoderKLQwenImage, vae_scale_factor: int, device: torch.device
+        self,
+        vae: AutoencoderKLQwenImage,
+        vae_scale_factor: int,
+        device: torch.device,
+        tiling_min_pixels: int = 0,
     ) -> None:
         self._vae = vae
         self._scale = vae_scale_factor
+        self._device = device
+        self._tiling_min_pixels = tiling_min_pixels
         self._projector = PreviewProjector.fit(vae, vae_scale_factor, device)
 
     def images(
@@ -27,13 +33,24 @@ class Decoder:
         the pipeline's PIL conversion rounds.
         """
         unpacked = unpack(latents, height, width, self._scale).to(self._vae.dtype)
+        # Tiles bound the decoder's memory for large images (seams are blended).
+        self._vae.use_tiling = 0 < self._tiling_min_pixels <= height * width
         decoded = self._vae.decode(denormalize(unpacked, self._vae), return_dict=False)[0][:, :, 0]
         pixels = (decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # [n, H, W, 3]
         as_uint8 = (pixels * 255).round().to(torch.uint8)
         return [
-            (pixels[i] if wants_float else as_uint8[i]).cpu().numpy()
+            self._to_host(pixels[i] if wants_float else as_uint8[i])
             for i, wants_float in enumerate(float_output)
         ]
+
+    def _to_host(self, pixels: torch.Tensor) -> np.ndarray:
+        """Device -> host through pinned memory on CUDA (an asynchronous DMA copy)."""
+        if self._device.type != "cuda":
+            return pixels.numpy()
+        staged = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
+        staged.copy_(pixels, non_blocking=True)
+        torch.cuda.current_stream(self._device).synchronize()
+        return staged.numpy()
 
     def previews(self, denoised: torch.Tensor, height: int, width: int) -> np.ndarray:
         """[n, seq, channels * 4] x0 estimates -> uint8 [n, h, w, 3] at latent resolution."""

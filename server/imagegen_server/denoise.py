@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
+from .acceleration import TransformerRunner
 from .init_image import InpaintState
 from .lora import LoraBank
 from .prompts import pad_embeddings
@@ -93,7 +93,7 @@ class Advance:
 class Denoiser:
     def __init__(
         self,
-        transformer: nn.Module,
+        transformer: TransformerRunner,
         adapters: LoraBank,
         device: torch.device,
         faults: FaultInjection | None = None,
@@ -164,14 +164,7 @@ class Denoiser:
             hidden, timesteps = torch.cat([hidden, hidden]), torch.cat([timesteps, timesteps])
             row_adapters += row_adapters  # the unconditional half uses the same adapters
         with self._adapters.applied(row_adapters, hidden.dtype):
-            output: torch.Tensor = self._transformer(
-                hidden_states=hidden,
-                timestep=timesteps,
-                encoder_hidden_states=states,
-                encoder_hidden_states_mask=mask,
-                img_shapes=[[shape.rope_shape]] * hidden.shape[0],
-                return_dict=False,
-            )[0]
+            output = self._transformer(hidden, timesteps, states, mask, shape.rope_shape)
         if not cfg:
             return output
         cond, uncond = output.chunk(2)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from .acceleration import MIN_TEXT_BUCKET_TOKENS, TransformerRunner
 from .decode import Decoder
 from .denoise import Advance, Denoiser, FaultInjection, Row, text_inputs
 from .init_image import InitImageEncoder
@@ -110,6 +111,8 @@ class Engine:
         prompt_cache_size: int,
         max_prompt_tokens: int,
         faults: FaultInjection | None = None,
+        runner: TransformerRunner | None = None,
+        vae_tiling_min_pixels: int = 0,
     ) -> None:
         self.model = model
         pipeline = model.pipeline
@@ -117,13 +120,55 @@ class Engine:
         self._schedules = ScheduleTable(model.scheduler_config)
         self._batches: dict[Hashable, _Batch] = {}
         self.adapters = LoraBank(pipeline.transformer)
-        self._denoiser = Denoiser(pipeline.transformer, self.adapters, model.device, faults)
-        self._decoder = Decoder(pipeline.vae, model.vae_scale_factor, model.device)
+        self.runner = runner or TransformerRunner.build(pipeline.transformer, "off", ())
+        self._denoiser = Denoiser(self.runner, self.adapters, model.device, faults)
+        self._decoder = Decoder(
+            pipeline.vae, model.vae_scale_factor, model.device, vae_tiling_min_pixels
+        )
         self._init_images = InitImageEncoder(pipeline, model.device, model.dtype)
 
     @property
     def prompt_stats(self) -> PromptCacheStats:
         return self._prompts.stats
+
+    def precompile(self, width: int, height: int) -> float:
+        """Compiles the transformer for `width` x `height` before serving; returns seconds."""
+        transformer = self.model.pipeline.transformer
+        shape = self._shape(height, width)
+        return self.runner.precompile(
+            shape.seq_len,
+            shape.channels * 4,
+            transformer.config.joint_attention_dim,
+            shape.rope_shape,
+            self.model.dtype,
+            self.model.device,
+        )
+
+    def tokens(self, width: int, height: int) -> int:
+        """Image tokens per row at this size."""
+        return self._shape(height, width).seq_len
+
+    @torch.inference_mode()
+    def peak_step_bytes(self, width: int, height: int, rows: int) -> int:
+        """CUDA memory a step and a decode of `rows` rows take above what is allocated now."""
+        device = self.model.device
+        shape = self._shape(height, width)
+        dim = self.model.pipeline.transformer.config.joint_attention_dim
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        latents = torch.zeros(
+            rows, shape.seq_len, shape.channels * 4, dtype=self.model.dtype, device=device
+        )
+        self.runner(
+            latents,
+            torch.full((rows,), 0.5, dtype=self.model.dtype, device=device),
+            torch.zeros(rows, MIN_TEXT_BUCKET_TOKENS, dim, dtype=self.model.dtype, device=device),
+            torch.ones(rows, MIN_TEXT_BUCKET_TOKENS, dtype=torch.long, device=device),
+            shape.rope_shape,
+        )
+        self._decoder.images(latents, height, width, [False] * rows)
+        return int(torch.cuda.max_memory_allocated(device) - before)
 
     def min_steps(self, width: int, height: int) -> int:
         return self._schedules.min_steps(self._shape(height, width).seq_len)

@@ -25,12 +25,22 @@ def main(argv: list[str] | None = None) -> int:
     cli_source = add_settings_arguments(serve_parser)
     tiny = commands.add_parser("tiny-model", help="write the deterministic random-weight model")
     tiny.add_argument("directory", type=Path)
-    tiny.add_argument("--preset", choices=("tiny", "bench"), default="tiny")
+    tiny.add_argument(
+        "--preset",
+        choices=("tiny", "bench", "full"),
+        default="tiny",
+        help="full: Qwen-Image's real sizes, weights drawn on the serving GPU at load",
+    )
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--weights-at-load",
+        action="store_true",
+        help="write only configs; the server draws the weights on its device when it loads",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "tiny-model":
-        return _tiny_model(args.directory, args.preset, args.seed)
+        return _tiny_model(args.directory, args.preset, args.seed, args.weights_at_load)
     try:
         settings = load_settings(cli_source, args)
     except (ValidationError, ValueError, FileNotFoundError) as error:
@@ -45,11 +55,23 @@ def main(argv: list[str] | None = None) -> int:
     return asyncio.run(serve(settings))
 
 
-def _tiny_model(directory: Path, preset: str, seed: int) -> int:
-    from .tiny_model import write_tiny_model
+def _tiny_model(directory: Path, preset: str, seed: int, weights_at_load: bool) -> int:
+    import torch
 
-    write_tiny_model(directory, preset=preset, seed=seed)
-    print(f"wrote the {preset} random-weight Qwen-Image pipeline to {directory}")
+    from .tiny_model import WEIGHTS_AT_LOAD, write_tiny_model
+
+    if preset == "full" and not torch.cuda.is_available():
+        print(
+            "imagegen-server: --preset full is Qwen-Image's real size (about 57 GB in bfloat16);"
+            " it is built on a CUDA device and there is none here. Use --preset tiny or bench.",
+            file=sys.stderr,
+        )
+        return 2
+    write_tiny_model(directory, preset=preset, seed=seed, weights_at_load=weights_at_load)
+    where = (
+        "drawn on the device at load" if weights_at_load or preset in WEIGHTS_AT_LOAD else "saved"
+    )
+    print(f"wrote the {preset} random-weight Qwen-Image pipeline to {directory} (weights {where})")
     return 0
 
 

@@ -100,6 +100,17 @@ class Metrics:
             ["adapter"],
             registry=registry,
         )
+        self.compile_seconds = Gauge(
+            "imagegen_compile_seconds",
+            "Seconds torch.compile took at start-up (0 when off)",
+            registry=registry,
+        )
+        self.max_batch_size = Gauge(
+            "imagegen_max_batch_size",
+            "Largest batch that fits the device at a resolution (start-up memory probe)",
+            ["resolution"],
+            registry=registry,
+        )
         self.ready = Gauge(
             "imagegen_ready", "1 while the server reports SERVING, else 0", registry=registry
         )

@@ -7,6 +7,7 @@ with the Qwen-Image-Lightning settings. The engine then uses the components, nev
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,10 @@ import torch
 import transformers
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 from diffusers.utils import logging as diffusers_logging
+from transformers import Qwen2Tokenizer
 
 from .sampling import LIGHTNING_SCHEDULER_OVERRIDES
+from .tiny_model import PRESETS, RANDOM_WEIGHTS_FILE, build_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +103,11 @@ def load_model(
     # Loading progress bars are noise in a server log.
     diffusers_logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    pipeline = QwenImagePipeline.from_pretrained(model, dtype=torch_dtype)
-    pipeline.to(torch_device)
+    if (Path(model) / RANDOM_WEIGHTS_FILE).is_file():
+        pipeline = random_pipeline(Path(model), torch_device, torch_dtype)
+    else:
+        pipeline = QwenImagePipeline.from_pretrained(model, dtype=torch_dtype)
+        pipeline.to(torch_device)
     pipeline.set_progress_bar_config(disable=True)
     if scheduler_preset == "lightning":
         pipeline.scheduler = lightning_scheduler(pipeline.scheduler)
@@ -109,6 +115,36 @@ def load_model(
     if loras:
         _apply_base_loras(loaded, [BaseLora.parse(spec) for spec in loras], fuse_lora)
     return loaded
+
+
+def random_pipeline(directory: Path, device: torch.device, dtype: torch.dtype) -> QwenImagePipeline:
+    """A pipeline of random weights drawn directly on `device` in `dtype`, from the configs and
+    marker `tiny-model --preset full` writes: no weights on disk, no trip through host memory.
+
+    Raises:
+        ValueError: the full-size model asked for on a CPU.
+    """
+    recipe = json.loads((directory / RANDOM_WEIGHTS_FILE).read_text())
+    if recipe["preset"] == "full" and device.type != "cuda":
+        raise ValueError(
+            "model: the full-size random Qwen-Image (about 57 GB in bfloat16) needs a CUDA device;"
+            f" this server has {device}. Use the tiny or bench preset on CPU."
+        )
+    tokenizer = Qwen2Tokenizer.from_pretrained(directory / "tokenizer")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            pipeline = build_pipeline(PRESETS[recipe["preset"]], tokenizer, recipe["seed"])
+    finally:
+        torch.set_default_dtype(previous)
+    # adaLN-Zero, as DiTs start training: every block begins as the identity, so 60 random
+    # blocks in bfloat16 stay finite while doing the full amount of work.
+    for name, module in pipeline.transformer.named_modules():
+        if name.endswith(("img_mod.1", "txt_mod.1")):
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+    return pipeline
 
 
 def _apply_base_loras(model: LoadedModel, loras: list[BaseLora], fuse: bool) -> None:

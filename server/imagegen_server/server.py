@@ -16,28 +16,24 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import torch
 from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.aio names
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 
-from .adapters import AdapterDirectory, AdapterFile, AdapterRegistry
+from .adapters import AdapterDirectory, AdapterRegistry
 from .admin import AdapterAdminService
 from .batcher import Batcher, EngineLike
 from .config import Settings
-from .denoise import FaultInjection
-from .engine import Engine, EngineRequest
+from .engine import EngineRequest
 from .interceptors import StatusInterceptor
 from .metrics import Metrics
-from .model import load_model
-from .prompts import PromptTokenizer
 from .scheduler import Scheduler, SchedulerConfig
-from .service import ImageGenerationService, ModelDescription
+from .service import ImageGenerationService
+from .startup import EngineSetup, build_engine, row_limit
 from .transport import build_guard, server_credentials, server_options
-from .types import GenerationParams, OutputFormat
-from .validation import RequestLimits, RequestValidator
+from .types import BatchKey, GenerationParams, OutputFormat
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +77,7 @@ class ImageGenServer:
             warmup=self._warmup_request() if settings.warmup else None,
             on_ready=self._engine_ready,
             on_failure=self._engine_failed,
+            row_limit=self._row_limit,
         )
         self._adapters = AdapterRegistry(
             AdapterDirectory(settings.adapter_dir),
@@ -88,8 +85,7 @@ class ImageGenServer:
             self._batcher.call_on_engine,
             self.metrics,
         )
-        self._preloaded: list[AdapterFile] = []
-        self._preloaded_parameters = 0
+        self._setup: EngineSetup | None = None  # once the engine thread has built the engine
         self._service = ImageGenerationService(
             self._batcher, self._batching_info(), self.metrics, self._codec_pool, self._adapters
         )
@@ -189,49 +185,24 @@ class ImageGenServer:
     # --- engine thread callbacks ---
 
     def _build_engine(self) -> EngineLike:
-        settings = self.settings
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        model = load_model(
-            settings.model,
-            device=settings.device,
-            dtype=settings.dtype,
-            scheduler_preset=settings.scheduler_preset,
-            loras=settings.lora,
-            fuse_lora=settings.fuse_lora,
+        setup = build_engine(
+            self.settings, self._adapters.directory, self._adapters.selectable, self.metrics
         )
-        if model.device.type == "cuda":
-            torch.cuda.set_device(model.device)
-        faults = FaultInjection(
-            settings.fault_injection_request_marker, settings.fault_injection_oom_rows
-        )
-        engine = Engine(model, settings.prompt_cache_size, settings.max_prompt_tokens, faults)
-        min_steps = engine.min_steps(settings.default_width, settings.default_height)
-        # Fails fast, with the setting's name, if the limits do not suit this model.
-        limits = RequestLimits.from_settings(settings, model.size_multiple, min_steps)
-        validator = RequestValidator(
-            limits, PromptTokenizer(model.pipeline).count, self._adapters.selectable
-        )
-        description = ModelDescription(
-            name=settings.model,
-            device=str(model.device),
-            dtype=str(model.dtype).removeprefix("torch."),
-            scheduler_preset=settings.scheduler_preset,
-            fused_adapters=tuple(model.fused_loras),
-        )
-        self._service.set_model(validator, description)
-        for name in settings.preload_adapters:
-            file = self._adapters.directory.describe(name)
-            self._preloaded_parameters = engine.adapters.load(name, file.path)
-            self._preloaded.append(file)
-        return engine
+        self._setup = setup
+        self._service.set_model(setup.validator, setup.description)
+        self._service.set_batch_limits(setup.probed)
+        return setup.engine
+
+    def _row_limit(self, key: BatchKey) -> int | None:
+        return row_limit(self.settings, self._setup, key) if self._setup is not None else None
 
     def _engine_ready(self, engine: EngineLike) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._mark_serving()))
 
     async def _mark_serving(self) -> None:
-        self._adapters.adopt(self._preloaded, self._preloaded_parameters)
+        assert self._setup is not None
+        self._adapters.adopt(self._setup.preloaded, self._setup.preloaded_parameters)
         for service in HEALTH_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.metrics.ready.set(1)

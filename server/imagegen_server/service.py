@@ -72,6 +72,11 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
         self._validator = validator
         self._model = model
 
+    def set_batch_limits(self, limits: list[tuple[int, int, int]]) -> None:
+        """The memory probe's largest batch per (width, height), for GetServerInfo."""
+        for width, height, rows in limits:
+            self._batching.batch_limits.add(width=width, height=height, max_batch_size=rows)
+
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
         params = await self._validate(request, streaming=False)
         with self._admitted(params, context, wants_progress=False) as handle:

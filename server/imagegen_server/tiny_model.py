@@ -11,6 +11,7 @@ real weights. It also writes LoRA adapters in the two formats the server accepts
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -81,6 +82,12 @@ class Preset:
     text_dim: int  # text encoder hidden size = transformer joint_attention_dim
     text_layers: int
     vae_base_dim: int
+    text_heads: int = 2
+    text_kv_heads: int = 2
+    text_intermediate: int = 0  # 0 = twice text_dim
+    vocab_size: int = 0  # 0 = the byte-level tokenizer's size
+    vae_dim_mult: tuple[int, ...] = (1, 2, 2, 2)
+    vae_res_blocks: int = 1
 
 
 PRESETS = {
@@ -88,20 +95,65 @@ PRESETS = {
     "tiny": Preset(layers=2, heads=2, head_dim=16, text_dim=32, text_layers=2, vae_base_dim=8),
     # CPU benchmarks: denoising dominates as on the real model (DESIGN.md, "The tiny model").
     "bench": Preset(layers=8, heads=4, head_dim=64, text_dim=64, text_layers=2, vae_base_dim=4),
+    # Qwen-Image's real sizes (20B transformer, Qwen2.5-VL-7B text tower, its VAE) for GPU
+    # throughput work without the real weights: written without weights, built on the device.
+    "full": Preset(
+        layers=60,
+        heads=24,
+        head_dim=128,
+        text_dim=3584,
+        text_layers=28,
+        vae_base_dim=96,
+        text_heads=28,
+        text_kv_heads=4,
+        text_intermediate=18944,
+        vocab_size=152064,
+        vae_dim_mult=(1, 2, 4, 4),
+        vae_res_blocks=2,
+    ),
 }
+# Presets too large to write: their weights are drawn on the serving device at load time.
+WEIGHTS_AT_LOAD = {"full"}
+RANDOM_WEIGHTS_FILE = "random_weights.json"
 
 
-def write_tiny_model(directory: Path, preset: str = "tiny", seed: int = 0) -> Path:
+def write_tiny_model(
+    directory: Path, preset: str = "tiny", seed: int = 0, weights_at_load: bool = False
+) -> Path:
     """Writes the pipeline and its adapters under `directory`; returns the directory.
 
     The same (preset, seed) always gives the same bytes, so tests and benchmarks are repeatable.
+    With `weights_at_load` (always for "full") only configurations and the tokenizer are
+    written, plus a marker: load_model then draws the weights directly on its device.
     """
     sizes = PRESETS[preset]
+    weights_at_load = weights_at_load or preset in WEIGHTS_AT_LOAD
     directory.mkdir(parents=True, exist_ok=True)
     _write_tokenizer_files(directory / "tokenizer")
     tokenizer = Qwen2Tokenizer.from_pretrained(directory / "tokenizer")
+    with torch.device("meta") if weights_at_load else contextlib.nullcontext():
+        pipeline = build_pipeline(sizes, tokenizer, seed)
+    if weights_at_load:
+        pipeline.save_config(directory)
+        for name in ("transformer", "vae"):
+            getattr(pipeline, name).save_config(directory / name)
+        pipeline.text_encoder.config.save_pretrained(directory / "text_encoder")
+        pipeline.scheduler.save_pretrained(directory / "scheduler")
+        (directory / RANDOM_WEIGHTS_FILE).write_text(json.dumps({"preset": preset, "seed": seed}))
+        return directory
+    pipeline.save_pretrained(directory, safe_serialization=True)
+    # Keep the tokenizer as the real release ships it (vocab + merges, converted at load time)
+    # rather than the tokenizer.json that save_pretrained writes.
+    shutil.rmtree(directory / "tokenizer")
+    _write_tokenizer_files(directory / "tokenizer")
+    _write_adapters(directory / "adapters", pipeline.transformer)
+    return directory
+
+
+def build_pipeline(sizes: Preset, tokenizer: Qwen2Tokenizer, seed: int) -> QwenImagePipeline:
+    """The pipeline at `sizes`, each component seeded; on whatever device is the default."""
     torch.manual_seed(seed)
-    text_encoder = _build_text_encoder(sizes, vocab_size=len(tokenizer))
+    text_encoder = _build_text_encoder(sizes, vocab_size=sizes.vocab_size or len(tokenizer))
     torch.manual_seed(seed + 1)
     transformer = QwenImageTransformer2DModel(
         patch_size=2,
@@ -117,26 +169,19 @@ def write_tiny_model(directory: Path, preset: str = "tiny", seed: int = 0) -> Pa
     vae = AutoencoderKLQwenImage(
         base_dim=sizes.vae_base_dim,
         z_dim=16,
-        dim_mult=[1, 2, 2, 2],
-        num_res_blocks=1,
+        dim_mult=list(sizes.vae_dim_mult),
+        num_res_blocks=sizes.vae_res_blocks,
         temperal_downsample=[False, True, True],
         latents_mean=[0.0] * 16,
         latents_std=[1.0] * 16,
     )
-    pipeline = QwenImagePipeline(
+    return QwenImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         transformer=transformer,
     )
-    pipeline.save_pretrained(directory, safe_serialization=True)
-    # Keep the tokenizer as the real release ships it (vocab + merges, converted at load time)
-    # rather than the tokenizer.json that save_pretrained writes.
-    shutil.rmtree(directory / "tokenizer")
-    _write_tokenizer_files(directory / "tokenizer")
-    _write_adapters(directory / "adapters", transformer)
-    return directory
 
 
 def _write_tokenizer_files(source: Path) -> None:
@@ -172,19 +217,22 @@ def _write_tokenizer_files(source: Path) -> None:
 
 
 def _build_text_encoder(sizes: Preset, vocab_size: int) -> Qwen2_5_VLForConditionalGeneration:
-    heads = 2
+    heads = sizes.text_heads
     head_dim = sizes.text_dim // heads
-    quarter = head_dim // 4
-    # The three multimodal-rope sections must add up to head_dim / 2.
-    mrope_section = [head_dim // 2 - 2 * quarter, quarter, quarter]
+    # The three multimodal-rope sections add up to head_dim / 2, split like Qwen2.5-VL's
+    # (16, 24, 24) of 64.
+    half = head_dim // 2
+    temporal = half // 4
+    height = (half - temporal) // 2
+    mrope_section = [temporal, height, half - temporal - height]
     special = {token: 256 + index for index, token in enumerate(SPECIAL_TOKENS)}
     config = Qwen2_5_VLConfig(
         text_config={
             "hidden_size": sizes.text_dim,
-            "intermediate_size": sizes.text_dim * 2,
+            "intermediate_size": sizes.text_intermediate or sizes.text_dim * 2,
             "num_hidden_layers": sizes.text_layers,
             "num_attention_heads": heads,
-            "num_key_value_heads": heads,
+            "num_key_value_heads": sizes.text_kv_heads,
             "rope_scaling": {"type": "mrope", "mrope_section": mrope_section},
             "vocab_size": vocab_size,
             "max_position_embeddings": 4096,

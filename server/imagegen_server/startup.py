@@ -1,0 +1,124 @@
+"""Building the engine at start-up, on the engine thread: load the model, set up the device,
+compile, probe memory, load preloaded adapters, and derive the request limits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+
+import torch
+
+from .acceleration import TransformerRunner, configure_device
+from .adapters import AdapterDirectory, AdapterFile
+from .config import Settings
+from .denoise import FaultInjection
+from .engine import Engine
+from .memory import MemoryBudget, probe_costs
+from .metrics import Metrics
+from .model import load_model
+from .prompts import PromptTokenizer
+from .service import ModelDescription
+from .types import BatchKey
+from .validation import RequestLimits, RequestValidator
+
+
+@dataclass(slots=True)
+class EngineSetup:
+    engine: Engine
+    validator: RequestValidator
+    description: ModelDescription
+    preloaded: list[AdapterFile] = field(default_factory=list)
+    preloaded_parameters: int = 0
+    memory: MemoryBudget | None = None  # None off CUDA or with the probe off
+    probed: list[tuple[int, int, int]] = field(default_factory=list)  # width, height, max rows
+
+
+def build_engine(
+    settings: Settings,
+    adapters: AdapterDirectory,
+    selectable_adapters: Callable[[], Collection[str]],
+    metrics: Metrics,
+) -> EngineSetup:
+    """Everything the server needs from the model; raises on any misconfiguration."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    model = load_model(
+        settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        scheduler_preset=settings.scheduler_preset,
+        loras=settings.lora,
+        fuse_lora=settings.fuse_lora,
+    )
+    if model.device.type == "cuda":
+        torch.cuda.set_device(model.device)
+    transformer = model.pipeline.transformer
+    configure_device(model.device, transformer, settings.attention_backend)
+    engine = Engine(
+        model,
+        settings.prompt_cache_size,
+        settings.max_prompt_tokens,
+        FaultInjection(settings.fault_injection_request_marker, settings.fault_injection_oom_rows),
+        TransformerRunner.build(transformer, settings.compile, settings.compile_buckets),
+        settings.vae_tiling_min_pixels,
+    )
+    metrics.compile_seconds.set(engine.precompile(settings.default_width, settings.default_height))
+    min_steps = engine.min_steps(settings.default_width, settings.default_height)
+    # Fails fast, with the setting's name, if the limits do not suit this model.
+    limits = RequestLimits.from_settings(settings, model.size_multiple, min_steps)
+    setup = EngineSetup(
+        engine=engine,
+        validator=RequestValidator(
+            limits, PromptTokenizer(model.pipeline).count, selectable_adapters
+        ),
+        description=ModelDescription(
+            name=settings.model,
+            device=str(model.device),
+            dtype=str(model.dtype).removeprefix("torch."),
+            scheduler_preset=settings.scheduler_preset,
+            fused_adapters=tuple(model.fused_loras),
+        ),
+    )
+    for name in settings.preload_adapters:
+        file = adapters.describe(name)
+        setup.preloaded_parameters = engine.adapters.load(name, file.path)
+        setup.preloaded.append(file)
+    if settings.memory_probe and model.device.type == "cuda":
+        _probe_memory(settings, setup, metrics)
+    return setup
+
+
+def row_limit(settings: Settings, setup: EngineSetup, key: BatchKey) -> int | None:
+    """Most images per step for `key` that fit the device; None = no memory bound known."""
+    if setup.memory is None:
+        return None
+    transformer_rows = setup.memory.max_rows(
+        setup.engine.tokens(key.width, key.height), cap=2 * settings.max_batch_size
+    )
+    return max(1, min(settings.max_batch_size, transformer_rows // (2 if key.cfg else 1)))
+
+
+def _probe_memory(settings: Settings, setup: EngineSetup, metrics: Metrics) -> None:
+    engine = setup.engine
+    sizes = [_parse_size(text) for text in settings.memory_probe_sizes] or [
+        (settings.default_width, settings.default_height),
+        (settings.max_width, settings.max_height)
+        if settings.max_width * settings.max_height <= settings.max_pixels
+        else (settings.default_width, settings.default_height),
+    ]
+    sizes = list(dict.fromkeys(sizes))
+    costs = probe_costs(engine.peak_step_bytes, [(w, h, engine.tokens(w, h)) for w, h in sizes])
+    free_bytes, _total = torch.cuda.mem_get_info(engine.model.device)
+    setup.memory = MemoryBudget(free_bytes, settings.memory_reserve_fraction, costs)
+    for width, height in sizes:
+        rows = row_limit(settings, setup, BatchKey(height=height, width=width, cfg=False)) or 0
+        setup.probed.append((width, height, rows))
+        metrics.max_batch_size.labels(resolution=f"{width}x{height}").set(rows)
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    try:
+        return int(width), int(height)
+    except ValueError:
+        raise ValueError(f"memory_probe_sizes: {text!r} is not WIDTHxHEIGHT") from None

@@ -1,0 +1,99 @@
+"""The fast paths on CPU: the compiled transformer, random weights drawn at load time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from imagegen_client import OutputFormat
+from support import StreamWatcher, assert_same_image, pixels
+
+NPY = OutputFormat.NPY
+BIN = Path(sys.executable).parent
+
+
+def mixed_batch_images(server: Any) -> list[np.ndarray]:
+    """Requests that make the batch 1, then 3, then 4 rows, then shrink as they finish."""
+    client = server.client()
+    first = StreamWatcher(client, "the first", seed=1, steps=8, output_format=NPY)
+    first.queued()
+    server.batcher.set_step_budget(2)
+    first.step(2)
+    second = [
+        StreamWatcher(client, f"joins {i}", seed=2 + i, steps=4, output_format=NPY)
+        for i in range(2)
+    ]
+    for watcher in second:
+        watcher.queued()
+    server.batcher.set_step_budget(1)
+    first.step(3)
+    last = StreamWatcher(
+        client, "a longer prompt that joins last of all", seed=9, steps=4, output_format=NPY
+    )
+    last.queued()
+    server.batcher.set_step_budget(None)
+    return [pixels(watcher.completed().result) for watcher in [first, *second, last]]
+
+
+def test_the_compiled_transformer_gives_the_eager_images_as_the_batch_changes(
+    server_factory: Any,
+) -> None:
+    common = {"step_budget": 0, "max_batch_size": 4, "max_num_images": 1}
+    compiled = server_factory(compile="buckets", compile_buckets=[2, 4], **common)
+    assert compiled.metrics()["imagegen_compile_seconds"] > 0
+    compiled_images = mixed_batch_images(compiled)
+    eager_images = mixed_batch_images(server_factory(**common))
+    for compiled_image, eager_image in zip(compiled_images, eager_images, strict=True):
+        assert_same_image(compiled_image, eager_image)
+
+
+def test_weights_drawn_at_load_serve_deterministic_images(
+    server_factory: Any, tmp_path: Path
+) -> None:
+    model = tmp_path / "at-load"
+    subprocess.run(
+        [str(BIN / "imagegen-server"), "tiny-model", str(model), "--weights-at-load"],
+        check=True,
+        capture_output=True,
+    )
+    assert not list(model.rglob("*.safetensors"))  # configs only
+    images = []
+    for _ in range(2):
+        server = server_factory(model=str(model))
+        images.append(pixels(server.client().generate("drawn at load", seed=3, output_format=NPY)))
+    assert np.isfinite(images[0]).all()
+    assert_same_image(images[1], images[0])
+
+
+def test_the_full_size_model_is_refused_on_cpu(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(BIN / "imagegen-server"), "tiny-model", str(tmp_path / "full"), "--preset", "full"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "needs" not in result.stdout and "CUDA device" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"compile": "eager"}, "compile"),
+        (
+            {"compile": "buckets", "compile_buckets": [1, 2]},
+            "compile_buckets must reach max_batch_size",
+        ),
+        ({"memory_reserve_fraction": 1.5}, "memory_reserve_fraction"),
+    ],
+)
+def test_acceleration_settings_are_checked(overrides: dict[str, Any], message: str) -> None:
+    from imagegen_server.config import load_settings
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        load_settings(model="m", **overrides)
