@@ -34,6 +34,8 @@ METRICS = {
     "imagegen_adapter_evictions_total": "counter",
     "imagegen_adapter_parameters": "gauge",
     "imagegen_adapter_rows_total": "counter",
+    "imagegen_compile_seconds": "gauge",
+    "imagegen_max_batch_size": "gauge",
     "imagegen_ready": "gauge",
 }
 
