@@ -15,7 +15,7 @@ PORT ?= 50051
 METRICS_PORT ?= 9090
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint proto docs bench tools clean
+.PHONY: install run test lint proto docs bench bench-adapters tools clean
 
 install: $(VENV)/.installed
 
@@ -50,8 +50,12 @@ proto: install
 docs: install
 	$(BIN)/python scripts/configdoc.py
 
+# The batching benchmark (under 15 min on 2 cores) and the adapter benchmark (about 6 min).
 bench: install
 	$(BIN)/python -m bench.run
+
+bench-adapters: install
+	$(BIN)/python -m bench.adapters
 
 clean:
 	rm -rf $(VENV) .cache .tools .pytest_cache .mypy_cache .ruff_cache

@@ -104,6 +104,7 @@ class Batcher:
         on_failure: Callable[[BaseException], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         row_limit: Callable[[BatchKey], int | None] | None = None,
+        separate_adapters: bool = False,
     ) -> None:
         self._engine_factory = engine_factory
         self._scheduler = scheduler
@@ -114,6 +115,7 @@ class Batcher:
         self._clock = clock
         self._row_limit = row_limit  # what fits on the device, per shape (memory probe)
         self._limited_keys: set[BatchKey] = set()
+        self._separate_adapters = separate_adapters  # adapter_batching = "separate"
         self._cond = threading.Condition()
         self._handles: dict[str, RequestHandle] = {}  # by ticket
         self._tickets = itertools.count()
@@ -155,16 +157,17 @@ class Batcher:
             now = self._clock()
             ticket = f"{next(self._tickets)}:{params.request_id}"
             handle = RequestHandle(ticket, params, loop, wants_progress, accepted_at=now)
+            key = params.adapter_batch_key if self._separate_adapters else params.batch_key
             entry = QueueEntry(
                 request_id=ticket,
-                key=params.batch_key,
+                key=key,
                 rows=params.num_images,
                 steps=params.steps,
                 priority=params.priority,
                 arrival=now,
                 deadline=deadline,
             )
-            self._cap_rows(params.batch_key)
+            self._cap_rows(key)
             shed = self._scheduler.add(entry, now)
             self._handles[ticket] = handle
             if shed is not None:
@@ -344,6 +347,8 @@ class Batcher:
 
     def _run_step(self, engine: EngineLike, plan: StepPlan) -> None:
         group = plan.group
+        if plan.admitted:
+            self._note_admitted(plan)
         try:
             if plan.admitted:
                 requests = [
@@ -370,14 +375,15 @@ class Batcher:
                     result.key,
                     result.out_of_memory_rows,
                 )
-                self._scheduler.out_of_memory(result.key, result.out_of_memory_rows, now)
+                key = self._scheduler.key_of(group)  # with adapter names under "separate"
+                self._scheduler.out_of_memory(key, result.out_of_memory_rows, now)
             self._scheduler.recover_row_limits(now)
             self._scheduler.step_done(group)
             for progress in result.progress:
                 handle = self._handles.get(progress.request_id)
                 if handle is None:
                     continue
-                self._note_step(handle, result.batch_size, now)
+                self._note_step(handle, result.batch_size)
                 if handle.wants_progress:
                     handle.emit(StepEvent(progress.step, progress.total_steps, progress.previews))
             for finished in result.finished:
@@ -405,13 +411,23 @@ class Batcher:
         assert handle is not None, "admitted request without a handle"
         return handle.params
 
-    def _note_step(self, handle: RequestHandle, batch_size: int, now: float) -> None:
-        if handle.started_at is None:
-            handle.started_at = now
-            queued = now - handle.accepted_at
-            self._metrics.queue_time.observe(queued)
-            if handle.wants_progress:
-                handle.emit(StartedEvent(batch_size=batch_size, queued_s=queued))
+    def _note_admitted(self, plan: StepPlan) -> None:
+        """Queue time ends when the scheduler admits a request, before its prompt is encoded:
+        encoding and the first step are compute, not waiting."""
+        now = self._clock()
+        with self._cond:
+            batch_size = sum(entry.rows for entry in self._scheduler.running_in(plan.group))
+            for entry in plan.admitted:
+                handle = self._handles.get(entry.request_id)
+                if handle is None or handle.started_at is not None:
+                    continue
+                handle.started_at = now
+                queued = now - handle.accepted_at
+                self._metrics.queue_time.observe(queued)
+                if handle.wants_progress:
+                    handle.emit(StartedEvent(batch_size=batch_size, queued_s=queued))
+
+    def _note_step(self, handle: RequestHandle, batch_size: int) -> None:
         handle.steps_run += 1
         handle.rows_seen += batch_size
         handle.max_batch = max(handle.max_batch, batch_size)

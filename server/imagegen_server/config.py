@@ -123,6 +123,11 @@ class Settings(BaseSettings):
     batching: Literal["step", "request"] = Field(
         "step", description="step = rows join and leave at step boundaries; request = Triton-style"
     )
+    adapter_batching: Literal["shared", "separate"] = Field(
+        "shared",
+        description="shared = rows with different adapters share transformer calls; separate ="
+        " one adapter set per batch, like servers that swap adapters (for comparison)",
+    )
     max_batch_size: int = Field(8, ge=1, description="most images in one denoising step")
     max_queue_delay_ms: float = Field(
         5.0, ge=0, description="longest a new batch waits to fill before it starts"

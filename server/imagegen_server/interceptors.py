@@ -98,21 +98,24 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         """Guards the call, maps errors raised inside to statuses and, for the imagegen API,
         counts the RPC with its final status."""
         started = time.perf_counter()
-        code = grpc.StatusCode.OK
         try:
             _reject_malformed(request)
             if self._guard is not None:
                 self._guard.check(method, context.invocation_metadata() or (), context.peer())
             yield
         except BaseException as error:
-            code = _status_of(error, context)
+            # Counted before the abort sends the status: a client that reads the metrics after
+            # its call ended must find the call counted.
+            self._count(method, _status_of(error, context), started)
             await _abort_if_ours(error, context)
             raise
-        finally:
-            if method.startswith(API_PREFIX):
-                rpc = method.rsplit("/", 1)[-1]
-                self._metrics.requests.labels(rpc=rpc, code=code.name).inc()
-                self._metrics.request_latency.labels(rpc=rpc).observe(time.perf_counter() - started)
+        self._count(method, grpc.StatusCode.OK, started)
+
+    def _count(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        if method.startswith(API_PREFIX):
+            rpc = method.rsplit("/", 1)[-1]
+            self._metrics.requests.labels(rpc=rpc, code=code.name).inc()
+            self._metrics.request_latency.labels(rpc=rpc).observe(time.perf_counter() - started)
 
 
 def _status_of(error: BaseException, context: Context) -> grpc.StatusCode:

@@ -63,8 +63,10 @@ class MultiLoraLinear(nn.Module):
             if pair is None:
                 continue
             rows = x.index_select(0, adapter.rows)
-            delta = F.linear(F.linear(rows, pair.down), pair.up)
-            output = output.index_add(0, adapter.rows, delta * adapter.scales)
+            delta = F.linear(F.linear(rows, pair.down), pair.up).mul_(adapter.scales)
+            # In place: the base layer's output is a fresh tensor, and an out-of-place add would
+            # copy the whole batch's output once per adapter.
+            output.index_add_(0, adapter.rows, delta)
         return output
 
 

@@ -328,9 +328,12 @@ class Scheduler:
             groups.setdefault(self.group_of(entry), []).append(entry)
         return groups
 
+    def key_of(self, group: Hashable) -> Hashable:
+        """The queue key of the requests in batch `group` (see group_of)."""
+        return group if self.config.joins_running else group[0]  # type: ignore[index]
+
     def _row_limit(self, group: Hashable) -> int:
-        key = group if self.config.joins_running else group[0]  # type: ignore[index]
-        return self._row_limits.get(key, self.config.max_batch_size)
+        return self._row_limits.get(self.key_of(group), self.config.max_batch_size)
 
     def _ready_at(self, group: Hashable, entries: list[QueueEntry]) -> float:
         """When a new batch of `group` may start: at once if it is full (or reaches the largest

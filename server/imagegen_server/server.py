@@ -78,6 +78,7 @@ class ImageGenServer:
             on_ready=self._engine_ready,
             on_failure=self._engine_failed,
             row_limit=self._row_limit,
+            separate_adapters=settings.adapter_batching == "separate",
         )
         self._adapters = AdapterRegistry(
             AdapterDirectory(settings.adapter_dir),

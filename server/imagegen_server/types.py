@@ -55,9 +55,12 @@ class BatchKey:
     height: int  # pixels; the rotary embedding uses one image shape per batch
     width: int
     cfg: bool  # true classifier-free guidance doubles the transformer batch
+    # Only with `adapter_batching = "separate"`: the adapter names every row of the batch uses.
+    adapters: tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        return f"{self.width}x{self.height}{'+cfg' if self.cfg else ''}"
+        adapters = "".join(f"+{name}" for name in self.adapters)
+        return f"{self.width}x{self.height}{'+cfg' if self.cfg else ''}{adapters}"
 
 
 def strength_steps(steps: int, strength: float) -> int:
@@ -104,6 +107,12 @@ class GenerationParams:
     @property
     def batch_key(self) -> BatchKey:
         return BatchKey(height=self.height, width=self.width, cfg=self.cfg)
+
+    @property
+    def adapter_batch_key(self) -> BatchKey:
+        """The batch key when rows of different adapters must not share a batch."""
+        names = tuple(sorted({spec.name for spec in self.adapters if spec.scale != 0}))
+        return BatchKey(height=self.height, width=self.width, cfg=self.cfg, adapters=names)
 
 
 @dataclass(slots=True)

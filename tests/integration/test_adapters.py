@@ -94,6 +94,41 @@ def test_rows_with_different_adapters_share_a_batch_and_match_the_pipeline(
         )
 
 
+def test_separate_adapter_batching_keeps_one_adapter_set_per_batch(
+    server_factory: Any, tiny_model: Path
+) -> None:
+    """The comparison mode of the adapter benchmark: rows share a batch only with rows of the
+    same adapters, and every image is still the one it would be alone."""
+    running = server_factory(
+        step_budget=0,
+        adapter_dir=str(tiny_model / "adapters"),
+        preload_adapters=["ink", "neon"],
+        adapter_batching="separate",
+    )
+    client = running.client()
+    rows = [("a fox", 1, "ink"), ("an owl", 2, "ink"), ("a cat", 3, "neon"), ("a hen", 4, "")]
+    watchers = [
+        StreamWatcher(
+            client,
+            prompt,
+            seed=seed,
+            output_format=NPY,
+            adapters=[Adapter(name)] if name else [],
+        )
+        for prompt, seed, name in rows
+    ]
+    for watcher in watchers:
+        watcher.queued()
+    running.batcher.set_step_budget(None)
+    results = [watcher.completed().result for watcher in watchers]
+    assert [result.batch_size for result in results] == [2, 2, 1, 1]
+    for result, (prompt, seed, name) in zip(results, rows, strict=True):
+        alone = client.generate(
+            prompt, seed=seed, output_format=NPY, adapters=[Adapter(name)] if name else []
+        )
+        assert_same_image(pixels(result), pixels(alone))
+
+
 def test_an_adapter_changes_the_image_and_scale_zero_is_no_adapter(adapter_server: Any) -> None:
     client = adapter_server.client()
     plain = pixels(client.generate("a fox", seed=1, output_format=NPY))
