@@ -116,7 +116,7 @@ def summary_lines(results: dict[str, Any], markdown: Path, out_dir: Path) -> lis
             f"(per class, images/s: {parts})."
         )
     for workload in ("single", "mix"):
-        lines += _closed_table(results, workload) + _open_table(results, workload)
+        lines += _load_table(results, workload, "closed") + _load_table(results, workload, "open")
     lines += [
         "",
         f"![throughput and latency]({relative}/{PLOT_NAME})",
@@ -126,43 +126,33 @@ def summary_lines(results: dict[str, Any], markdown: Path, out_dir: Path) -> lis
     return lines
 
 
-def _closed_table(results: dict[str, Any], workload: str) -> list[str]:
-    runs = [r for r in results["runs"] if r["workload"] == workload and r["kind"] == "closed"]
+def _load_table(results: dict[str, Any], workload: str, kind: str) -> list[str]:
+    """The closed-loop (`kind` "closed") or open-loop ("open") table of one workload."""
+    runs = [r for r in results["runs"] if r["workload"] == workload and r["kind"] == kind]
     if not runs:
         return []
     per_steps = workload == "mix"
     steps_head, steps_rule = _steps_header(results) if per_steps else ("", "")
+    title, level = (
+        ("Closed loop", "clients") if kind == "closed" else ("Open loop (Poisson)", "offered")
+    )
     lines = [
         "",
-        f"### Closed loop, {workload} workload",
+        f"### {title}, {workload} workload",
         "",
-        "| system | clients | images/s | x limit | p50 s | p95 s | p99 s | queue s | rows/step"
+        f"| system | {level} | images/s | x limit | p50 s | p95 s | p99 s | queue s | rows/step"
         f"{steps_head} | n | failed | other CPU |",
         f"| --- | --- | --- | --- | --- | --- | --- | --- | ---{steps_rule} | --- | --- | --- |",
     ]
     for run in runs:
-        lines.append(_row(results, run, str(run["clients"]), per_steps))
+        lines.append(_row(results, run, _level(run), per_steps))
     return lines
 
 
-def _open_table(results: dict[str, Any], workload: str) -> list[str]:
-    runs = [r for r in results["runs"] if r["workload"] == workload and r["kind"] == "open"]
-    if not runs:
-        return []
-    per_steps = workload == "mix"
-    steps_head, steps_rule = _steps_header(results) if per_steps else ("", "")
-    lines = [
-        "",
-        f"### Open loop (Poisson), {workload} workload",
-        "",
-        "| system | offered | images/s | x limit | p50 s | p95 s | p99 s | queue s | rows/step"
-        f"{steps_head} | n | failed | other CPU |",
-        f"| --- | --- | --- | --- | --- | --- | --- | --- | ---{steps_rule} | --- | --- | --- |",
-    ]
-    for run in runs:
-        offered = f"{run['fraction']:.0%} ({run['offered_ips']:.2f}/s, {run['arrivals']} req)"
-        lines.append(_row(results, run, offered, per_steps))
-    return lines
+def _level(run: dict[str, Any]) -> str:
+    if run["kind"] == "closed":
+        return str(run["clients"])
+    return f"{run['fraction']:.0%} ({run['offered_ips']:.2f}/s, {run['arrivals']} req)"
 
 
 def _steps_header(results: dict[str, Any]) -> tuple[str, str]:
