@@ -14,8 +14,10 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 METRICS_PORT ?= 9090
 PYTEST_ARGS ?=
+# Extra options for the benchmarks, e.g. BENCH_ARGS="--device cuda --resolution 1024x1024".
+BENCH_ARGS ?=
 
-.PHONY: install run test lint proto docs bench bench-adapters tools clean
+.PHONY: install run test lint proto docs bench bench-adapters bench-mfu tools clean
 
 install: $(VENV)/.installed
 
@@ -50,12 +52,16 @@ proto: install
 docs: install
 	$(BIN)/python scripts/configdoc.py
 
-# The batching benchmark (under 15 min on 2 cores) and the adapter benchmark (about 6 min).
+# The batching benchmark (under 15 min on 2 cores), the adapter benchmark (about 6 min) and the
+# engine against the hardware peak (MFU; made for a GPU, where it uses the full-size model).
 bench: install
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 bench-adapters: install
-	$(BIN)/python -m bench.adapters
+	$(BIN)/python -m bench.adapters $(BENCH_ARGS)
+
+bench-mfu: install
+	$(BIN)/python -m bench.mfu $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .tools .pytest_cache .mypy_cache .ruff_cache

@@ -36,7 +36,7 @@ from typing import Any
 
 from .loads import ClosedLoop, LoadGenerator
 from .machine import CpuMeter, describe_machine
-from .report import read_json, replace_block, write_json
+from .report import add_output_arguments, read_json, replace_block, resolve_outputs, write_json
 from .servers import (
     STEP_SECONDS,
     ServerOptions,
@@ -56,9 +56,6 @@ BEGIN = (
     " -->"
 )
 END = "<!-- bench-adapters:end -->"
-DEFAULT_OUT = Path("docs/benchmarks")
-QUICK_OUT = Path("bench/results")  # git-ignored
-DEFAULT_MARKDOWN = Path("docs/benchmarks.md")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +72,7 @@ QUICK = Sizing(rounds=1, window_s=10.0, samples_per_client=0.5)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.adapters", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="one short round (smoke check)")
-    parser.add_argument("--out", type=Path, help=f"results folder (default {DEFAULT_OUT})")
-    parser.add_argument("--markdown", type=Path, help=f"summary (default {DEFAULT_MARKDOWN})")
+    add_output_arguments(parser)
     parser.add_argument("--model", type=Path, default=Path(".cache/bench-model"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
@@ -90,10 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.clients = [int(part) for part in args.clients.split(",") if part.strip()]
-    args.out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
-    args.markdown = args.markdown or (
-        args.out / "benchmarks.md" if args.quick else DEFAULT_MARKDOWN
-    )
+    resolve_outputs(args)
     try:
         args.resolution = parse_resolution(args.resolution)
     except ValueError as error:

@@ -24,6 +24,10 @@ PROMPT_CACHE_SIZE = 256  # the server's defaults
 MAX_PROMPT_TOKENS = 512
 
 
+class BatchTooLarge(RuntimeError):
+    """A batch did not fit in device memory."""
+
+
 @dataclass(slots=True)
 class BatchTiming:
     """One batch run to completion."""
@@ -64,20 +68,63 @@ class LimitResult:
 class EngineBench:
     """Loads the model once and times batches through the engine."""
 
-    def __init__(self, model_dir: Path, device: str, dtype: str, torch_threads: int) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        device: str,
+        dtype: str,
+        torch_threads: int,
+        attention_backend: str | None = None,
+    ) -> None:
         import torch
+        from imagegen_server.acceleration import configure_device
         from imagegen_server.engine import Engine
         from imagegen_server.model import load_model
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self._model = load_model(str(model_dir), device=device, dtype=dtype)
+        if self._model.device.type == "cuda":
+            torch.cuda.set_device(self._model.device)
+        # The server's device set-up (TF32, cuDNN autotuning, the attention backend).
+        configure_device(self._model.device, self._model.pipeline.transformer, attention_backend)
         self._engine = Engine(self._model, PROMPT_CACHE_SIZE, MAX_PROMPT_TOKENS)
         self._ids = itertools.count()
 
     @property
     def device(self) -> str:
         return str(self._model.device)
+
+    @property
+    def model(self) -> Any:
+        """The loaded model (`imagegen_server.model.LoadedModel`)."""
+        return self._model
+
+    def compile(
+        self, mode: str, buckets: list[int], scope: str, sizes: list[tuple[int, int]]
+    ) -> float:
+        """Rebuilds the engine around a transformer compiled as the server's `--compile MODE
+        --compile-buckets B --compile-scope S` would, from empty in-process graph caches, and
+        compiles it for every (width, height) of `sizes`; returns the seconds that took.
+
+        Compiling the blocks happens in place, so the eager transformer is gone after that
+        scope: measure eager (mode "off") and the "model" scope first.
+        """
+        import torch
+        from imagegen_server.acceleration import TransformerRunner
+        from imagegen_server.engine import Engine
+
+        torch._dynamo.reset()
+        transformer = self._model.pipeline.transformer
+        runner = TransformerRunner.build(transformer, mode, buckets, scope)  # type: ignore[arg-type]
+        self._engine = Engine(self._model, PROMPT_CACHE_SIZE, MAX_PROMPT_TOKENS, runner=runner)
+        return sum(self._engine.precompile(width, height) for width, height in sizes)
+
+    def prompt_tokens(self, number: int) -> int:
+        """Text tokens the transformer sees for request `number`'s prompt."""
+        from imagegen_server.prompts import PromptTokenizer
+
+        return PromptTokenizer(self._model.pipeline).count(_prompt(number))
 
     def run_batch(self, cls: RequestClass, batch_size: int) -> BatchTiming:
         """Runs `batch_size` requests of `cls` (distinct prompts and seeds) to completion."""
@@ -96,6 +143,14 @@ class EngineBench:
         finished = 0
         while finished < batch_size:
             result = self._engine.step(group)
+            if result.out_of_memory_rows is not None:
+                # The engine split the call to survive; its timing is not this batch size's.
+                for request in requests:
+                    self._engine.cancel(request.request_id)
+                raise BatchTooLarge(
+                    f"batch {batch_size} of {cls.label} is out of device memory; "
+                    f"{result.out_of_memory_rows} rows fit"
+                )
             if getattr(result, "failed", None):
                 raise RuntimeError(f"engine step failed for {result.failed}; see the log")
             steps.append(result.stage_seconds["denoise_step"])
@@ -136,7 +191,7 @@ class EngineBench:
 
         return GenerationParams(
             request_id=str(number),
-            prompt=f"engine request {number}: a lighthouse at dusk",
+            prompt=_prompt(number),
             negative_prompt="",
             width=request_class.width,
             height=request_class.height,
@@ -147,6 +202,40 @@ class EngineBench:
             output_format=OutputFormat.PNG,
             output_quality=90,
         )
+
+
+def _prompt(number: int) -> str:
+    return f"engine request {number}: a lighthouse at dusk"
+
+
+def measure_quietly(
+    bench: EngineBench,
+    cls: RequestClass,
+    batch_size: int,
+    batches: int,
+    seconds: float,
+    retries: int = 2,
+    progress: Callable[[str], None] = print,
+) -> LimitPoint:
+    """`bench.measure`, again (up to `retries` times) while other processes used more than
+    BUSY_CORES of the CPU meanwhile; the fastest attempt counts (a busy machine only slows)."""
+    attempts: list[LimitPoint] = []
+    while len(attempts) <= retries:
+        meter = CpuMeter([os.getpid()])
+        meter.start()
+        measured = bench.measure(cls, batch_size, batches, seconds)
+        measured.background_cpu = meter.stop().background
+        progress(
+            f"  engine {measured.label} batch {batch_size}: {measured.images_per_s:.3f} img/s,"
+            f" {measured.ms_per_step:.1f} ms/step ({len(measured.batch_seconds)} batches,"
+            f" other CPU {measured.background_cpu:.2f})"
+        )
+        attempts.append(measured)
+        if measured.background_cpu <= BUSY_CORES:
+            break
+        if len(attempts) <= retries:
+            progress("  other processes were busy: measuring again")
+    return max(attempts, key=lambda attempt: attempt.images_per_s)
 
 
 def measure_limit(
@@ -163,27 +252,11 @@ def measure_limit(
     """Sweeps `batch_sizes` for `main`, then times each `mix` class at the best batch size.
 
     A point measured while other processes used more than BUSY_CORES of the CPU is measured
-    again, up to `retries` times; the fastest attempt counts (a busy machine only slows down).
+    again, up to `retries` times (see `measure_quietly`).
     """
 
     def point(cls: RequestClass, batch_size: int, batches: int, seconds: float) -> LimitPoint:
-        attempts: list[LimitPoint] = []
-        while len(attempts) <= retries:
-            meter = CpuMeter([os.getpid()])
-            meter.start()
-            measured = bench.measure(cls, batch_size, batches, seconds)
-            measured.background_cpu = meter.stop().background
-            progress(
-                f"  engine {measured.label} batch {batch_size}: {measured.images_per_s:.3f} img/s,"
-                f" {measured.ms_per_step:.1f} ms/step ({len(measured.batch_seconds)} batches,"
-                f" other CPU {measured.background_cpu:.2f})"
-            )
-            attempts.append(measured)
-            if measured.background_cpu <= BUSY_CORES:
-                break
-            if len(attempts) <= retries:
-                progress("  other processes were busy: measuring again")
-        return max(attempts, key=lambda attempt: attempt.images_per_s)
+        return measure_quietly(bench, cls, batch_size, batches, seconds, retries, progress)
 
     sweep = []
     for batch_size in batch_sizes:

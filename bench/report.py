@@ -7,6 +7,7 @@ markers is written by people and left alone.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,30 @@ END = "<!-- bench:end -->"
 JSON_NAME = "results.json"
 PLOT_NAME = "results.png"
 SYSTEM_NAMES = {"naive": "naive", "request": "request-level", "step": "step-level"}
+DEFAULT_OUT = Path("docs/benchmarks")
+QUICK_OUT = Path("bench/results")  # git-ignored
+DEFAULT_MARKDOWN = Path("docs/benchmarks.md")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """--out and --markdown, as every bench takes them."""
+    parser.add_argument(
+        "--out", type=Path, help=f"results folder (default {DEFAULT_OUT}; --quick: {QUICK_OUT})"
+    )
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        help=f"report to refresh (default {DEFAULT_MARKDOWN}; --quick: OUT/benchmarks.md)",
+    )
+
+
+def resolve_outputs(args: argparse.Namespace) -> None:
+    """Fills in --out and --markdown: the committed docs for a full run, the git-ignored
+    bench/results/ for --quick (a smoke check must not overwrite the published figures)."""
+    args.out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    args.markdown = args.markdown or (
+        args.out / "benchmarks.md" if args.quick else DEFAULT_MARKDOWN
+    )
 
 
 def write_json(results: dict[str, Any], path: Path) -> Path:

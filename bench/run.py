@@ -27,18 +27,24 @@ from . import plan as plans
 from .limit import EngineBench, measure_limit
 from .machine import BUSY_CORES, CpuMeter, describe_machine
 from .plot import plot_results
-from .report import JSON_NAME, PLOT_NAME, print_targets, read_json, update_markdown, write_json
+from .report import (
+    JSON_NAME,
+    PLOT_NAME,
+    add_output_arguments,
+    print_targets,
+    read_json,
+    resolve_outputs,
+    update_markdown,
+    write_json,
+)
 from .runner import QUIET_WAIT_S, Runner
 from .servers import ServerOptions, ensure_model
 from .stats import recompute_stats
 from .targets import evaluate
-from .workloads import mix_workload, parse_resolution, single_workload
+from .workloads import mix_workload, parse_ints, parse_resolution, single_workload
 
 SYSTEMS = ("naive", "request", "step")
 WORKLOADS = ("single", "mix")
-DEFAULT_OUT = Path("docs/benchmarks")
-QUICK_OUT = Path("bench/results")  # git-ignored
-DEFAULT_MARKDOWN = Path("docs/benchmarks.md")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,14 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawTextHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (smoke check)")
-    parser.add_argument(
-        "--out", type=Path, help=f"results folder (default {DEFAULT_OUT}; --quick: {QUICK_OUT})"
-    )
-    parser.add_argument(
-        "--markdown",
-        type=Path,
-        help=f"summary to refresh (default {DEFAULT_MARKDOWN}; --quick: OUT/benchmarks.md)",
-    )
+    add_output_arguments(parser)
     parser.add_argument(
         "--model",
         type=Path,
@@ -104,17 +103,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--report-only", type=Path, metavar="JSON", help="only redo plot and markdown from JSON"
     )
     args = parser.parse_args(argv)
-    args.batch_sizes = _ints(args.batch_sizes or ("1,4" if args.quick else "1,2,4,8"))
-    args.clients = _ints(args.clients or ("1,4" if args.quick else "1,4,16,64"))
+    args.batch_sizes = parse_ints(args.batch_sizes or ("1,4" if args.quick else "1,2,4,8"))
+    args.clients = parse_ints(args.clients or ("1,4" if args.quick else "1,4,16,64"))
     args.light_load_pairs = args.light_load_pairs or (3 if args.quick else 8)
     args.loads = _floats(args.loads or ("0.8" if args.quick else "0.5,0.8,1.0,1.2"))
-    args.mix_steps = _ints(args.mix_steps)
+    args.mix_steps = parse_ints(args.mix_steps)
     args.systems = _choices(args.systems, SYSTEMS, parser)
     args.workloads = _choices(args.workloads, WORKLOADS, parser)
-    args.out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
-    args.markdown = args.markdown or (
-        args.out / "benchmarks.md" if args.quick else DEFAULT_MARKDOWN
-    )
+    resolve_outputs(args)
     try:
         args.resolution = parse_resolution(args.resolution)
         args.mix_resolutions = [parse_resolution(text) for text in args.mix_resolutions.split(",")]
@@ -261,10 +257,6 @@ def _target_from_dict(data: dict[str, Any]) -> Any:
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
-
-
-def _ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
 
 
 def _floats(text: str) -> list[float]:

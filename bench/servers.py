@@ -125,14 +125,14 @@ def naive_server_command(options: ServerOptions) -> list[str]:
     ]
 
 
-def ensure_model(directory: Path) -> None:
-    """Writes the `bench` preset of the random-weight model to `directory` if it is missing."""
+def ensure_model(directory: Path, preset: str = "bench") -> None:
+    """Writes `preset` of the random-weight model to `directory` if it is missing."""
     if (directory / "model_index.json").exists():
         return
     from imagegen_server.tiny_model import write_tiny_model
 
-    print(f"writing the bench preset model to {directory}", flush=True)
-    write_tiny_model(directory, preset="bench")
+    print(f"writing the {preset} preset model to {directory}", flush=True)
+    write_tiny_model(directory, preset=preset)
 
 
 class ServerProcess:

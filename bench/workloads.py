@@ -65,3 +65,8 @@ def mix_workload(resolutions: list[tuple[int, int]], step_counts: list[int]) -> 
         RequestClass(width, height, steps) for width, height in resolutions for steps in step_counts
     )
     return Workload("mix", classes)
+
+
+def parse_ints(text: str) -> list[int]:
+    """`1,2,4` -> [1, 2, 4]."""
+    return [int(part) for part in text.split(",") if part.strip()]

@@ -22,10 +22,11 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 CompileMode = Literal["off", "buckets", "dynamic"]
-# In "buckets" mode text is padded to a power of two of at least this many tokens: the
-# transformer specialises on the text length (its rotary table is sliced by a Python int), so
-# every length is a graph, and powers of two keep them few (Qwen-Image's template alone is
-# about 100 tokens; prompts go to 512).
+CompileScope = Literal["blocks", "model"]
+# In "buckets" mode text is padded to a power of two of at least this many tokens: a static
+# graph specialises on the text length (the rotary table is sliced by a Python int), so every
+# length would be a graph; powers of two keep them few enough to compile them all at start-up
+# (prompts go to 512 tokens). Dynamic graphs take any length.
 MIN_TEXT_BUCKET_TOKENS = 128
 # Graphs kept per compiled function: batch buckets x text buckets x resolutions in use.
 COMPILED_GRAPHS = 256
@@ -48,21 +49,29 @@ def configure_device(
 class TransformerRunner:
     """Calls the (possibly compiled) transformer, padding the batch in "buckets" mode."""
 
-    call: Callable[..., Any]  # the transformer or its compiled form
+    call: Callable[..., Any]  # the transformer, possibly compiled (or with compiled blocks)
     mode: CompileMode
     buckets: tuple[int, ...]  # batch sizes compiled for, ascending
 
     @classmethod
     def build(
-        cls, transformer: nn.Module, mode: CompileMode, buckets: Sequence[int]
+        cls,
+        transformer: nn.Module,
+        mode: CompileMode,
+        buckets: Sequence[int],
+        scope: CompileScope = "blocks",
     ) -> TransformerRunner:
         if mode == "off":
             return cls(transformer, mode, ())
         torch._dynamo.config.cache_size_limit = max(
             torch._dynamo.config.cache_size_limit, COMPILED_GRAPHS
         )
-        compiled = torch.compile(transformer, dynamic=mode == "dynamic")
-        return cls(compiled, mode, tuple(sorted(set(buckets))))
+        dynamic = mode == "dynamic"
+        if scope == "blocks":
+            # Compiles every QwenImageTransformerBlock in place; the rest stays eager.
+            transformer.compile_repeated_blocks(dynamic=dynamic)  # type: ignore[operator]
+            return cls(transformer, mode, tuple(sorted(set(buckets))))
+        return cls(torch.compile(transformer, dynamic=dynamic), mode, tuple(sorted(set(buckets))))
 
     def bucket(self, rows: int) -> int:
         """The compiled batch size a call of `rows` rows runs at (rows itself when off)."""
@@ -75,7 +84,7 @@ class TransformerRunner:
         hidden: torch.Tensor,
         timesteps: torch.Tensor,
         states: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         rope_shape: tuple[int, int, int],
     ) -> torch.Tensor:
         rows = hidden.shape[0]
@@ -98,26 +107,45 @@ class TransformerRunner:
         channels: int,
         text_dim: int,
         rope_shape: tuple[int, int, int],
+        max_text_tokens: int,
         dtype: torch.dtype,
         device: torch.device,
     ) -> float:
-        """Compiles every bucket (or the dynamic graph) at one resolution before serving;
-        returns the seconds it took."""
+        """Compiles every shape a call at this resolution can take, so that serving never
+        waits for the compiler; returns the seconds it took.
+
+        Buckets: every batch bucket with every text bucket up to `max_text_tokens`. Dynamic:
+        two batch sizes and two text lengths (the second call of a changed size is what makes
+        that dimension dynamic), with a padding mask and without one (two graphs).
+        """
         if self.mode == "off":
             return 0.0
         started = time.perf_counter()
-        sizes = self.buckets if self.mode == "buckets" else (1, 2)
-        for rows in sizes:
+        if self.mode == "buckets":
+            shapes = [
+                (rows, tokens, True)
+                for rows in self.buckets
+                for tokens in _text_buckets(max_text_tokens)
+            ]
+        else:
+            shapes = [
+                (rows, MIN_TEXT_BUCKET_TOKENS + rows, masked)
+                for masked in (True, False)
+                for rows in (1, 2)
+            ]
+        for rows, tokens, masked in shapes:
             with torch.inference_mode():
                 self(
                     torch.zeros(rows, seq_len, channels, dtype=dtype, device=device),
                     torch.full((rows,), 0.5, dtype=dtype, device=device),
-                    torch.zeros(rows, MIN_TEXT_BUCKET_TOKENS, text_dim, dtype=dtype, device=device),
-                    torch.ones(rows, MIN_TEXT_BUCKET_TOKENS, dtype=torch.long, device=device),
+                    torch.zeros(rows, tokens, text_dim, dtype=dtype, device=device),
+                    torch.ones(rows, tokens, dtype=torch.long, device=device) if masked else None,
                     rope_shape,
                 )
         seconds = time.perf_counter() - started
-        log.info("compiled the transformer (%s, sizes %s) in %.1fs", self.mode, sizes, seconds)
+        log.info(
+            "compiled the transformer (%s, %d shapes) in %.1fs", self.mode, len(shapes), seconds
+        )
         return seconds
 
 
@@ -125,19 +153,34 @@ def _pad(
     hidden: torch.Tensor,
     timesteps: torch.Tensor,
     states: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pads the batch to `rows` with copies of the first row, and the text with masked-out
     positions to its bucket (a power of two, at least MIN_TEXT_BUCKET_TOKENS)."""
+    if mask is None:  # always a mask, so a prompt of exactly a bucket's length adds no graph
+        mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
+    tokens = _text_bucket(states.shape[1])
+    if tokens != states.shape[1]:
+        states = torch.nn.functional.pad(states, (0, 0, 0, tokens - states.shape[1]))
+        mask = torch.nn.functional.pad(mask, (0, tokens - mask.shape[1]))
     extra = rows - hidden.shape[0]
     if extra:
         hidden = torch.cat([hidden, hidden[:1].expand(extra, -1, -1)])
         timesteps = torch.cat([timesteps, timesteps[:1].expand(extra)])
         states = torch.cat([states, states[:1].expand(extra, -1, -1)])
         mask = torch.cat([mask, mask[:1].expand(extra, -1)])
-    tokens = max(MIN_TEXT_BUCKET_TOKENS, 1 << (states.shape[1] - 1).bit_length())
-    if tokens != states.shape[1]:
-        states = torch.nn.functional.pad(states, (0, 0, 0, tokens - states.shape[1]))
-        mask = torch.nn.functional.pad(mask, (0, tokens - mask.shape[1]))
     return hidden, timesteps, states, mask
+
+
+def _text_bucket(tokens: int) -> int:
+    """The padded text length: a power of two, at least MIN_TEXT_BUCKET_TOKENS."""
+    return max(MIN_TEXT_BUCKET_TOKENS, 1 << (tokens - 1).bit_length())
+
+
+def _text_buckets(max_tokens: int) -> list[int]:
+    """Every text bucket a prompt of at most `max_tokens` tokens can fall in."""
+    buckets = [MIN_TEXT_BUCKET_TOKENS]
+    while buckets[-1] < _text_bucket(max_tokens):
+        buckets.append(buckets[-1] * 2)
+    return buckets

@@ -56,10 +56,16 @@ class Settings(BaseSettings):
     compile: Literal["off", "buckets", "dynamic"] = Field(
         "off",
         description="torch.compile the transformer: buckets = pad batches to compile_buckets "
-        "(one specialised graph each, compiled at start-up); dynamic = one dynamic-shape graph",
+        "and prompts to 128/256/512 tokens (one specialised graph each, all compiled at start-up "
+        "for the default size); dynamic = one graph for any batch and prompt length",
     )
     compile_buckets: list[int] = Field(
         default_factory=lambda: [1, 2, 4, 8], description="batch sizes compiled in buckets mode"
+    )
+    compile_scope: Literal["blocks", "model"] = Field(
+        "blocks",
+        description="what compile covers: blocks = each transformer block (regional, one graph "
+        "shared by all blocks, fast start-up); model = the whole transformer as one graph",
     )
     attention_backend: str | None = Field(
         None, description="diffusers attention backend (e.g. flash, _native_cudnn); unset = SDPA"

@@ -110,16 +110,16 @@ class Denoiser:
         latents: torch.Tensor,
         shape: LatentShape,
         cfg: bool,
-        text: tuple[torch.Tensor, torch.Tensor] | None = None,
+        text: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> Advance:
         """One step for `rows` (at positions `indices` of their batch) from `latents`.
 
         Rows whose result is not finite are reported failed; a model error raises.
         """
         self._faults.check(rows)
-        velocity = self._velocity(rows, latents, shape, cfg, text)
-        sigmas = self._per_row([row.schedule.sigmas[row.step] for row in rows])
-        dts = self._per_row([row.schedule.dts[row.step] for row in rows])
+        scalars = self._scalars(rows)
+        velocity = self._velocity(rows, latents, shape, cfg, text, scalars)
+        sigmas, dts = scalars.sigmas, scalars.dts
         # Per-row Euler step, in float32 like FlowMatchEulerDiscreteScheduler.step.
         stepped = (latents.float() + dts * velocity).to(velocity.dtype)
         for position, row in enumerate(rows):
@@ -149,15 +149,15 @@ class Denoiser:
         latents: torch.Tensor,
         shape: LatentShape,
         cfg: bool,
-        text: tuple[torch.Tensor, torch.Tensor] | None,
+        text: tuple[torch.Tensor, torch.Tensor | None] | None,
+        scalars: _StepScalars,
     ) -> torch.Tensor:
         """The transformer's velocity for every row, with true CFG in the same call."""
         if text is None:
             text = text_inputs(rows, cfg)
         states, mask = text
-        timesteps = self._per_row([row.schedule.timesteps[row.step] for row in rows]).view(-1)
         # As QwenImagePipeline: the timestep is cast to the latents' dtype, then scaled to [0, 1].
-        timesteps = timesteps.to(latents.dtype) / 1000
+        timesteps = scalars.timesteps.to(latents.dtype) / 1000
         hidden = latents
         row_adapters = [row.adapters for row in rows]
         if cfg:
@@ -168,20 +168,45 @@ class Denoiser:
         if not cfg:
             return output
         cond, uncond = output.chunk(2)
-        scale = self._per_row([row.guidance for row in rows])
-        combined = uncond + scale * (cond - uncond)
+        combined = uncond + scalars.guidance * (cond - uncond)
         # Qwen-Image rescales the guided velocity to the conditional one's norm, per token.
         norms = torch.norm(cond, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True)
         guided: torch.Tensor = (combined * norms).to(output.dtype)
         return guided
 
-    def _per_row(self, values: list[float]) -> torch.Tensor:
-        """[rows, 1, 1] float32 column on the device (exact: float32 values round-trip)."""
-        return torch.tensor(values, dtype=torch.float32, device=self._device).view(-1, 1, 1)
+    def _scalars(self, rows: Sequence[Row]) -> _StepScalars:
+        """Every per-row number of this step in one host-to-device copy. On CUDA it goes through
+        pinned memory without blocking, so the host never waits for the device inside a step
+        (a copy from pageable memory would wait for all queued work)."""
+        host = torch.tensor(
+            [
+                [row.schedule.timesteps[row.step] for row in rows],
+                [row.schedule.sigmas[row.step] for row in rows],
+                [row.schedule.dts[row.step] for row in rows],
+                [row.guidance for row in rows],
+            ],
+            dtype=torch.float32,  # exact: the schedule's values are float32 already
+        )
+        if self._device.type == "cuda":
+            host = host.pin_memory()
+        timesteps, sigmas, dts, guidance = host.to(self._device, non_blocking=True)
+        column = (-1, 1, 1)
+        return _StepScalars(timesteps, sigmas.view(column), dts.view(column), guidance.view(column))
 
 
-def text_inputs(rows: Sequence[Row], cfg: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt states padded to the longest, plus the mask; negatives after prompts for CFG."""
+@dataclass(frozen=True, slots=True)
+class _StepScalars:
+    """The per-row numbers of one step, on the device."""
+
+    timesteps: torch.Tensor  # [rows] float32
+    sigmas: torch.Tensor  # [rows, 1, 1] noise level before the step
+    dts: torch.Tensor  # [rows, 1, 1] sigma change of the step
+    guidance: torch.Tensor  # [rows, 1, 1] true-CFG scale
+
+
+def text_inputs(rows: Sequence[Row], cfg: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompt states padded to the longest, plus the mask (None: no padding); negatives after
+    prompts for CFG."""
     states = [row.prompt for row in rows]
     if cfg:
         states += [row.negative for row in rows if row.negative is not None]

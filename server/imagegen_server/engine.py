@@ -91,7 +91,8 @@ class _Batch:
     shape: LatentShape
     rows: list[Row] = field(default_factory=list)
     latents: torch.Tensor | None = None  # [rows, seq, channels * 4], in row order
-    text: tuple[torch.Tensor, torch.Tensor] | None = None  # padded states + mask, rebuilt on change
+    # Padded states + mask (None: no padding), rebuilt when the rows change.
+    text: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def keep(self, keep: list[int], latents: torch.Tensor | None = None) -> None:
         """Keeps rows `keep` (positions) with `latents`, or the current latents of those rows."""
@@ -140,6 +141,7 @@ class Engine:
             shape.channels * 4,
             transformer.config.joint_attention_dim,
             shape.rope_shape,
+            self._prompts.max_tokens,
             self.model.dtype,
             self.model.device,
         )

@@ -1,9 +1,10 @@
 """Prompt encoding: batched over rows, cached by prompt text, masks kept per prompt.
 
 Each prompt's embedding is stored unpadded ([tokens, dim]); a batch pads them to its longest
-prompt and passes the padding mask to the transformer, so a row's result does not depend on the
-other prompts in its batch. The template and the dropped system-prompt prefix are the pipeline's
-own (`QwenImagePipeline.prompt_template_encode` / `prompt_template_encode_start_idx`).
+prompt and passes the padding mask (if any row is padded) to the transformer, so a row's result
+does not depend on the other prompts in its batch. The template and the dropped system-prompt
+prefix are the pipeline's own (`QwenImagePipeline.prompt_template_encode` /
+`prompt_template_encode_start_idx`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ class PromptEncoder:
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
         self.stats = PromptCacheStats()
+
+    @property
+    def max_tokens(self) -> int:
+        """The most text tokens a prompt's states can have."""
+        return self._max_tokens
 
     @torch.no_grad()
     def encode(
@@ -107,10 +113,19 @@ class PromptEncoder:
             self._cache.popitem(last=False)
 
 
-def pad_embeddings(embeddings: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacks [tokens_i, dim] tensors into [B, max_tokens, dim] plus a [B, max_tokens] mask."""
+def pad_embeddings(
+    embeddings: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stacks [tokens_i, dim] tensors into [B, max_tokens, dim] plus a [B, max_tokens] mask.
+
+    The mask is None when every prompt has the same length, as QwenImagePipeline does: with
+    nothing to mask, SDPA can pick its flash kernel, which takes no mask. The lengths are known
+    here on the host, so deciding this costs no device sync.
+    """
     longest = max(embedding.shape[0] for embedding in embeddings)
     first = embeddings[0]
+    if all(embedding.shape[0] == longest for embedding in embeddings):
+        return torch.stack(list(embeddings)), None
     batch = first.new_zeros((len(embeddings), longest, first.shape[1]))
     mask = torch.zeros((len(embeddings), longest), dtype=torch.long, device=first.device)
     for row, embedding in enumerate(embeddings):

@@ -59,7 +59,9 @@ def build_engine(
         settings.prompt_cache_size,
         settings.max_prompt_tokens,
         FaultInjection(settings.fault_injection_request_marker, settings.fault_injection_oom_rows),
-        TransformerRunner.build(transformer, settings.compile, settings.compile_buckets),
+        TransformerRunner.build(
+            transformer, settings.compile, settings.compile_buckets, settings.compile_scope
+        ),
         settings.vae_tiling_min_pixels,
     )
     metrics.compile_seconds.set(engine.precompile(settings.default_width, settings.default_height))

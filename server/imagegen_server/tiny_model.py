@@ -16,6 +16,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -155,16 +156,7 @@ def build_pipeline(sizes: Preset, tokenizer: Qwen2Tokenizer, seed: int) -> QwenI
     torch.manual_seed(seed)
     text_encoder = _build_text_encoder(sizes, vocab_size=sizes.vocab_size or len(tokenizer))
     torch.manual_seed(seed + 1)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2,
-        in_channels=64,
-        out_channels=16,
-        num_layers=sizes.layers,
-        attention_head_dim=sizes.head_dim,
-        num_attention_heads=sizes.heads,
-        joint_attention_dim=sizes.text_dim,
-        axes_dims_rope=_rope_axes(sizes.head_dim),
-    )
+    transformer = QwenImageTransformer2DModel(**transformer_config(sizes))
     torch.manual_seed(seed + 2)
     vae = AutoencoderKLQwenImage(
         base_dim=sizes.vae_base_dim,
@@ -182,6 +174,20 @@ def build_pipeline(sizes: Preset, tokenizer: Qwen2Tokenizer, seed: int) -> QwenI
         tokenizer=tokenizer,
         transformer=transformer,
     )
+
+
+def transformer_config(sizes: Preset) -> dict[str, Any]:
+    """QwenImageTransformer2DModel's arguments at `sizes` (the full preset's are the real ones)."""
+    return {
+        "patch_size": 2,
+        "in_channels": 64,
+        "out_channels": 16,
+        "num_layers": sizes.layers,
+        "attention_head_dim": sizes.head_dim,
+        "num_attention_heads": sizes.heads,
+        "joint_attention_dim": sizes.text_dim,
+        "axes_dims_rope": _rope_axes(sizes.head_dim),
+    }
 
 
 def _write_tokenizer_files(source: Path) -> None:

@@ -39,15 +39,47 @@ def mixed_batch_images(server: Any) -> list[np.ndarray]:
     return [pixels(watcher.completed().result) for watcher in [first, *second, last]]
 
 
+MIXED_BATCH_SETTINGS: dict[str, Any] = {"step_budget": 0, "max_batch_size": 4, "max_num_images": 1}
+
+
+@pytest.fixture(scope="module")
+def eager_mixed_batch_images(tiny_model: Path) -> list[np.ndarray]:
+    from support import start_server
+
+    server = start_server(tiny_model, **MIXED_BATCH_SETTINGS)
+    try:
+        return mixed_batch_images(server)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    "compile_settings",
+    [
+        {"compile": "buckets", "compile_buckets": [2, 4]},  # regional: each block compiled
+        {"compile": "dynamic"},
+        {"compile": "buckets", "compile_buckets": [2, 4], "compile_scope": "model"},
+    ],
+    ids=["buckets-blocks", "dynamic-blocks", "buckets-model"],
+)
 def test_the_compiled_transformer_gives_the_eager_images_as_the_batch_changes(
     server_factory: Any,
+    eager_mixed_batch_images: list[np.ndarray],
+    compile_settings: dict[str, Any],
 ) -> None:
-    common = {"step_budget": 0, "max_batch_size": 4, "max_num_images": 1}
-    compiled = server_factory(compile="buckets", compile_buckets=[2, 4], **common)
+    import torch
+    from torch._dynamo.utils import counters
+
+    # Compiled graphs live on the code objects, shared by every server in this process: start
+    # each setting from none, so it compiles (and is checked) on its own.
+    torch._dynamo.reset()
+    compiled = server_factory(**compile_settings, **MIXED_BATCH_SETTINGS)
     assert compiled.metrics()["imagegen_compile_seconds"] > 0
+    graphs = counters["stats"]["unique_graphs"]
     compiled_images = mixed_batch_images(compiled)
-    eager_images = mixed_batch_images(server_factory(**common))
-    for compiled_image, eager_image in zip(compiled_images, eager_images, strict=True):
+    # Every shape the batch took was compiled at start-up: serving never waits for the compiler.
+    assert counters["stats"]["unique_graphs"] == graphs
+    for compiled_image, eager_image in zip(compiled_images, eager_mixed_batch_images, strict=True):
         assert_same_image(compiled_image, eager_image)
 
 

@@ -1,0 +1,405 @@
+"""`make bench-mfu`: the engine against the hardware limit, by batch size and compile setting.
+
+    python -m bench.mfu                  # CUDA: the full-size stand-in, 1024x1024 and 1328x1328
+    python -m bench.mfu --quick          # a smoke check of every part
+    python -m bench.mfu --settings eager,buckets --batch-sizes 1,4,8 --resolutions 1024x1024
+
+First the card's peak: the best rate of large square matmuls in the engine's dtype. Then the
+FLOPs of one transformer call per image at each resolution, counted by PyTorch. Then, for each
+compile setting, the engine alone (no server) runs batches of 1..8 requests at each resolution
+to the end and reports images/s (text encoding to decoded images), ms per denoising step of the
+whole batch, the transformer TFLOP/s those steps achieve, and MFU: that rate over the peak.
+Compile settings also report their start-up cost: seconds to compile for every resolution from
+empty caches ("cold"), and again after an in-process reset with inductor's on-disk cache kept
+("warm": a restart with TORCHINDUCTOR_CACHE_DIR on a persistent volume).
+
+On CUDA the model is `tiny-model --preset full` (Qwen-Image's real sizes, random bf16 weights
+drawn on the GPU); on CPU the `bench` preset. The JSON is written after every point, so a run
+stopped part way keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .flops import measure_matmul_peak, transformer_step_flops
+from .limit import BatchTooLarge, EngineBench, measure_quietly
+from .machine import describe_machine
+from .report import add_output_arguments, read_json, replace_block, resolve_outputs, write_json
+from .servers import ensure_model
+from .workloads import RequestClass, parse_ints, parse_resolution
+
+MFU_TARGET = 0.6  # of the measured peak, in the denoising loop
+
+
+@dataclass(frozen=True, slots=True)
+class CompileSetting:
+    """A server compile configuration: `--compile MODE --compile-scope SCOPE`."""
+
+    name: str
+    mode: str  # off | buckets | dynamic
+    scope: str  # blocks | model
+
+
+# In the order they run: compiling blocks changes the transformer in place, so the eager and
+# whole-model settings go first.
+SETTINGS = {
+    setting.name: setting
+    for setting in (
+        CompileSetting("eager", "off", "blocks"),
+        CompileSetting("buckets-model", "buckets", "model"),
+        CompileSetting("dynamic-model", "dynamic", "model"),
+        CompileSetting("buckets", "buckets", "blocks"),
+        CompileSetting("dynamic", "dynamic", "blocks"),
+    )
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.mfu",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter points")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA) | float32 | bfloat16")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="model directory (default: .cache/full-model on CUDA, written "
+        "with --preset full; .cache/bench-model on CPU)",
+    )
+    parser.add_argument("--torch-threads", type=int, help="torch CPU threads (default 2 on CPU)")
+    parser.add_argument("--attention-backend", help="diffusers attention backend; unset = SDPA")
+    parser.add_argument("--resolutions", help="WIDTHxHEIGHT list (CUDA: 1024x1024,1328x1328)")
+    parser.add_argument("--steps", type=int, help="steps per request (default 8; quick 4)")
+    parser.add_argument("--batch-sizes", help="engine batch sizes (default 1..8; quick 1,2)")
+    parser.add_argument(
+        "--settings",
+        help=f"compile settings, from {','.join(SETTINGS)} (default eager,buckets,dynamic; "
+        "quick eager,buckets)",
+    )
+    parser.add_argument("--compile-buckets", default="1,2,4,8", help="buckets' batch sizes")
+    parser.add_argument("--min-batches", type=int, help="measured batches per point (default 2)")
+    add_output_arguments(parser)
+    parser.add_argument(
+        "--report-only", type=Path, metavar="JSON", help="only redo the markdown from JSON"
+    )
+    args = parser.parse_args(argv)
+    args.settings = _settings(
+        args.settings or ("eager,buckets" if args.quick else "eager,buckets,dynamic"), parser
+    )
+    args.compile_buckets = parse_ints(args.compile_buckets)
+    args.batch_sizes = parse_ints(args.batch_sizes or ("1,2" if args.quick else "1,2,3,4,5,6,7,8"))
+    args.steps = args.steps or (4 if args.quick else 8)
+    args.min_batches = args.min_batches or (1 if args.quick else 2)
+    resolve_outputs(args)
+    if args.resolutions:
+        try:
+            args.resolutions = [parse_resolution(text) for text in args.resolutions.split(",")]
+        except ValueError as error:
+            parser.error(str(error))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.report_only:
+        results = read_json(args.report_only)
+        update_markdown(results, args.markdown)
+        return 0
+    # Cold compile times need an empty inductor cache; a caller's own directory is respected.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-mfu-"))
+    command = f"python -m bench.mfu {' '.join(argv)}" if argv else "make bench-mfu"
+    results = run_bench(args, command)
+    update_markdown(results, args.markdown)
+    for target in results["targets"]:
+        print(target["line"])
+    print(f"results: {results_path(args.out, results)} and {args.markdown}")
+    return 0
+
+
+def run_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    import torch
+    from imagegen_server.model import resolve_device, resolve_dtype
+
+    started = time.monotonic()
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    on_cuda = device.type == "cuda"
+    threads = args.torch_threads if args.torch_threads is not None else (0 if on_cuda else 2)
+    if threads:
+        torch.set_num_threads(threads)
+    model_dir = args.model or Path(".cache/full-model" if on_cuda else ".cache/bench-model")
+    ensure_model(model_dir, preset="full" if on_cuda else "bench")
+    resolutions = args.resolutions or ([(1024, 1024), (1328, 1328)] if on_cuda else [(256, 256)])
+
+    # The peak first, while the device holds nothing else.
+    peak = measure_matmul_peak(device, dtype)
+    if on_cuda:
+        torch.cuda.empty_cache()  # the matmuls' operands go back before the model comes
+    print(f"matmul peak: {peak.tflops:.3g} TFLOP/s ({peak.size}^3, {peak.dtype})", flush=True)
+    bench = EngineBench(model_dir, str(device), args.dtype, threads, args.attention_backend)
+    model = bench.model
+    flops = _count_flops(bench, resolutions)
+    results: dict[str, Any] = {
+        "schema": 1,
+        "command": command,
+        "quick": args.quick,
+        "machine": describe_machine(threads, str(model.device)),
+        "model": {
+            "directory": str(model_dir),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "transformer_parameters": sum(
+                p.numel() for p in model.pipeline.transformer.parameters()
+            ),
+        },
+        "settings": {
+            "steps": args.steps,
+            "batch_sizes": args.batch_sizes,
+            "compile_buckets": args.compile_buckets,
+            "min_batches": args.min_batches,
+            "attention_backend": args.attention_backend,
+            "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+        },
+        "peak": asdict(peak),
+        "flops": flops,
+        "compile": [],
+        "points": [],
+    }
+    path = results_path(args.out, results)
+    for setting in args.settings:
+        _measure_setting(bench, setting, resolutions, args, results)
+        write_json(results, path)
+    results["targets"] = evaluate(results)
+    results["wall_s"] = round(time.monotonic() - started, 1)
+    write_json(results, path)
+    return results
+
+
+def _count_flops(bench: EngineBench, resolutions: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """Transformer FLOPs per image and step at each resolution, for the bench's prompts."""
+    model = bench.model
+    # The prompts of the measured batches differ only in their number (a few hundred at most).
+    text_tokens = bench.prompt_tokens(100)
+    flops = []
+    for width, height in resolutions:
+        count = transformer_step_flops(
+            model.pipeline.transformer.config, width, height, text_tokens, model.vae_scale_factor
+        )
+        resolution = f"{width}x{height}"
+        flops.append(
+            {"resolution": resolution, "text_tokens": text_tokens, "flop_per_image_step": count}
+        )
+        print(
+            f"transformer: {count / 1e12:.4g} TFLOP per image-step at {resolution} "
+            f"({text_tokens} text tokens)",
+            flush=True,
+        )
+    return flops
+
+
+def _measure_setting(
+    bench: EngineBench,
+    setting: CompileSetting,
+    resolutions: list[tuple[int, int]],
+    args: argparse.Namespace,
+    results: dict[str, Any],
+) -> None:
+    print(f"{setting.name} (--compile {setting.mode} --compile-scope {setting.scope}):", flush=True)
+    cold = bench.compile(setting.mode, args.compile_buckets, setting.scope, resolutions)
+    if setting.mode != "off":
+        warm = bench.compile(setting.mode, args.compile_buckets, setting.scope, resolutions)
+        results["compile"].append(
+            {"setting": setting.name, "cold_s": round(cold, 2), "warm_s": round(warm, 2)}
+        )
+        print(f"  start-up compile: {cold:.1f} s cold, {warm:.1f} s warm", flush=True)
+    path = results_path(args.out, results)
+    flop_per_row = {entry["resolution"]: entry["flop_per_image_step"] for entry in results["flops"]}
+    for width, height in resolutions:
+        request_class = RequestClass(width, height, args.steps)
+        for batch_size in args.batch_sizes:
+            try:
+                measured = measure_quietly(
+                    bench, request_class, batch_size, args.min_batches, 0.0, progress=_quiet
+                )
+            except BatchTooLarge as error:
+                print(f"  {error}: larger batches skipped", flush=True)
+                break
+            point = mfu_point(
+                setting.name,
+                request_class,
+                batch_size,
+                measured.images_per_s,
+                measured.ms_per_step,
+                flop_per_row[f"{width}x{height}"],
+                results["peak"]["tflops"],
+            )
+            point["batch_seconds"] = [round(s, 4) for s in measured.batch_seconds]
+            point["background_cpu"] = round(measured.background_cpu, 2)
+            results["points"].append(point)
+            write_json(results, path)  # a run stopped part way keeps its points
+            print(
+                f"  {point['resolution']} batch {batch_size}: {point['images_per_s']:.3f} img/s, "
+                f"{point['ms_per_step']:.1f} ms/step, {point['tflops']:.3g} TFLOP/s, "
+                f"MFU {point['mfu']:.3f}",
+                flush=True,
+            )
+
+
+def mfu_point(
+    setting: str,
+    request_class: RequestClass,
+    batch_size: int,
+    images_per_s: float,
+    ms_per_step: float,
+    flop_per_image_step: int,
+    peak_tflops: float,
+) -> dict[str, Any]:
+    """One measured point with its achieved rate and MFU (FLOPs of the batch's real rows only:
+    padding to a compile bucket is not useful work)."""
+    tflops = batch_size * flop_per_image_step / (ms_per_step / 1000) / 1e12
+    return {
+        "setting": setting,
+        "resolution": f"{request_class.width}x{request_class.height}",
+        "steps": request_class.steps,
+        "batch_size": batch_size,
+        "images_per_s": images_per_s,
+        "ms_per_step": ms_per_step,
+        "tflop_per_step": batch_size * flop_per_image_step / 1e12,
+        "tflops": tflops,
+        "mfu": tflops / peak_tflops,
+    }
+
+
+def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The MFU target per resolution: the best point of any setting and batch size."""
+    targets = []
+    for entry in results["flops"]:
+        points = [p for p in results["points"] if p["resolution"] == entry["resolution"]]
+        if not points:
+            continue
+        best = max(points, key=lambda point: point["mfu"])
+        passed = best["mfu"] >= MFU_TARGET
+        targets.append(
+            {
+                "resolution": entry["resolution"],
+                "best_mfu": best["mfu"],
+                "setting": best["setting"],
+                "batch_size": best["batch_size"],
+                "passed": passed,
+                "line": f"{'PASS' if passed else 'MISS'} MFU >= {MFU_TARGET} at "
+                f"{entry['resolution']}: {best['mfu']:.3f} ({best['setting']}, batch "
+                f"{best['batch_size']})",
+            }
+        )
+    return targets
+
+
+def results_path(out: Path, results: dict[str, Any]) -> Path:
+    """One file per device kind, so the CPU and GPU results sit side by side."""
+    return out / f"mfu-{_kind(results)}.json"
+
+
+def update_markdown(results: dict[str, Any], markdown: Path) -> None:
+    kind = _kind(results)
+    begin = (
+        f"<!-- bench-mfu:{kind}:begin (generated by `make bench-mfu`; edits inside are "
+        "overwritten) -->"
+    )
+    replace_block(markdown, begin, f"<!-- bench-mfu:{kind}:end -->", summary_lines(results))
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    machine = results["machine"]
+    peak = results["peak"]
+    hardware = machine.get("gpu") if _kind(results) == "cuda" else machine["cpu_model"]
+    lines = [
+        f"Measured {machine['date'][:10]} on {hardware} (torch {machine['torch']}, "
+        f"{results['model']['dtype']}, transformer of "
+        f"{results['model']['transformer_parameters'] / 1e9:.2f} B parameters) with "
+        f"`{results['command']}`, {results.get('wall_s', 0) / 60:.1f} min.",
+        "",
+        f"- Peak: **{peak['tflops']:.3g} TFLOP/s**, the best {peak['dtype']} matmul "
+        f"({peak['size']} x {peak['size']} x {peak['size']}) measured on this device.",
+    ]
+    for entry in results["flops"]:
+        lines.append(
+            f"- Work: {entry['flop_per_image_step'] / 1e12:.4g} TFLOP per image per step at "
+            f"{entry['resolution']} ({entry['text_tokens']} text tokens), counted by "
+            "`torch.utils.flop_counter`."
+        )
+    if _kind(results) == "cpu":
+        lines += ["", "The MFU target is set for the GPU; here it is only computed."]
+    lines += ["", *(f"**{t['line']}**  " for t in results.get("targets", []))]
+    lines += [
+        "",
+        "| setting | resolution | batch | images/s | ms/step | TFLOP/s | MFU |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for point in results["points"]:
+        lines.append(
+            f"| {point['setting']} | {point['resolution']} | {point['batch_size']} | "
+            f"{point['images_per_s']:.3f} | {point['ms_per_step']:.1f} | "
+            f"{point['tflops']:.3g} | {point['mfu']:.3f} |"
+        )
+    if results["compile"]:
+        lines += [
+            "",
+            "| setting | start-up compile, cold (s) | warm on-disk cache (s) | "
+            "best images/s (any batch) |",
+            "|---|---:|---:|---:|",
+        ]
+        for entry in results["compile"]:
+            lines.append(
+                f"| {entry['setting']} | {entry['cold_s']:.1f} | {entry['warm_s']:.1f} | "
+                f"{_best_rate(results, entry['setting'])} |"
+            )
+        if any(point["setting"] == "eager" for point in results["points"]):
+            lines.append(f"| eager | 0 | 0 | {_best_rate(results, 'eager')} |")
+    return lines
+
+
+def _best_rate(results: dict[str, Any], setting: str) -> str:
+    """Best images/s of `setting` per resolution, e.g. `1.23 (1024x1024)`."""
+    rates = []
+    for entry in results["flops"]:
+        points = [
+            p["images_per_s"]
+            for p in results["points"]
+            if p["setting"] == setting and p["resolution"] == entry["resolution"]
+        ]
+        if points:
+            rates.append(f"{max(points):.3f} ({entry['resolution']})")
+    return ", ".join(rates) or "-"
+
+
+def _quiet(line: str) -> None:
+    """Progress of `measure_quietly`: only its retries are worth a line here."""
+    if "measuring again" in line:
+        print(line, flush=True)
+
+
+def _kind(results: dict[str, Any]) -> str:
+    return "cuda" if str(results["machine"]["device"]).startswith("cuda") else "cpu"
+
+
+def _settings(text: str, parser: argparse.ArgumentParser) -> list[CompileSetting]:
+    chosen = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in chosen if name not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
+    return [setting for name, setting in SETTINGS.items() if name in chosen]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
