@@ -85,17 +85,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--settings",
         help=f"compile settings, from {','.join(SETTINGS)} (default eager,buckets,dynamic; "
-        "quick eager,buckets)",
+        "quick eager,dynamic)",
     )
     parser.add_argument("--compile-buckets", default="1,2,4,8", help="buckets' batch sizes")
     parser.add_argument("--min-batches", type=int, help="measured batches per point (default 2)")
     add_output_arguments(parser)
     parser.add_argument(
-        "--report-only", type=Path, metavar="JSON", help="only redo the markdown from JSON"
+        "--report-only",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="only redo the markdown from JSON files; several (say, one run per compile "
+        "setting, each inside a time limit) are merged into one report",
     )
     args = parser.parse_args(argv)
     args.settings = _settings(
-        args.settings or ("eager,buckets" if args.quick else "eager,buckets,dynamic"), parser
+        args.settings or ("eager,dynamic" if args.quick else "eager,buckets,dynamic"), parser
     )
     args.compile_buckets = parse_ints(args.compile_buckets)
     args.batch_sizes = parse_ints(args.batch_sizes or ("1,2" if args.quick else "1,2,3,4,5,6,7,8"))
@@ -114,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.report_only:
-        results = read_json(args.report_only)
-        update_markdown(results, args.markdown)
+        update_markdown(merge_runs([read_json(path) for path in args.report_only]), args.markdown)
         return 0
     # Cold compile times need an empty inductor cache; a caller's own directory is respected.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-mfu-"))
@@ -305,6 +309,23 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     return targets
 
 
+def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from runs on the same device: their points, compile times and resolutions
+    together. Each point keeps the MFU against its own run's peak."""
+    merged = {**runs[0], "points": [], "compile": [], "flops": [], "peaks": []}
+    for run in runs:
+        merged["points"] += run["points"]
+        merged["compile"] += run["compile"]
+        merged["peaks"].append(run["peak"]["tflops"])
+        known = {entry["resolution"] for entry in merged["flops"]}
+        merged["flops"] += [entry for entry in run["flops"] if entry["resolution"] not in known]
+    if len(runs) > 1:
+        merged["command"] = " ; ".join(run["command"] for run in runs)
+        merged["wall_s"] = sum(run.get("wall_s", 0) for run in runs)
+    merged["targets"] = evaluate(merged)
+    return merged
+
+
 def results_path(out: Path, results: dict[str, Any]) -> Path:
     """One file per device kind, so the CPU and GPU results sit side by side."""
     return out / f"mfu-{_kind(results)}.json"
@@ -332,6 +353,12 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         f"- Peak: **{peak['tflops']:.3g} TFLOP/s**, the best {peak['dtype']} matmul "
         f"({peak['size']} x {peak['size']} x {peak['size']}) measured on this device.",
     ]
+    peaks = results.get("peaks", [])
+    if len(peaks) > 1:
+        lines.append(
+            f"  The {len(peaks)} runs merged here measured "
+            f"{', '.join(f'{value:.3g}' for value in peaks)}; each point's MFU uses its own run's."
+        )
     for entry in results["flops"]:
         lines.append(
             f"- Work: {entry['flop_per_image_step'] / 1e12:.4g} TFLOP per image per step at "

@@ -88,5 +88,17 @@ def test_a_small_run_reports_rate_and_mfu_for_every_batch_size(
     assert report.count("| eager | 64x64 |") == 2
     # The report is a function of the JSON alone.
     markdown.unlink()
-    assert mfu_main([f"--report-only={tmp_path / 'mfu-cpu.json'}", f"--markdown={markdown}"]) == 0
+    assert (
+        mfu_main(["--report-only", str(tmp_path / "mfu-cpu.json"), f"--markdown={markdown}"]) == 0
+    )
     assert markdown.read_text() == report
+
+    # A second run (say, another compile setting inside another time limit) merges into one.
+    second = tmp_path / "second"
+    second_argv = [arg for arg in argv if not arg.startswith(("--batch-sizes", "--out", "--mark"))]
+    second_argv += ["--batch-sizes=3", f"--out={second}", f"--markdown={second / 'unused.md'}"]
+    assert mfu_main(second_argv) == 0
+    runs = [str(tmp_path / "mfu-cpu.json"), str(second / "mfu-cpu.json")]
+    assert mfu_main(["--report-only", *runs, f"--markdown={markdown}"]) == 0
+    merged = markdown.read_text()
+    assert merged.count("| eager | 64x64 |") == 3 and "The 2 runs merged here" in merged
