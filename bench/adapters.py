@@ -46,7 +46,7 @@ from .servers import (
     rows_per_step,
 )
 from .stats import closed_loop_stats, percentile, records_from_table, records_table
-from .workloads import RequestClass, parse_resolution
+from .workloads import RequestClass, parse_ints, resolution_arg
 
 SYSTEMS = ("none", "shared", "separate")
 ADAPTERS = ("ink", "neon", "sepia", "pastel")  # written by `tiny-model` next to the pipeline
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--torch-threads", type=int, default=2, help="0 = torch's default")
-    parser.add_argument("--resolution", default="256x256")
+    parser.add_argument("--resolution", type=resolution_arg, default="256x256")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--clients", default="16,4", help="closed-loop levels, comma-separated")
     parser.add_argument("--max-batch-size", type=int, default=8)
@@ -85,12 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--report-only", type=Path, metavar="JSON", help="only redo the markdown from JSON"
     )
     args = parser.parse_args(argv)
-    args.clients = [int(part) for part in args.clients.split(",") if part.strip()]
+    args.clients = parse_ints(args.clients)
     resolve_outputs(args)
-    try:
-        args.resolution = parse_resolution(args.resolution)
-    except ValueError as error:
-        parser.error(str(error))
     return args
 
 

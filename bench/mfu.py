@@ -34,7 +34,7 @@ from .limit import BatchTooLarge, EngineBench, measure_quietly
 from .machine import describe_machine
 from .report import add_output_arguments, read_json, replace_block, resolve_outputs, write_json
 from .servers import ensure_model
-from .workloads import RequestClass, parse_ints, parse_resolution
+from .workloads import RequestClass, parse_ints, resolutions_arg
 
 MFU_TARGET = 0.6  # of the measured peak, in the denoising loop
 
@@ -79,7 +79,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--torch-threads", type=int, help="torch CPU threads (default 2 on CPU)")
     parser.add_argument("--attention-backend", help="diffusers attention backend; unset = SDPA")
-    parser.add_argument("--resolutions", help="WIDTHxHEIGHT list (CUDA: 1024x1024,1328x1328)")
+    parser.add_argument(
+        "--resolutions",
+        type=resolutions_arg,
+        help="WIDTHxHEIGHT list (CUDA: 1024x1024,1328x1328; CPU: 256x256)",
+    )
     parser.add_argument("--steps", type=int, help="steps per request (default 8; quick 4)")
     parser.add_argument("--batch-sizes", help="engine batch sizes (default 1..8; quick 1,2)")
     parser.add_argument(
@@ -107,11 +111,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.steps = args.steps or (4 if args.quick else 8)
     args.min_batches = args.min_batches or (1 if args.quick else 2)
     resolve_outputs(args)
-    if args.resolutions:
-        try:
-            args.resolutions = [parse_resolution(text) for text in args.resolutions.split(",")]
-        except ValueError as error:
-            parser.error(str(error))
     return args
 
 

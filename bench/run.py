@@ -41,7 +41,7 @@ from .runner import QUIET_WAIT_S, Runner
 from .servers import ServerOptions, ensure_model
 from .stats import recompute_stats
 from .targets import evaluate
-from .workloads import mix_workload, parse_ints, parse_resolution, single_workload
+from .workloads import mix_workload, parse_ints, resolution_arg, resolutions_arg, single_workload
 
 SYSTEMS = ("naive", "request", "step")
 WORKLOADS = ("single", "mix")
@@ -73,9 +73,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--torch-threads", type=int, default=2, help="torch CPU threads; 0 = default"
     )
-    parser.add_argument("--resolution", default="256x256", help="single workload WIDTHxHEIGHT")
+    parser.add_argument(
+        "--resolution", type=resolution_arg, default="256x256", help="single workload WIDTHxHEIGHT"
+    )
     parser.add_argument("--steps", type=int, default=8, help="single workload steps")
-    parser.add_argument("--mix-resolutions", default="256x256,192x192", help="mix: comma-separated")
+    parser.add_argument(
+        "--mix-resolutions",
+        type=resolutions_arg,
+        default="256x256,192x192",
+        help="mix: comma-separated",
+    )
     parser.add_argument("--mix-steps", default="4,8", help="mix: comma-separated step counts")
     parser.add_argument("--batch-sizes", help="engine sweep (default 1,2,4,8; quick 1,4)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="servers' --max-batch-size")
@@ -111,11 +118,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.systems = _choices(args.systems, SYSTEMS, parser)
     args.workloads = _choices(args.workloads, WORKLOADS, parser)
     resolve_outputs(args)
-    try:
-        args.resolution = parse_resolution(args.resolution)
-        args.mix_resolutions = [parse_resolution(text) for text in args.mix_resolutions.split(",")]
-    except ValueError as error:
-        parser.error(str(error))
     return args
 
 

@@ -62,36 +62,19 @@ def real_server_command(
     return [
         *launcher,
         "serve",
-        "--model",
-        str(options.model),
-        "--host",
-        HOST,
+        *_shared_flags(options),
         "--port",
         "0",
         "--metrics-port",
         "0",
-        "--device",
-        options.device,
-        "--dtype",
-        options.dtype,
-        "--torch-threads",
-        str(options.torch_threads),
         "--batching",
         batching,
         "--max-batch-size",
         str(options.max_batch_size),
-        "--max-queue-size",
-        str(options.max_queue_size),
         "--min-width",
         str(options.min_size),
         "--min-height",
         str(options.min_size),
-        "--default-width",
-        str(options.default_width),
-        "--default-height",
-        str(options.default_height),
-        "--default-steps",
-        str(options.default_steps),
         "--drain-timeout-s",
         "5",
         *extra,
@@ -100,10 +83,12 @@ def real_server_command(
 
 def naive_server_command(options: ServerOptions) -> list[str]:
     """bench/naive_server.py: `pipe(...)` one request at a time."""
+    return [sys.executable, "-m", "bench.naive_server", *_shared_flags(options)]
+
+
+def _shared_flags(options: ServerOptions) -> list[str]:
+    """The flags both servers take alike: model, address, device, queue, default request."""
     return [
-        sys.executable,
-        "-m",
-        "bench.naive_server",
         "--model",
         str(options.model),
         "--host",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import random
 from dataclasses import dataclass
 
@@ -52,6 +53,19 @@ def parse_resolution(text: str) -> tuple[int, int]:
     if not sep or not width.isdigit() or not height.isdigit() or int(width) * int(height) == 0:
         raise ValueError(f"resolution {text!r}: expected WIDTHxHEIGHT, e.g. 256x256")
     return int(width), int(height)
+
+
+def resolution_arg(text: str) -> tuple[int, int]:
+    """argparse `type=` for one WIDTHxHEIGHT: a bad value is a usage error naming the option."""
+    try:
+        return parse_resolution(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def resolutions_arg(text: str) -> list[tuple[int, int]]:
+    """argparse `type=` for comma-separated WIDTHxHEIGHT values."""
+    return [resolution_arg(part) for part in text.split(",") if part.strip()]
 
 
 def single_workload(resolution: tuple[int, int], steps: int) -> Workload:

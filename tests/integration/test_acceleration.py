@@ -116,6 +116,7 @@ def test_the_full_size_model_is_refused_on_cpu(tmp_path: Path) -> None:
     "overrides,message",
     [
         ({"compile": "eager"}, "compile"),
+        ({"compile_scope": "layers"}, "compile_scope"),
         (
             {"compile": "buckets", "compile_buckets": [1, 2]},
             "compile_buckets must reach max_batch_size",
