@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-COLORS = {"naive": "tab:gray", "request": "tab:orange", "step": "tab:blue"}
-NAMES = {"naive": "naive", "request": "request-level", "step": "step-level"}
+from .report import SYSTEM_NAMES as NAMES
+
+COLORS = {"naive": "tab:gray", "request": "tab:orange", "step": "tab:blue", "step-all": "tab:green"}
 
 
 def plot_results(results: dict[str, Any], path: Path) -> Path:
@@ -99,7 +100,7 @@ def _open(ax: Any, results: dict[str, Any]) -> None:
 
 def _mix(ax: Any, results: dict[str, Any]) -> None:
     steps_styles = dict(zip(results["settings"]["mix_steps"], ("-", "--", ":", "-."), strict=False))
-    for system in ("request", "step"):
+    for system in ("request", "step", "step-all"):
         runs = _runs(results, system, "mix", "open")
         for steps, style in steps_styles.items():
             values = [

@@ -43,7 +43,8 @@ from .stats import recompute_stats
 from .targets import evaluate
 from .workloads import mix_workload, parse_ints, resolution_arg, resolutions_arg, single_workload
 
-SYSTEMS = ("naive", "request", "step")
+SYSTEMS = ("naive", "request", "step", "step-all")
+DEFAULT_SYSTEMS = ("naive", "request", "step")  # step-all: for row-selection comparisons
 WORKLOADS = ("single", "mix")
 
 
@@ -98,7 +99,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--loads", help="open-loop fractions of the limit (default 0.5,0.8,1.0,1.2; quick 0.8)"
     )
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help="subset of naive,request,step")
+    parser.add_argument(
+        "--systems",
+        default=",".join(DEFAULT_SYSTEMS),
+        help=f"subset of {','.join(SYSTEMS)} (step-all: step-level with --row-selection all)",
+    )
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="subset of single,mix")
     parser.add_argument("--seed", type=int, default=0, help="arrival times and mix classes")
     parser.add_argument(

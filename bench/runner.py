@@ -27,9 +27,8 @@ from .machine import BUSY_CORES, CpuMeter, CpuUse
 from .servers import (
     ServerOptions,
     ServerProcess,
-    naive_server_command,
-    real_server_command,
     rows_per_step,
+    server_command,
 )
 from .stats import RequestRecord, closed_loop_stats, open_loop_stats, records_table
 from .targets import MIX_TARGET_FRACTION
@@ -181,11 +180,7 @@ class Runner:
         return runs
 
     async def _run_system(self, system: str) -> list[dict[str, Any]]:
-        command = (
-            naive_server_command(self._options)
-            if system == "naive"
-            else real_server_command(self._options, system)
-        )
+        command = server_command(self._options, system)
         runs = []
         print(f"{system}: starting the server", flush=True)
         with ServerProcess(system, command) as server:

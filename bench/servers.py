@@ -1,9 +1,10 @@
 """Server subprocesses: start one, wait for SERVING, read its metrics, stop it whatever happens.
 
-All three systems (naive, request-level, step-level) are separate processes started the same
-way, print the same `gRPC on HOST:PORT, metrics on HOST:PORT` line on stderr, answer the same
-`Generate` RPC and the same grpc.health.v1 Watch, and export the same few metrics. Their stderr
-is drained on a thread for their whole life so a chatty server never blocks on a full pipe.
+Every system (naive, request-level, step-level, step-level stepping every row) is a separate
+process started the same way; each prints the same `gRPC on HOST:PORT, metrics on HOST:PORT`
+line on stderr, answers the same `Generate` RPC and the same grpc.health.v1 Watch, and exports
+the same few metrics. Their stderr is drained on a thread for their whole life so a chatty
+server never blocks on a full pipe.
 """
 
 from __future__ import annotations
@@ -50,6 +51,22 @@ class ServerOptions:
     default_height: int
     default_steps: int
     min_size: int  # smallest width/height the servers accept
+
+
+# How each system of `imagegen-server serve` batches: its --batching and any further flags.
+BATCHING_FLAGS: dict[str, tuple[str, ...]] = {
+    "request": ("--batching", "request"),
+    "step": ("--batching", "step"),  # with its default cost-aware row selection
+    "step-all": ("--batching", "step", "--row-selection", "all"),
+}
+
+
+def server_command(options: ServerOptions, system: str) -> list[str]:
+    """The command line of one bench system: "naive" or one of BATCHING_FLAGS."""
+    if system == "naive":
+        return naive_server_command(options)
+    flags = BATCHING_FLAGS[system]
+    return real_server_command(options, flags[1], flags[2:])
 
 
 def real_server_command(

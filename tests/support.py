@@ -31,6 +31,9 @@ TEST_SETTINGS: dict[str, Any] = {
     "default_steps": 4,
     "max_queue_delay_ms": 0.0,
     "torch_threads": 2,
+    # Which rows step must not depend on measured step times here; tests of cost-aware row
+    # selection ask for it and set the costs.
+    "row_selection": "all",
 }
 EVENT_TIMEOUT_S = 60.0
 # The determinism contract (DESIGN.md): max abs pixel difference in [0, 1].

@@ -19,7 +19,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -63,7 +63,7 @@ class EngineLike(Protocol):
 
     def add(self, group: Hashable, requests: Sequence[EngineRequest]) -> AddResult: ...
 
-    def step(self, group: Hashable) -> StepResult: ...
+    def step(self, group: Hashable, only: Collection[str] | None = None) -> StepResult: ...
 
     def cancel(self, request_id: str) -> bool: ...
 
@@ -136,6 +136,11 @@ class Batcher:
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The queue policy this batcher drives (inspect it under no lock only when idle)."""
+        return self._scheduler
 
     @property
     def ready(self) -> bool:
@@ -347,6 +352,7 @@ class Batcher:
 
     def _run_step(self, engine: EngineLike, plan: StepPlan) -> None:
         group = plan.group
+        stepped = plan.stepped
         if plan.admitted:
             self._note_admitted(plan)
         try:
@@ -357,9 +363,11 @@ class Batcher:
                 added = engine.add(group, requests)
                 self._observe_stages(added.stage_seconds)
                 self._fail_requests(added.failed)
+                if stepped is not None:  # a chosen request that failed to encode: none to step
+                    stepped = [rid for rid in stepped if rid not in added.failed] or None
             if not engine.has_work(group):  # every admitted request failed to encode
                 return
-            result = engine.step(group)
+            result = engine.step(group, stepped)
         except Exception:  # the engine isolates model errors per row; this is anything else
             log.exception("batch %s failed", group)
             self._fail_group(engine, group)
@@ -378,7 +386,11 @@ class Batcher:
                 key = self._scheduler.key_of(group)  # with adapter names under "separate"
                 self._scheduler.out_of_memory(key, result.out_of_memory_rows, now)
             self._scheduler.recover_row_limits(now)
-            self._scheduler.step_done(group)
+            self._scheduler.step_done(group, stepped)
+            if result.out_of_memory_rows is None and not result.failed:  # a clean timing
+                self._scheduler.observe_step(
+                    group, result.batch_size, result.stage_seconds["denoise_step"]
+                )
             for progress in result.progress:
                 handle = self._handles.get(progress.request_id)
                 if handle is None:
@@ -402,6 +414,7 @@ class Batcher:
         self._observe_stages(result.stage_seconds)
         self._observe_adapters(result.adapter_rows)
         self._metrics.batch_size.observe(result.batch_size)
+        self._metrics.deferred_rows.inc(result.deferred_rows)
         with self._cond:
             if self._step_budget is not None:
                 self._step_budget = max(0, self._step_budget - 1)

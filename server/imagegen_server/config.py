@@ -150,6 +150,11 @@ class Settings(BaseSettings):
     max_active_batches: int = Field(
         2, ge=1, description="step batching: batches of different shapes in flight at once"
     )
+    row_selection: Literal["cost", "all"] = Field(
+        "cost",
+        description="step batching: cost = when nothing waits, a step may leave out requests with"
+        " more steps to go if measured step times grow with rows; all = every row, every step",
+    )
     prompt_cache_size: int = Field(256, ge=0, description="prompt embeddings kept (LRU); 0 = off")
 
     # --- request limits (reported by GetServerInfo) ---

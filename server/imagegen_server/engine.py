@@ -10,15 +10,16 @@ single rows, so only a row that fails alone is lost (its request gets INTERNAL).
 out-of-memory error also reports the largest call that fit, so the scheduler can cap the batch.
 
 Call order (from the batcher): `add` puts admitted requests into a batch, `step` runs one
-denoising step of one batch and returns progress, finished images and failures, `cancel` drops a
-request's rows at the boundary, `has_work` tells whether any batch holds rows.
+denoising step of one batch (of all its rows, or of the requests the scheduler picked; the
+others keep their latents and wait) and returns progress, finished images and failures, `cancel`
+drops a request's rows at the boundary, `has_work` tells whether any batch holds rows.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,6 +69,7 @@ class AddResult:
 class StepResult:
     key: BatchKey
     batch_size: int  # rows in this step's transformer call (CFG not counted twice)
+    deferred_rows: int  # rows of the batch that sat this step out
     progress: list[RequestProgress]
     finished: list[FinishedRequest]
     stage_seconds: dict[str, float]  # denoise_step / vae_decode / preview
@@ -94,15 +96,23 @@ class _Batch:
     # Padded states + mask (None: no padding), rebuilt when the rows change.
     text: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
-    def keep(self, keep: list[int], latents: torch.Tensor | None = None) -> None:
-        """Keeps rows `keep` (positions) with `latents`, or the current latents of those rows."""
-        if latents is None and keep:
-            assert self.latents is not None
-            latents = self.latents[keep]
-        if len(keep) != len(self.rows):
-            self.text = None
+    def keep(self, keep: list[int]) -> None:
+        """Keeps the rows at positions `keep`, with their latents."""
+        if len(keep) == len(self.rows):
+            return
+        self.text = None
         self.rows = [self.rows[index] for index in keep]
-        self.latents = latents if keep else None
+        self.latents = self.latents[keep] if keep and self.latents is not None else None
+
+    def update(self, positions: list[int], latents: torch.Tensor) -> None:
+        """The rows at `positions` took a step to `latents`."""
+        assert self.latents is not None
+        if len(positions) == len(self.rows):  # positions are in batch order: every row
+            self.latents = latents
+        else:
+            self.latents[positions] = latents
+        for position in positions:
+            self.rows[position].step += 1
 
 
 class Engine:
@@ -204,21 +214,26 @@ class Engine:
         return result
 
     @torch.inference_mode()
-    def step(self, group: Hashable) -> StepResult:
-        """Runs one denoising step for every row of batch `group`; decodes rows that finish."""
+    def step(self, group: Hashable, only: Collection[str] | None = None) -> StepResult:
+        """Runs one denoising step for the rows of batch `group` (of the requests in `only`, or
+        every row); decodes rows that finish."""
         batch = self._batches[group]
         timings: dict[str, float] = {}
+        stepping = [
+            index for index, row in enumerate(batch.rows) if only is None or row.request_id in only
+        ]
         started = time.perf_counter()
-        advance = self._advance(batch, list(range(len(batch.rows))))
+        advance = self._advance(batch, stepping)
         self._sync()
         timings["denoise_step"] = time.perf_counter() - started
         result = StepResult(
             key=batch.key,
-            batch_size=len(batch.rows),
+            batch_size=len(stepping),
+            deferred_rows=len(batch.rows) - len(stepping),
             progress=[],
             finished=[],
             stage_seconds=timings,
-            adapter_rows=_count_adapter_rows(batch.rows),
+            adapter_rows=_count_adapter_rows([batch.rows[index] for index in stepping]),
             out_of_memory_rows=advance.largest_call if advance.out_of_memory else None,
         )
         failed = {batch.rows[index].request_id for index in advance.failed}
@@ -229,15 +244,16 @@ class Engine:
             if batch.rows[index].request_id not in failed
         ]
         previews = self._previews(batch, advance, [index for index, _ in survivors], timings)
-        stepped = None
         if advance.latents is not None and survivors:
-            stepped = advance.latents[[position for _, position in survivors]]
-        batch.keep([index for index, _ in survivors], stepped)
-        for row in batch.rows:
-            row.step += 1
-        images = self._decode(batch, [row for row in batch.rows if row.done], timings)
+            batch.update(
+                [index for index, _ in survivors],
+                advance.latents[[position for _, position in survivors]],
+            )
+        stepped_rows = [batch.rows[index] for index, _ in survivors]
+        batch.keep([i for i, row in enumerate(batch.rows) if row.request_id not in failed])
+        images = self._decode(batch, [row for row in stepped_rows if row.done], timings)
         failed |= {row.request_id for row, pixels in images.items() if pixels is None}
-        result.progress = self._progress(batch, previews, failed)
+        result.progress = self._progress(stepped_rows, previews, failed)
         result.finished = self._collect_finished(batch, images, failed)
         result.failed = sorted(failed)
         batch.keep(
@@ -448,10 +464,10 @@ class Engine:
         )
 
     def _progress(
-        self, batch: _Batch, previews: dict[int, Preview], failed: set[str]
+        self, rows: list[Row], previews: dict[int, Preview], failed: set[str]
     ) -> list[RequestProgress]:
         by_request: dict[str, RequestProgress] = {}
-        for row in batch.rows:
+        for row in rows:
             if row.request_id in failed:
                 continue
             progress = by_request.get(row.request_id)

@@ -61,6 +61,11 @@ class Metrics:
         self.running_rows = Gauge(
             "imagegen_running_rows", "Rows in running batches", registry=registry
         )
+        self.deferred_rows = Counter(
+            "imagegen_deferred_rows",
+            "Rows of a running batch that sat a step out (cost-aware row selection)",
+            registry=registry,
+        )
         self.stage = Histogram(
             "imagegen_stage_seconds",
             "Time per stage call: text_encode, denoise_step, vae_decode, preview, image_encode",

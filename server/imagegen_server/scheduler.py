@@ -7,7 +7,9 @@ argument (`now`), so tests drive it with a fake clock.
 Two policies share this code (DESIGN.md, "Batching"):
 - "step" (continuous batching): a running batch admits waiting rows of its key at every step
   boundary; requests with different step counts share a batch; up to `max_active_batches`
-  batches of different keys are in flight and take turns step by step.
+  batches of different keys are in flight and take turns step by step. With
+  `row_selection="cost"`, a batch nobody waits for steps only the requests that cost-aware row
+  selection picks (row_selection.py); the others wait at the boundary.
 - "request" (Triton's dynamic batcher): a batch is formed from requests of one key *and step
   count*, runs all its steps, and nothing joins it; one batch at a time.
 
@@ -25,8 +27,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import QueueFull
+from .row_selection import ArrivalRate, Candidate, CostLine, StepCosts, rows_to_step
 
 Policy = Literal["step", "request"]
+RowSelection = Literal["all", "cost"]
 
 
 @dataclass(slots=True)
@@ -42,7 +46,8 @@ class QueueEntry:
     queue_deadline: float | None = None  # must have started by then, else DEADLINE_EXCEEDED
     deadline: float | None = None  # must have finished by then (the client's deadline)
     seq: int = 0  # arrival order, set by the scheduler; breaks ties
-    steps_done: int = 0  # denoising steps run so far (estimates only)
+    steps_done: int = 0  # denoising steps run so far
+    deferred_steps: int = 0  # steps of its batch it sat out (cost-aware row selection)
 
     @property
     def rank(self) -> tuple[int, float, int]:
@@ -59,6 +64,7 @@ class SchedulerConfig:
     max_active_batches: int = 1  # step policy: batches of different keys in flight
     default_queue_timeout_s: float = 0.0  # longest wait in the queue; 0 = none
     row_limit_recovery_s: float = 60.0  # after out-of-memory: when to try twice the rows again
+    row_selection: RowSelection = "all"  # step policy: "cost" lets rows sit out a step
 
     @property
     def joins_running(self) -> bool:
@@ -83,6 +89,7 @@ class StepPlan:
 
     group: Hashable | None = None  # the batch that runs one step; None = nothing to run
     admitted: list[QueueEntry] = field(default_factory=list)  # join `group` before the step
+    stepped: list[str] | None = None  # request ids that run the step; None = all of `group`
     wake_at: float | None = None  # when nothing runs: when the plan can change by itself
 
 
@@ -96,8 +103,8 @@ class Scheduler:
     """Decides batches; the batcher calls it under one lock from the event loop and engine thread.
 
     Call order: `add`/`cancel` whenever requests arrive or leave; at every step boundary
-    `expire(now)` and `schedule(now)`, then (after the engine ran the step) `step_done(group)`
-    and `finish(id)` for every request that left the batch.
+    `expire(now)` and `schedule(now)`, then (after the engine ran the step) `step_done(group,
+    stepped)`, `observe_step(...)` and `finish(id)` for every request that left the batch.
     """
 
     def __init__(self, config: SchedulerConfig) -> None:
@@ -109,6 +116,8 @@ class Scheduler:
         # Per-key limits below max_batch_size (memory probe, out-of-memory back-off).
         self._row_limits: dict[Hashable, int] = {}
         self._backoff_since: dict[Hashable, float] = {}  # out-of-memory limits and when set
+        self.costs = StepCosts()  # measured step times, for row selection
+        self._arrivals = ArrivalRate()
 
     # --- requests arriving and leaving ---
 
@@ -120,6 +129,7 @@ class Scheduler:
             QueueFull: the queue is full of requests of the same or higher priority.
         """
         entry.seq = next(self._seq)
+        self._arrivals.add(now)
         if self.config.default_queue_timeout_s > 0:
             timeout_at = now + self.config.default_queue_timeout_s
             entry.queue_deadline = min(timeout_at, entry.queue_deadline or timeout_at)
@@ -153,10 +163,17 @@ class Scheduler:
         self._running.pop(request_id, None)
         self._running_group.pop(request_id, None)
 
-    def step_done(self, group: Hashable) -> None:
-        """The engine ran one denoising step of `group`."""
+    def step_done(self, group: Hashable, stepped: list[str] | None = None) -> None:
+        """The engine ran one denoising step of `group` for `stepped` (None = every request)."""
         for entry in self.running_in(group):
-            entry.steps_done += 1
+            if stepped is None or entry.request_id in stepped:
+                entry.steps_done += 1
+            else:
+                entry.deferred_steps += 1
+
+    def observe_step(self, group: Hashable, rows: int, seconds: float) -> None:
+        """A step of `rows` rows of `group` took `seconds` (the cost model row selection uses)."""
+        self.costs.observe(self.key_of(group), rows, seconds)
 
     def out_of_memory(self, key: Hashable, rows_that_fit: int, now: float) -> None:
         """A step of `key` ran out of memory; `rows_that_fit` rows did not. Caps the key there
@@ -237,6 +254,7 @@ class Scheduler:
             plan.admitted = self._admit(
                 group, waiting.get(group, []), running_rows, self._row_limit(group), blocked
             )
+        plan.stepped = self._select_rows(group, now)
         return plan
 
     def estimates(self, step_s: float) -> dict[str, QueueEstimate]:
@@ -288,6 +306,43 @@ class Scheduler:
         ]
 
     # --- helpers ---
+
+    def _select_rows(self, group: Hashable, now: float) -> list[str] | None:
+        """The requests of `group` that run its next step; None = all of them.
+
+        Only a batch that nobody waits for may hold rows back: while requests wait, full steps
+        are what empties the queue. Requests that must step (`_must_step`) go first, then by
+        priority and fewest remaining steps; row_selection.rows_to_step decides how many.
+        """
+        if self.config.row_selection != "cost" or not self.config.joins_running or self._waiting:
+            return None
+        members = self.running_in(group)
+        cost = self.costs.line(self.key_of(group))
+        if len(members) < 2 or cost is None:
+            return None
+        rows = sum(entry.rows for entry in members)
+        ordered = sorted(
+            members,
+            key=lambda e: (not self._must_step(e, cost, rows, now), e.priority, _left(e), e.rank),
+        )
+        take = rows_to_step(
+            [Candidate(entry.rows, _left(entry)) for entry in ordered],
+            cost,
+            self._arrivals.per_second(now),
+        )
+        take = max(take, sum(1 for entry in ordered if self._must_step(entry, cost, rows, now)))
+        return None if take >= len(ordered) else [entry.request_id for entry in ordered[:take]]
+
+    @staticmethod
+    def _must_step(entry: QueueEntry, cost: CostLine, rows: int, now: float) -> bool:
+        """A request sits out at most as many steps as it has (its compute time at most about
+        doubles), and none whose deadline leaves less than twice its remaining time at the
+        current batch's step cost."""
+        if entry.deferred_steps >= entry.steps:
+            return True
+        if entry.deadline is None:
+            return False
+        return entry.deadline - now < 2 * _left(entry) * cost(rows)
 
     def group_of(self, entry: QueueEntry) -> Hashable:
         """Request-level batches also need equal step counts: they run all their steps together."""
@@ -379,3 +434,8 @@ class Scheduler:
             self._running[entry.request_id] = entry
             self._running_group[entry.request_id] = group
         return admitted
+
+
+def _left(entry: QueueEntry) -> int:
+    """Denoising steps a running request still has to run."""
+    return entry.steps - entry.steps_done

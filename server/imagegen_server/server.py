@@ -54,6 +54,7 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
         max_active_batches=settings.max_active_batches,
         default_queue_timeout_s=settings.default_queue_timeout_ms / 1000,
         row_limit_recovery_s=settings.row_limit_recovery_s,
+        row_selection=settings.row_selection,
     )
 
 
@@ -246,6 +247,7 @@ class ImageGenServer:
             max_queue_delay_ms=settings.max_queue_delay_ms,
             max_queue_size=settings.max_queue_size,
             preferred_batch_sizes=settings.preferred_batch_sizes,
+            row_selection=settings.row_selection,
         )
 
 

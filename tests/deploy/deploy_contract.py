@@ -26,6 +26,7 @@ METRICS = {
     "imagegen_batch_size": "histogram",
     "imagegen_pending_requests": "gauge",
     "imagegen_running_rows": "gauge",
+    "imagegen_deferred_rows_total": "counter",
     "imagegen_stage_seconds": "histogram",
     "imagegen_prompt_cache_hits_total": "counter",
     "imagegen_prompt_cache_misses_total": "counter",

@@ -126,6 +126,33 @@ def test_request_level_batching_makes_the_short_request_wait(server_factory: Any
     assert result.batch_size == 1
 
 
+def test_cost_aware_selection_runs_a_short_request_ahead_with_the_same_pixels(
+    server_factory: Any,
+) -> None:
+    from imagegen_server.types import BatchKey
+
+    server = server_factory(step_budget=0, row_selection="cost")
+    for rows in (1, 2, 4, 8):  # step times as a large model's: every row costs alike
+        server.batcher.scheduler.observe_step(BatchKey(64, 64, cfg=False), rows, 10.0 * rows)
+    client = server.client()
+    long = StreamWatcher(client, "a long castle", seed=21, steps=8, output_format=NPY)
+    short = StreamWatcher(client, "a short boat", seed=22, steps=2, output_format=NPY)
+    for watcher in (long, short):
+        watcher.queued()
+    deferred_before = server.metrics()["imagegen_deferred_rows_total"]
+    release(server)
+    together = [watcher.completed().result for watcher in (long, short)]
+    # The short request stepped alone, twice, while the long one sat out; then the long one ran.
+    assert [result.batch_size for result in together] == [1, 1]
+    assert server.metrics()["imagegen_deferred_rows_total"] - deferred_before == 2
+    alone = [
+        client.generate("a long castle", seed=21, steps=8, output_format=NPY),
+        client.generate("a short boat", seed=22, steps=2, output_format=NPY),
+    ]
+    for result, solo in zip(together, alone, strict=True):
+        assert_same_image(pixels(result), pixels(solo))
+
+
 def test_a_higher_priority_request_starts_first(server_factory: Any) -> None:
     server = server_factory(
         step_budget=0,

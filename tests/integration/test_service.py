@@ -193,6 +193,7 @@ def test_server_info_reports_model_limits_and_batching(server: Any) -> None:
     assert info.limits.size_multiple == 16
     assert (info.limits.min_width, info.limits.max_width, info.limits.default_steps) == (32, 256, 4)
     assert info.batching.policy == "step" and info.batching.max_batch_size == 8
+    assert info.batching.row_selection == "all"  # as the test settings ask
     assert pb.OUTPUT_FORMAT_NPY in info.limits.output_formats
 
 

@@ -576,6 +576,7 @@ class BatchingInfo(_message.Message):
     MAX_QUEUE_SIZE_FIELD_NUMBER: _builtins.int
     PREFERRED_BATCH_SIZES_FIELD_NUMBER: _builtins.int
     BATCH_LIMITS_FIELD_NUMBER: _builtins.int
+    ROW_SELECTION_FIELD_NUMBER: _builtins.int
     policy: _builtins.str
     """"step" (continuous) or "request" (Triton-style)"""
     max_batch_size: _builtins.int
@@ -583,6 +584,10 @@ class BatchingInfo(_message.Message):
     max_queue_delay_ms: _builtins.float
     max_queue_size: _builtins.int
     """0 = unbounded"""
+    row_selection: _builtins.str
+    """Step policy: "cost" (a step may leave out requests with more steps to go when measured step
+    times grow with rows and nothing waits) or "all" (every row steps every time).
+    """
     @_builtins.property
     def preferred_batch_sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -598,10 +603,11 @@ class BatchingInfo(_message.Message):
         max_queue_size: _builtins.int = ...,
         preferred_batch_sizes: _abc.Iterable[_builtins.int] | None = ...,
         batch_limits: _abc.Iterable[Global___ResolutionBatchLimit] | None = ...,
+        row_selection: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_limits", b"batch_limits", "max_batch_size", b"max_batch_size", "max_queue_delay_ms", b"max_queue_delay_ms", "max_queue_size", b"max_queue_size", "policy", b"policy", "preferred_batch_sizes", b"preferred_batch_sizes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_limits", b"batch_limits", "max_batch_size", b"max_batch_size", "max_queue_delay_ms", b"max_queue_delay_ms", "max_queue_size", b"max_queue_size", "policy", b"policy", "preferred_batch_sizes", b"preferred_batch_sizes", "row_selection", b"row_selection"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

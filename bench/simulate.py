@@ -1,0 +1,164 @@
+"""The real scheduler on a simulated engine: what row selection does on other cost curves.
+
+`python -m bench.simulate` drives imagegen_server.scheduler.Scheduler (pure Python) with a fake
+clock: Poisson arrivals of a mix of step counts, one batch key, and a step that takes what a
+cost curve says for its rows (with +-10% noise). It compares request-level batching, step-level
+batching stepping every row (`--row-selection all`) and step-level batching with cost-aware row
+selection (the default), at several loads, on curves the CPU bench cannot show:
+
+- cpu: the bench preset on this machine's 2 cores (docs/benchmarks.md: 104, 173, 292, 501 ms
+  for 1, 2, 4, 8 rows), 47 ms + 57 ms per row;
+- linear: a model that fills the device with one row (Qwen-Image at 1024x1024 is 71 TFLOP per
+  row-step, about 0.12 s on an H100), 10 ms + 120 ms per row: an assumption until measured;
+- flat: a device with room to spare, 100 ms + 10 ms per row.
+
+It runs in seconds, needs no torch, and prints one markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from imagegen_server.row_selection import CostLine
+from imagegen_server.scheduler import QueueEntry, Scheduler, SchedulerConfig
+
+CURVES = {
+    "cpu": CostLine(fixed_s=0.047, per_row_s=0.057),
+    "linear": CostLine(fixed_s=0.010, per_row_s=0.120),
+    "flat": CostLine(fixed_s=0.100, per_row_s=0.010),
+}
+POLICIES = ("request", "step-all", "step")
+NOISE = 0.1  # each step takes its curve's time x uniform(1 - NOISE, 1 + NOISE)
+KEY = "1024x1024"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    short_p95_s: float  # p95 latency of the requests with the fewest steps
+    mean_s: float  # mean latency of all requests
+    p95_s: float
+    rows_per_step: float
+
+
+def simulate(
+    policy: str,
+    curve: CostLine,
+    load: float,
+    requests: int,
+    mix_steps: Sequence[int] = (4, 8),
+    max_batch_size: int = 8,
+    seed: int = 0,
+) -> Outcome:
+    """Runs `requests` Poisson arrivals at `load` x the curve's limit through the scheduler."""
+    rng = random.Random(seed)
+    limit = max_batch_size / (curve(max_batch_size) * statistics.mean(mix_steps))
+    arrivals = _arrivals(rng, requests, load * limit, mix_steps)
+    scheduler = Scheduler(
+        SchedulerConfig(
+            policy="request" if policy == "request" else "step",
+            max_batch_size=max_batch_size,
+            max_queue_delay_s=0.005,
+            max_active_batches=2,
+            row_selection="cost" if policy == "step" else "all",
+        )
+    )
+    latencies: dict[int, list[float]] = {steps: [] for steps in mix_steps}
+    rows_stepped: list[int] = []
+    now, next_arrival = 0.0, 0
+    while next_arrival < len(arrivals) or scheduler.has_work():
+        while next_arrival < len(arrivals) and arrivals[next_arrival].arrival <= now:
+            entry = arrivals[next_arrival]
+            scheduler.add(entry, entry.arrival)
+            next_arrival += 1
+        plan = scheduler.schedule(now)
+        if plan.group is None:
+            upcoming = [arrivals[next_arrival].arrival] if next_arrival < len(arrivals) else []
+            wake = [plan.wake_at] if plan.wake_at is not None else []
+            if not upcoming + wake:
+                raise RuntimeError("the scheduler holds work but plans nothing")
+            now = max(now, min(upcoming + wake))
+            continue
+        members = scheduler.running_in(plan.group)
+        rows = sum(e.rows for e in members if plan.stepped is None or e.request_id in plan.stepped)
+        seconds = curve(rows) * rng.uniform(1 - NOISE, 1 + NOISE)
+        now += seconds
+        rows_stepped.append(rows)
+        scheduler.step_done(plan.group, plan.stepped)
+        scheduler.observe_step(plan.group, rows, seconds)
+        for entry in members:
+            if entry.steps_done == entry.steps:
+                scheduler.finish(entry.request_id)
+                latencies[entry.steps].append(now - entry.arrival)
+    everyone = [latency for values in latencies.values() for latency in values]
+    return Outcome(
+        short_p95_s=_p95(latencies[min(mix_steps)]),
+        mean_s=statistics.mean(everyone),
+        p95_s=_p95(everyone),
+        rows_per_step=statistics.mean(rows_stepped),
+    )
+
+
+def _arrivals(
+    rng: random.Random, count: int, rate: float, mix_steps: Sequence[int]
+) -> list[QueueEntry]:
+    entries, at = [], 0.0
+    for index in range(count):
+        at += rng.expovariate(rate)
+        steps = rng.choice(list(mix_steps))
+        entries.append(QueueEntry(f"r{index}", KEY, rows=1, steps=steps, priority=1, arrival=at))
+    return entries
+
+
+def _p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+
+
+def table(curves: Sequence[str], loads: Sequence[float], requests: int, seed: int = 0) -> list[str]:
+    lines = [
+        "| curve | load | policy | short p95 s | x request-level | mean s | p95 s | rows/step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for curve in curves:
+        for load in loads:
+            outcomes = {
+                policy: simulate(policy, CURVES[curve], load, requests, seed=seed)
+                for policy in POLICIES
+            }
+            baseline = outcomes["request"].short_p95_s
+            for policy, o in outcomes.items():
+                lines.append(
+                    f"| {curve} | {load:.0%} | {policy} | {o.short_p95_s:.2f} | "
+                    f"{o.short_p95_s / baseline:.2f} | {o.mean_s:.2f} | {o.p95_s:.2f} | "
+                    f"{o.rows_per_step:.2f} |"
+                )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.simulate", description=__doc__)
+    parser.add_argument("--curves", default=",".join(CURVES), help="subset of cpu,linear,flat")
+    parser.add_argument("--loads", default="0.3,0.5,0.8,0.95", help="fractions of the limit")
+    parser.add_argument("--requests", type=int, default=3000, help="arrivals per simulation")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    curves = _names(args.curves, parser)
+    loads = [float(value) for value in args.loads.split(",")]
+    print("\n".join(table(curves, loads, args.requests, args.seed)))
+    return 0
+
+
+def _names(value: str, parser: argparse.ArgumentParser) -> list[str]:
+    names = [name for name in value.split(",") if name]
+    if not names or any(name not in CURVES for name in names):
+        parser.error(f"--curves: choose from {','.join(CURVES)}")
+    return names
+
+
+if __name__ == "__main__":
+    sys.exit(main())

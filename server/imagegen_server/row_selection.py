@@ -1,0 +1,134 @@
+"""Cost-aware row selection: which requests of a running batch take its next step.
+
+Continuous batching steps every row of a batch together. That is right where a step of many
+rows costs little more than a step of one (a GPU with room to spare at a small size), and wrong
+where the cost grows with the rows (Qwen-Image at 1024x1024 fills an H100 with one row; a CPU):
+there, a 4-step request that joins 8-step ones pays for their rows at each of its steps, and
+finishing requests in order of remaining work (shortest remaining processing time first) gives
+a lower mean latency at the same throughput.
+
+So the server measures what a step costs by rows, per batch key (`StepCosts`), and before each
+step of an uncontested batch picks how many requests step, in order, such that the running
+requests' total completion time, plus the delay the plan's extra work would cause to requests
+arriving meanwhile, is least (`rows_to_step`). On a flat cost curve that is always every row.
+Pure Python: no torch, no clock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+# Weight of the work a smaller step adds, per request expected to arrive during the plan. The
+# backlog it causes outlives the plan under load, hence more than 1. Simulated open loops
+# (Poisson arrivals; 4- and 8-step requests; CPU-like, linear and flat cost curves) placed 2
+# best: 1 favoured short requests at the expense of the mean at 80% load, 4 gave up most of the
+# gain at 50%.
+THROUGHPUT_WEIGHT = 2.0
+# Weight of the newest measurement in a row count's running mean.
+COST_SMOOTHING = 0.2
+# Window over which arrivals are counted.
+ARRIVAL_WINDOW_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class CostLine:
+    """Seconds of one denoising step: `fixed_s + per_row_s * rows`."""
+
+    fixed_s: float
+    per_row_s: float
+
+    def __call__(self, rows: int) -> float:
+        return self.fixed_s + self.per_row_s * rows
+
+
+class StepCosts:
+    """Measured seconds per step by rows, per batch key: a running mean for every row count that
+    ran, and the least-squares line through those means (known once two counts have run)."""
+
+    def __init__(self) -> None:
+        self._means: dict[Hashable, dict[int, float]] = {}
+
+    def observe(self, key: Hashable, rows: int, seconds: float) -> None:
+        means = self._means.setdefault(key, {})
+        mean = means.get(rows)
+        means[rows] = seconds if mean is None else mean + COST_SMOOTHING * (seconds - mean)
+
+    def line(self, key: Hashable) -> CostLine | None:
+        means = self._means.get(key, {})
+        if len(means) < 2:
+            return None
+        counts = list(means)
+        mean_rows = sum(counts) / len(counts)
+        mean_s = sum(means.values()) / len(counts)
+        spread = sum((rows - mean_rows) ** 2 for rows in counts)
+        slope = sum((rows - mean_rows) * (means[rows] - mean_s) for rows in counts) / spread
+        # A cost never falls with more rows, nor below zero: measurement noise can say otherwise.
+        per_row = max(0.0, slope)
+        return CostLine(fixed_s=max(0.0, mean_s - per_row * mean_rows), per_row_s=per_row)
+
+
+class ArrivalRate:
+    """Requests accepted per second over the last `ARRIVAL_WINDOW_S` seconds."""
+
+    def __init__(self) -> None:
+        self._times: deque[float] = deque()
+
+    def add(self, now: float) -> None:
+        self._times.append(now)
+        self._forget(now)
+
+    def per_second(self, now: float) -> float:
+        self._forget(now)
+        return len(self._times) / ARRIVAL_WINDOW_S
+
+    def _forget(self, now: float) -> None:
+        while self._times and self._times[0] <= now - ARRIVAL_WINDOW_S:
+            self._times.popleft()
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A running request as row selection sees it: all its rows step together or none do."""
+
+    rows: int
+    remaining_steps: int
+
+
+def rows_to_step(candidates: Sequence[Candidate], cost: CostLine, arrivals_per_s: float) -> int:
+    """How many of `candidates`, taken in order, run the next step (1..len).
+
+    `candidates` come in the order they should run (the caller puts those that must step
+    first, then by priority and remaining steps). Each choice `take` is judged by its plan: the
+    first `take` unfinished candidates step together until one finishes, again and again. The
+    choice minimises the plan's sum of completion times plus THROUGHPUT_WEIGHT x the requests
+    expected to arrive meanwhile x the extra time the plan takes over stepping everyone. Ties
+    go to more rows.
+    """
+    everyone = len(candidates)
+    total_all, span_all = _plan(candidates, everyone, cost)
+    best_take, best_score = everyone, total_all
+    for take in range(1, everyone):
+        total, span = _plan(candidates, take, cost)
+        score = total + THROUGHPUT_WEIGHT * arrivals_per_s * span_all * (span - span_all)
+        if score < best_score * (1 - 1e-9):
+            best_take, best_score = take, score
+    return best_take
+
+
+def _plan(candidates: Sequence[Candidate], take: int, cost: CostLine) -> tuple[float, float]:
+    """(sum of completion times, time until all finish) when the first `take` unfinished
+    candidates step together until one of them finishes, repeatedly."""
+    remaining = [candidate.remaining_steps for candidate in candidates]
+    unfinished = [index for index, steps in enumerate(remaining) if steps > 0]
+    elapsed = total = 0.0
+    while unfinished:
+        stepping = unfinished[:take]
+        steps = min(remaining[index] for index in stepping)
+        elapsed += steps * cost(sum(candidates[index].rows for index in stepping))
+        for index in stepping:
+            remaining[index] -= steps
+        total += elapsed * sum(1 for index in stepping if remaining[index] == 0)
+        unfinished = [index for index in unfinished if remaining[index] > 0]
+    return total, elapsed

@@ -1,0 +1,205 @@
+"""Cost-aware row selection on its own and inside the scheduler: a fake clock, no torch."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from imagegen_server.row_selection import (
+    ARRIVAL_WINDOW_S,
+    ArrivalRate,
+    Candidate,
+    CostLine,
+    StepCosts,
+    rows_to_step,
+)
+from imagegen_server.scheduler import QueueEntry, Scheduler, SchedulerConfig
+
+LINEAR = CostLine(fixed_s=0.0, per_row_s=1.0)  # a large DiT at 1024x1024: rows cost alike
+FLAT = CostLine(fixed_s=1.0, per_row_s=0.0)  # a GPU with room to spare: rows are free
+_ids = itertools.count()
+
+
+def candidates(*remaining: int) -> list[Candidate]:
+    return [Candidate(rows=1, remaining_steps=steps) for steps in remaining]
+
+
+def test_the_cost_line_is_unknown_until_two_row_counts_ran() -> None:
+    costs = StepCosts()
+    costs.observe("A", 2, 0.5)
+    costs.observe("A", 2, 0.5)
+    assert costs.line("A") is None
+    costs.observe("A", 4, 0.9)
+    line = costs.line("A")
+    assert line is not None
+    assert line.per_row_s == pytest.approx(0.2) and line.fixed_s == pytest.approx(0.1)
+    assert costs.line("B") is None  # every key has its own curve
+
+
+def test_the_cost_line_never_falls_with_rows() -> None:
+    costs = StepCosts()
+    costs.observe("A", 1, 0.5)
+    costs.observe("A", 8, 0.4)  # noise
+    assert costs.line("A") == CostLine(fixed_s=pytest.approx(0.45), per_row_s=0.0)
+
+
+def test_arrivals_are_counted_over_a_window() -> None:
+    rate = ArrivalRate()
+    for at in range(6):
+        rate.add(float(at))
+    assert rate.per_second(5.0) == pytest.approx(6 / ARRIVAL_WINDOW_S)
+    assert rate.per_second(ARRIVAL_WINDOW_S + 2.5) == pytest.approx(3 / ARRIVAL_WINDOW_S)
+
+
+def test_on_a_linear_curve_the_nearly_done_request_steps_alone() -> None:
+    # One request with 1 step left and three with 8: finishing it first saves 3 row-steps of
+    # waiting and costs the others 1 step each of nothing (the total work is the same).
+    assert rows_to_step(candidates(1, 8, 8, 8), LINEAR, arrivals_per_s=0.0) == 1
+
+
+def test_on_a_flat_curve_every_row_steps() -> None:
+    assert rows_to_step(candidates(1, 8, 8, 8), FLAT, arrivals_per_s=0.0) == 4
+
+
+def test_under_heavy_arrivals_every_row_steps() -> None:
+    # With a fixed cost per call, smaller steps add work; enough arrivals make it not worth it.
+    cpu_like = CostLine(fixed_s=0.05, per_row_s=0.06)
+    assert rows_to_step(candidates(4, 8, 8, 8), cpu_like, arrivals_per_s=0.0) < 4
+    assert rows_to_step(candidates(4, 8, 8, 8), cpu_like, arrivals_per_s=50.0) == 4
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    remaining=st.lists(st.integers(1, 50), min_size=1, max_size=8),
+    fixed=st.floats(0.0, 1.0),
+    per_row=st.floats(0.0, 1.0),
+    arrivals=st.floats(0.0, 100.0),
+)
+def test_the_choice_is_always_a_valid_prefix(
+    remaining: list[int], fixed: float, per_row: float, arrivals: float
+) -> None:
+    take = rows_to_step(candidates(*remaining), CostLine(fixed, per_row), arrivals)
+    assert 1 <= take <= len(remaining)
+    if per_row == 0.0:  # nothing to gain from smaller steps
+        assert take == len(remaining)
+
+
+# --- inside the scheduler ---
+
+
+def linear_scheduler(**overrides: object) -> Scheduler:
+    config = {"policy": "step", "max_batch_size": 8, "row_selection": "cost", **overrides}
+    scheduler = Scheduler(SchedulerConfig(**config))  # type: ignore[arg-type]
+    for rows in (1, 2, 4, 8):  # measured: every row costs 0.1 s
+        scheduler.observe_step("A", rows, 0.1 * rows)
+    return scheduler
+
+
+def request(
+    steps: int, at: float = 0.0, priority: int = 1, deadline: float | None = None
+) -> QueueEntry:
+    return QueueEntry(
+        request_id=f"r{next(_ids)}",
+        key="A",
+        rows=1,
+        steps=steps,
+        priority=priority,
+        arrival=at,
+        deadline=deadline,
+    )
+
+
+def start(scheduler: Scheduler, *entries: QueueEntry) -> None:
+    for entry in entries:
+        scheduler.add(entry, entry.arrival)
+    plan = scheduler.schedule(0.0)
+    assert {e.request_id for e in plan.admitted} == {e.request_id for e in entries}
+
+
+def run_step(scheduler: Scheduler, now: float) -> list[str]:
+    """Plans and runs one step like the batcher; returns who stepped; finishes who is done."""
+    plan = scheduler.schedule(now)
+    assert plan.group is not None
+    members = scheduler.running_in(plan.group)
+    stepped = plan.stepped or [entry.request_id for entry in members]
+    scheduler.step_done(plan.group, plan.stepped)
+    for entry in members:
+        if entry.steps_done == entry.steps:
+            scheduler.finish(entry.request_id)
+    return stepped
+
+
+def test_a_short_request_runs_ahead_of_long_ones_on_a_linear_curve() -> None:
+    scheduler = linear_scheduler()
+    long_ones = [request(8) for _ in range(3)]
+    short = request(2)
+    start(scheduler, *long_ones, short)
+    assert run_step(scheduler, 0.1) == [short.request_id]
+    assert run_step(scheduler, 0.2) == [short.request_id]
+    assert scheduler.running_count == 3  # the short one is done after its 2 steps
+    assert long_ones[0].deferred_steps == 2
+
+
+def test_every_row_steps_while_requests_wait() -> None:
+    scheduler = linear_scheduler(max_batch_size=2)
+    start(scheduler, request(8), request(2))
+    scheduler.add(request(8, at=0.05), 0.05)  # no room: it waits
+    assert scheduler.schedule(0.1).stepped is None
+
+
+def test_every_row_steps_on_a_flat_curve() -> None:
+    scheduler = linear_scheduler()
+    for rows in (1, 2, 4, 8):
+        scheduler.observe_step("A", rows, 0.1)
+        scheduler.observe_step("A", rows, 0.1)
+    for _ in range(30):  # the running means forget the linear measurements
+        scheduler.observe_step("A", 1, 0.1)
+        scheduler.observe_step("A", 8, 0.1)
+    start(scheduler, request(8), request(2))
+    assert scheduler.costs.line("A") is not None
+    assert scheduler.schedule(0.1).stepped is None
+
+
+def test_row_selection_all_steps_every_row() -> None:
+    scheduler = linear_scheduler(row_selection="all")
+    start(scheduler, request(8), request(2))
+    assert scheduler.schedule(0.1).stepped is None
+
+
+@pytest.mark.parametrize("short_priority", [1, 2])
+def test_priority_comes_before_fewer_steps(short_priority: int) -> None:
+    """A request is never left out while one of lower priority steps."""
+    scheduler = linear_scheduler()
+    short = request(1, priority=short_priority)
+    start(scheduler, request(8, priority=1), short)
+    stepped = scheduler.schedule(0.1).stepped
+    # Equal priorities: the 1-step request runs alone. Lower: it cannot; both step.
+    assert stepped == ([short.request_id] if short_priority == 1 else None)
+
+
+def test_a_request_near_its_deadline_is_never_left_out() -> None:
+    scheduler = linear_scheduler()
+    # 8 steps to go at 0.2 s per step of both rows: 1.6 s; the deadline leaves 2.0 s (< 2x).
+    tight = request(8, deadline=2.1)
+    start(scheduler, tight, request(2))
+    assert set(run_step(scheduler, 0.1)) >= {tight.request_id}
+
+
+def test_a_long_request_sits_out_at_most_its_own_step_count() -> None:
+    """A stream of short requests, each joining as the last one ends, never starves a long one:
+    it is left out of at most as many steps as it has."""
+    scheduler = linear_scheduler()
+    long_one = request(4)
+    start(scheduler, long_one, request(1))
+    now = 0.0
+    for _ in range(40):
+        now += 0.1
+        run_step(scheduler, now)
+        if long_one.request_id not in {e.request_id for e in scheduler.running_in("A")}:
+            break
+        if scheduler.running_count == 1:  # the short one finished: the next arrives
+            scheduler.add(request(1, at=now), now)
+    assert long_one.steps_done == 4
+    assert long_one.deferred_steps <= long_one.steps
