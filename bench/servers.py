@@ -54,19 +54,19 @@ class ServerOptions:
 
 
 # How each system of `imagegen-server serve` batches: its --batching and any further flags.
-BATCHING_FLAGS: dict[str, tuple[str, ...]] = {
-    "request": ("--batching", "request"),
-    "step": ("--batching", "step"),  # with its default cost-aware row selection
-    "step-all": ("--batching", "step", "--row-selection", "all"),
+BATCHING: dict[str, tuple[str, tuple[str, ...]]] = {
+    "request": ("request", ()),
+    "step": ("step", ()),  # with its default cost-aware row selection
+    "step-all": ("step", ("--row-selection", "all")),
 }
 
 
 def server_command(options: ServerOptions, system: str) -> list[str]:
-    """The command line of one bench system: "naive" or one of BATCHING_FLAGS."""
+    """The command line of one bench system: "naive" or one of BATCHING."""
     if system == "naive":
         return naive_server_command(options)
-    flags = BATCHING_FLAGS[system]
-    return real_server_command(options, flags[1], flags[2:])
+    batching, extra = BATCHING[system]
+    return real_server_command(options, batching, extra)
 
 
 def real_server_command(
