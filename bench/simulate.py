@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from imagegen_server.row_selection import CostLine
 from imagegen_server.scheduler import QueueEntry, Scheduler, SchedulerConfig
 
+from .stats import percentile
+
 CURVES = {
     "cpu": CostLine(fixed_s=0.047, per_row_s=0.057),
     "linear": CostLine(fixed_s=0.010, per_row_s=0.120),
@@ -115,8 +117,9 @@ def _arrivals(
 
 
 def _p95(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    value = percentile(values, 95)
+    assert value is not None, "no finished requests"
+    return value
 
 
 def table(curves: Sequence[str], loads: Sequence[float], requests: int, seed: int = 0) -> list[str]:

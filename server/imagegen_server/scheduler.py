@@ -321,16 +321,16 @@ class Scheduler:
         if len(members) < 2 or cost is None:
             return None
         rows = sum(entry.rows for entry in members)
+        must = {e.request_id for e in members if self._must_step(e, cost, rows, now)}
         ordered = sorted(
-            members,
-            key=lambda e: (not self._must_step(e, cost, rows, now), e.priority, _left(e), e.rank),
+            members, key=lambda e: (e.request_id not in must, e.priority, _left(e), e.rank)
         )
         take = rows_to_step(
             [Candidate(entry.rows, _left(entry)) for entry in ordered],
             cost,
             self._arrivals.per_second(now),
         )
-        take = max(take, sum(1 for entry in ordered if self._must_step(entry, cost, rows, now)))
+        take = max(take, len(must))
         return None if take >= len(ordered) else [entry.request_id for entry in ordered[:take]]
 
     @staticmethod
