@@ -64,6 +64,7 @@ def test_flags_are_kebab_case_with_units(monkeypatch: pytest.MonkeyPatch) -> Non
         ({"default_priority": 5}, "default_priority outside [1, priority_levels=3]"),
         ({"preferred_batch_sizes": [16]}, "preferred_batch_sizes must lie in [1, 8]"),
         ({"batching": "dynamic"}, "batching"),
+        ({"row_selection": "fastest"}, "row_selection"),
         ({"max_batch_size": 0}, "max_batch_size"),
     ],
 )
