@@ -38,11 +38,13 @@ from .loads import ClosedLoop, LoadGenerator
 from .machine import CpuMeter, describe_machine
 from .report import add_output_arguments, read_json, replace_block, resolve_outputs, write_json
 from .servers import (
+    DEFAULT_MODEL,
     STEP_SECONDS,
     ServerOptions,
     ServerProcess,
     ensure_model,
     real_server_command,
+    rotated,
     rows_per_step,
 )
 from .stats import closed_loop_stats, percentile, records_from_table, records_table
@@ -73,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.adapters", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="one short round (smoke check)")
     add_output_arguments(parser)
-    parser.add_argument("--model", type=Path, default=Path(".cache/bench-model"))
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--torch-threads", type=int, default=2, help="0 = torch's default")
@@ -137,7 +139,7 @@ async def run_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
                 await generator.warm_up([_class_of(args, system, i) for i in range(4)])
             for round_number in range(sizing.rounds):
                 for clients in args.clients:
-                    for system in _rotated(SYSTEMS, round_number):
+                    for system in rotated(SYSTEMS, round_number):
                         server, generator = servers[system], generators[system]
                         run = await _closed_run(server, generator, args, clients, sizing)
                         runs.append({"system": system, "clients": clients, **run})
@@ -189,11 +191,6 @@ def _class_of(args: argparse.Namespace, system: str, client: int) -> RequestClas
     width, height = args.resolution
     adapter = "" if system == "none" else ADAPTERS[client % len(ADAPTERS)]
     return RequestClass(width, height, args.steps, adapter)
-
-
-def _rotated(systems: tuple[str, ...], by: int) -> list[str]:
-    shift = by % len(systems)
-    return list(systems[shift:] + systems[:shift])
 
 
 async def _closed_run(

@@ -84,6 +84,7 @@ class EngineBench:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self._model = load_model(str(model_dir), device=device, dtype=dtype)
+        self._device = str(self._model.device)
         if self._model.device.type == "cuda":
             torch.cuda.set_device(self._model.device)
         # The server's device set-up (TF32, cuDNN autotuning, the attention backend).
@@ -93,7 +94,19 @@ class EngineBench:
 
     @property
     def device(self) -> str:
-        return str(self._model.device)
+        return self._device
+
+    def release(self) -> None:
+        """Lets go of the model and its device memory, for servers that need the whole device
+        (on a GPU each server holds its own copy of the model). Nothing can run after this."""
+        import gc
+
+        import torch
+
+        del self._engine, self._model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     @property
     def model(self) -> Any:

@@ -33,7 +33,7 @@ from .flops import measure_matmul_peak, transformer_step_flops
 from .limit import BatchTooLarge, EngineBench, measure_quietly
 from .machine import describe_machine
 from .report import add_output_arguments, read_json, replace_block, resolve_outputs, write_json
-from .servers import ensure_model
+from .servers import DEFAULT_MODEL, ensure_model
 from .workloads import RequestClass, parse_ints, resolutions_arg
 
 MFU_TARGET = 0.6  # of the measured peak, in the denoising loop
@@ -142,7 +142,7 @@ def run_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
     threads = args.torch_threads if args.torch_threads is not None else (0 if on_cuda else 2)
     if threads:
         torch.set_num_threads(threads)
-    model_dir = args.model or Path(".cache/full-model" if on_cuda else ".cache/bench-model")
+    model_dir = args.model or (Path(".cache/full-model") if on_cuda else DEFAULT_MODEL)
     ensure_model(model_dir, preset="full" if on_cuda else "bench")
     resolutions = args.resolutions or ([(1024, 1024), (1328, 1328)] if on_cuda else [(256, 256)])
 

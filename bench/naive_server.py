@@ -31,6 +31,7 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from imagegen_server.model import load_model
 from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 
 log = logging.getLogger("naive_server")
@@ -90,19 +91,9 @@ class Worker:
         args = self._args
         if args.torch_threads:
             torch.set_num_threads(args.torch_threads)
-        device = torch.device(
-            args.device
-            if args.device != "auto"
-            else ("cuda" if torch.cuda.is_available() else "cpu")
-        )
-        dtype = {
-            "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-            "float32": torch.float32,
-            "bfloat16": torch.bfloat16,
-            "float16": torch.float16,
-        }[args.dtype]
-        self._pipe = QwenImagePipeline.from_pretrained(args.model, dtype=dtype).to(device)
-        self._pipe.set_progress_bar_config(disable=True)
+        # Loaded as the real server loads (from_pretrained, or the full-size stand-in's weights
+        # drawn on the device); what differs is serving: `pipe(...)` per request.
+        self._pipe = load_model(args.model, args.device, args.dtype).pipeline
         self._generate("warm-up", args.default_width, args.default_height, WARMUP_STEPS, seed=0)
         on_ready()
         while (job := self.jobs.get()) is not None:

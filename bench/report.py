@@ -99,7 +99,8 @@ def summary_lines(results: dict[str, Any], markdown: Path, out_dir: Path) -> lis
         + (f" ({machine['gpu']})" if "gpu" in machine else "")
         + f"; load average at start {machine['load_average_at_start']}.",
         "",
-        f"Model: the `bench` preset of the random-weight model. Single workload: "
+        f"Model: {settings.get('model', 'the `bench` preset of the random-weight model')}. "
+        f"Single workload: "
         f"{settings['single']}; mix: {settings['mix']} (uniform). Servers: "
         f"`--max-batch-size {settings['max_batch_size']} --max-queue-size "
         f"{settings['max_queue_size']} --torch-threads {settings['torch_threads']}`, other "

@@ -5,8 +5,10 @@
     python -m bench.run --device cuda --resolution 1024x1024 --steps 8 --torch-threads 0
     python -m bench.run --report-only docs/benchmarks/results.json   # redo plot and markdown
 
-Order: the engine alone in this process (the limit), then one server subprocess at a time
-(naive, request-level, step-level), each under the closed and open loops of every workload.
+Order: the engine alone in this process (the limit), then the server subprocesses (naive,
+request-level, step-level) under the closed and open loops of every workload: on a CPU all up
+at once, taking turns at each load point; on a GPU, where each holds the whole model, one at a
+time after this process has let go of the device.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from .report import (
     write_json,
 )
 from .runner import QUIET_WAIT_S, Runner
-from .servers import ServerOptions, ensure_model
+from .servers import DEFAULT_MODEL, ServerOptions, describe_model, ensure_model
 from .stats import recompute_stats
 from .targets import evaluate
 from .workloads import mix_workload, parse_ints, resolution_arg, resolutions_arg, single_workload
@@ -66,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--model",
         type=Path,
-        default=Path(".cache/bench-model"),
+        default=DEFAULT_MODEL,
         help="model directory; the bench preset is written there if missing",
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -202,6 +204,7 @@ def run_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "quick": args.quick,
         "machine": machine,
         "settings": {
+            "model": describe_model(args.model),
             "single": single.describe(),
             "mix": mix.describe(),
             "mix_steps": list(mix.step_counts),

@@ -1,23 +1,26 @@
-"""Runs every system under every load: one server subprocess at a time, each run on an idle
-server, with the CPU meter and the server's metrics around it.
+"""Runs every system under every load, one run at a time, each with every server idle, with
+the CPU meter and the measured server's metrics around it.
 
-Runs are sized from the measured limit (plan.py) and shortened, within floors, to fit the time
-budget; a run that other processes disturbed is repeated while the budget allows. Next to the
-two runs the targets read (step-level, single workload, 1 client and the most clients), the
-engine alone is timed again in this process: the machine's speed drifts by tens of percent over
-minutes, so the targets compare figures taken a few seconds apart.
+On a CPU the servers are up together and the systems take turns at each load point; on a GPU
+they run one after another (see `Runner.run_all`). Runs are sized from the measured limit
+(plan.py) and shortened, within floors, to fit the time budget; a run that other processes
+disturbed is repeated while the budget allows. On a CPU, next to the two runs the targets read
+(step-level, single workload, 1 client and the most clients), the engine alone is timed again in
+this process: the machine's speed drifts by tens of percent over minutes, so the targets compare
+figures taken a few seconds apart.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import os
 import statistics
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import plan as plans
@@ -27,6 +30,7 @@ from .machine import BUSY_CORES, CpuMeter, CpuUse
 from .servers import (
     ServerOptions,
     ServerProcess,
+    rotated,
     rows_per_step,
     server_command,
 )
@@ -50,7 +54,7 @@ ADJACENT_BATCHES = 1  # engine batches at the best size before and after the mos
 
 
 class Runner:
-    """Runs every (system, workload, load) combination, one server process at a time."""
+    """Runs every (system, workload, load) combination (see `run_all` for the order)."""
 
     def __init__(
         self,
@@ -174,36 +178,95 @@ class Runner:
         return factor
 
     async def run_all(self) -> list[dict[str, Any]]:
-        runs: list[dict[str, Any]] = []
-        for system in self._args.systems:
-            runs += await self._run_system(system)
-        return runs
+        """Every run, ordered by system, workload, closed before open, then level.
 
-    async def _run_system(self, system: str) -> list[dict[str, Any]]:
-        command = server_command(self._options, system)
+        On a CPU every server is up at once and each load point runs on every system back to
+        back, a different system first at each point: the machine's speed drifts by tens of
+        percent over minutes, and this puts the runs that are compared a minute apart rather
+        than ten. On a GPU each server holds a whole copy of the model, so the engine in this
+        process lets go of the device first, and the servers run one at a time.
+        """
+        if not self.one_server_at_a_time:
+            runs = await self._run_servers(list(self._args.systems))
+        else:
+            self._engine.release()
+            runs = []
+            for system in self._args.systems:
+                runs += await self._run_servers([system])
+        return sorted(runs, key=self._run_order)
+
+    @property
+    def one_server_at_a_time(self) -> bool:
+        return self._engine.device.startswith("cuda")
+
+    def _run_order(self, run: dict[str, Any]) -> tuple[int, int, int, float]:
+        level = run["clients"] if run["kind"] == "closed" else run["fraction"]
+        return (
+            list(self._args.systems).index(run["system"]),
+            self._workload_names.index(run["workload"]),
+            0 if run["kind"] == "closed" else 1,
+            level,
+        )
+
+    async def _run_servers(self, systems: list[str]) -> list[dict[str, Any]]:
+        """Starts the servers of `systems` (one after another; all stay up), then runs every
+        load point on each, the systems taking turns to go first."""
         runs = []
-        print(f"{system}: starting the server", flush=True)
-        with ServerProcess(system, command) as server:
-            server.start()
-            await server.wait_serving()
-            assert server.pid is not None
-            generator = LoadGenerator(server.target, run_name=system)
+        with contextlib.ExitStack() as stack:
+            servers = {}
+            for system in systems:  # one at a time: each loads the model on every core
+                print(f"{system}: starting the server", flush=True)
+                command = server_command(self._options, system)
+                servers[system] = stack.enter_context(ServerProcess(system, command))
+                servers[system].start()
+                await servers[system].wait_serving()
+            generators = {
+                system: LoadGenerator(server.target, run_name=system)
+                for system, server in servers.items()
+            }
             try:
                 for workload in self._workloads:
-                    await generator.warm_up(list(workload.classes))
-                    for clients in self.clients_of(system):
-                        runs.append(
-                            await self._closed(server, generator, system, workload, clients)
-                        )
-                        if (system, workload.name, clients) == ("step", "single", 1):
-                            self.light_load = await self.paired_light_load(
-                                server, generator, workload
-                            )
-                    for fraction in self._args.loads:
-                        runs.append(await self._open(server, generator, system, workload, fraction))
+                    for generator in generators.values():
+                        await generator.warm_up(list(workload.classes))
+                    for turn, (kind, level) in enumerate(self._points()):
+                        for system in rotated(systems, turn):
+                            if kind == "open" or level in self.clients_of(system):
+                                await _wait_idle(servers.values())
+                                runs.append(
+                                    await self._run_point(
+                                        servers[system], generators[system], workload, kind, level
+                                    )
+                                )
             finally:
-                await generator.close()
+                for generator in generators.values():
+                    await generator.close()
         return runs
+
+    async def _run_point(
+        self,
+        server: ServerProcess,
+        generator: LoadGenerator,
+        workload: Workload,
+        kind: str,
+        level: float,
+    ) -> dict[str, Any]:
+        """One run: `level` clients (closed loop) or `level` x the limit (open loop)."""
+        system = server.name
+        if kind == "open":
+            run = await self._open(server, generator, system, workload, level)
+        else:
+            run = await self._closed(server, generator, system, workload, int(level))
+            pairs_due = (system, workload.name, level) == ("step", "single", 1)
+            if pairs_due and not self.one_server_at_a_time:
+                self.light_load = await self.paired_light_load(server, generator, workload)
+        run["sequence"] = self._done  # the order it ran in (the list is sorted afterwards)
+        return run
+
+    def _points(self) -> list[tuple[str, float]]:
+        """The load points of a workload, in the order they run: clients up, then loads up."""
+        return [("closed", clients) for clients in self._args.clients] + [
+            ("open", fraction) for fraction in self._args.loads
+        ]
 
     async def _closed(
         self,
@@ -227,7 +290,10 @@ class Runner:
 
         # The saturation target compares this run with the engine alone timed around it.
         check = (
-            system == "step" and workload.name == "single" and clients == max(self._args.clients)
+            system == "step"
+            and workload.name == "single"
+            and clients == max(self._args.clients)
+            and not self.one_server_at_a_time
         )
         before = self._engine_batches(workload) if check else []
         estimate = plans.estimate_closed_s(run_plan)
@@ -427,6 +493,14 @@ class Runner:
     def _seed(self, workload: Workload, run_key: str) -> int:
         """The same for every system, so each sees the same classes and arrival times."""
         return zlib.crc32(f"{self._args.seed}:{workload.name}:{run_key}".encode())
+
+
+async def _wait_idle(servers: Iterable[ServerProcess]) -> None:
+    """Waits for every server to finish what the last run left (a run measures one server;
+    the others must not be working meanwhile)."""
+    for server in servers:
+        if not await server.wait_idle():
+            print(f"  warning: {server.name} server still busy before the run", flush=True)
 
 
 def _s(value: float | None) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 import re
 import signal
@@ -127,6 +128,16 @@ def _shared_flags(options: ServerOptions) -> list[str]:
     ]
 
 
+def rotated(systems: Sequence[str], by: int) -> list[str]:
+    """`systems` starting at the `by`-th (cyclically): servers measured side by side take turns
+    going first, so the machine's drift does not favour one."""
+    shift = by % len(systems)
+    return list(systems[shift:]) + list(systems[:shift])
+
+
+DEFAULT_MODEL = Path(".cache/bench-model")  # written with the bench preset when missing
+
+
 def ensure_model(directory: Path, preset: str = "bench") -> None:
     """Writes `preset` of the random-weight model to `directory` if it is missing."""
     if (directory / "model_index.json").exists():
@@ -135,6 +146,19 @@ def ensure_model(directory: Path, preset: str = "bench") -> None:
 
     print(f"writing the {preset} preset model to {directory}", flush=True)
     write_tiny_model(directory, preset=preset)
+
+
+def describe_model(directory: Path) -> str:
+    """The report's words for the model in `directory`."""
+    from imagegen_server.tiny_model import RANDOM_WEIGHTS_FILE
+
+    marker = directory / RANDOM_WEIGHTS_FILE
+    if marker.is_file():
+        preset = json.loads(marker.read_text())["preset"]
+        return f"the `{preset}` preset of the random-weight model, its weights drawn on the device"
+    if directory == DEFAULT_MODEL:
+        return "the `bench` preset of the random-weight model"
+    return f"the model in `{directory}`"
 
 
 class ServerProcess:

@@ -10,6 +10,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 SATURATED_MIN_RATIO = 0.9  # step-level throughput at the most clients / limit
+# The GPU path's target: there the server's CPU work (gRPC, PNG) overlaps the device's, and the
+# card's speed holds steady, so the bar is higher than on this 2-core CPU.
+SATURATED_MIN_RATIO_GPU = 0.95
 LIGHT_LOAD_MAX_OVERHEAD = 0.05  # 1-client p50 / engine-alone latency - 1
 SHORT_P95_MAX_RATIO = 0.6  # short requests' p95, step-level / request-level, on the mix
 MIX_TARGET_FRACTION = 0.8  # the mix target's load: open loop at 80% of the mix limit
@@ -52,11 +55,13 @@ def evaluate(results: dict[str, Any]) -> list[TargetResult]:
 
 def _saturated(results: dict[str, Any]) -> TargetResult:
     clients = max(results["settings"]["clients"])
-    goal = f"step-level throughput at {clients} clients >= {SATURATED_MIN_RATIO} x limit"
+    on_gpu = str(results["machine"]["device"]).startswith("cuda")
+    threshold = SATURATED_MIN_RATIO_GPU if on_gpu else SATURATED_MIN_RATIO
+    goal = f"step-level throughput at {clients} clients >= {threshold} x limit"
     limit = results["limit"]
     run = find_run(results, "step", "single", "closed", clients)
     if run is None:
-        return TargetResult("saturated throughput", goal, None, SATURATED_MIN_RATIO, None, "")
+        return TargetResult("saturated throughput", goal, None, threshold, None, "")
     throughput = run["stats"]["throughput_ips"]
     value = throughput / limit["limit_ips"]
     max_batch = results["settings"]["max_batch_size"]
@@ -85,8 +90,8 @@ def _saturated(results: dict[str, Any]) -> TargetResult:
         "saturated throughput",
         goal,
         value,
-        SATURATED_MIN_RATIO,
-        value >= SATURATED_MIN_RATIO,
+        threshold,
+        value >= threshold,
         figures,
     )
 

@@ -1,4 +1,5 @@
-"""The benchmark's statistics helpers (bench/stats.py, bench/plan.py): pure functions, no timing."""
+"""The benchmark's helpers (bench/stats.py, bench/plan.py, bench/servers.py, bench/targets.py):
+pure functions, no timing."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root holds bench/
 
 from bench.plan import FULL, closed_plan, open_plan
-from bench.servers import parse_metrics, rows_per_step
+from bench.servers import DEFAULT_MODEL, describe_model, parse_metrics, rotated, rows_per_step
 from bench.stats import (
     CUT,
     OK,
@@ -23,6 +24,7 @@ from bench.stats import (
     records_table,
     summarize_latencies,
 )
+from bench.targets import evaluate
 from bench.workloads import mix_workload, parse_resolution
 
 
@@ -161,3 +163,46 @@ def test_records_of_adapter_requests_keep_their_step_count() -> None:
     assert cls.label == "256x256/4+ink"
     stored = RequestRecord(index=0, steps=cls.steps, label=cls.label, issued_s=0.0)
     assert records_from_table(records_table([stored])) == [stored]
+
+
+def test_systems_take_turns_going_first() -> None:
+    systems = ["naive", "request", "step"]
+    orders = [rotated(systems, turn) for turn in range(4)]
+    assert [order[0] for order in orders] == ["naive", "request", "step", "naive"]
+    assert all(sorted(order) == sorted(systems) for order in orders)
+
+
+def test_the_model_line_names_the_preset(tmp_path: Path) -> None:
+    (tmp_path / "random_weights.json").write_text('{"preset": "full", "seed": 0}')
+    assert "`full` preset" in describe_model(tmp_path)
+    assert "`bench` preset" in describe_model(DEFAULT_MODEL)
+    assert str(tmp_path.parent) in describe_model(tmp_path.parent)
+
+
+def saturated_results(device: str, ratio: float) -> dict[str, object]:
+    """The least a results dict needs for the saturation target: one step-level run."""
+    run = {
+        "system": "step",
+        "workload": "single",
+        "kind": "closed",
+        "clients": 64,
+        "fraction": None,
+        "stats": {"throughput_ips": ratio * 2.0},
+        "rows_per_step": 8.0,
+        "cpu": {"background": 0.0},
+    }
+    return {
+        "machine": {"device": device},
+        "settings": {"clients": [1, 64], "max_batch_size": 8, "mix_steps": [4, 8]},
+        "limit": {"limit_ips": 2.0, "best_batch_size": 8, "sweep": [], "latency_s": 1.0},
+        "runs": [run],
+    }
+
+
+@pytest.mark.parametrize(("device", "passed"), [("cpu", True), ("cuda:0", False)])
+def test_the_saturation_bar_is_higher_on_a_gpu(device: str, passed: bool) -> None:
+    saturated = evaluate(saturated_results(device, ratio=0.93))[0]
+    assert saturated.name == "saturated throughput"
+    assert saturated.value == pytest.approx(0.93)
+    assert saturated.passed is passed
+    assert saturated.threshold == (0.95 if device.startswith("cuda") else 0.9)
