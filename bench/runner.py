@@ -149,7 +149,8 @@ class Runner:
         """Server starts and warm-ups, idle waits, metric scrapes and engine checks."""
         systems, workloads = len(self._args.systems), len(self._workloads)
         engine_checks = 0.0
-        if "step" in self._args.systems and "single" in self._workload_names:
+        checks_engine = not self.one_server_at_a_time  # on a GPU the engine is freed first
+        if checks_engine and "step" in self._args.systems and "single" in self._workload_names:
             best = self._limit.best_batch_size
             engine_checks = (
                 2 * self._args.light_load_pairs * self._limit.latency_s
