@@ -12,16 +12,21 @@ selection (the default), at several loads, on curves the CPU bench cannot show:
   row-step, about 0.12 s on an H100), 10 ms + 120 ms per row: an assumption until measured;
 - flat: a device with room to spare, 100 ms + 10 ms per row.
 
-It runs in seconds, needs no torch, and prints one markdown table.
+A second table starts closed loops of a few clients on an idle server (a burst): there the
+mean latency follows the throughput, so it shows what holding rows back costs.
+
+It runs in seconds, needs no torch, and prints two markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
+import itertools
 import random
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from imagegen_server.row_selection import CostLine
@@ -36,6 +41,8 @@ CURVES = {
 }
 POLICIES = ("request", "step-all", "step")
 NOISE = 0.1  # each step takes its curve's time x uniform(1 - NOISE, 1 + NOISE)
+# Closed loop: from a result to the client's next request (decode, encode, network, client).
+TURNAROUND_S = 0.1
 KEY = "1024x1024"
 
 
@@ -44,6 +51,13 @@ class Outcome:
     short_p95_s: float  # p95 latency of the requests with the fewest steps
     mean_s: float  # mean latency of all requests
     p95_s: float
+    rows_per_step: float
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedOutcome:
+    throughput_ips: float  # requests finished within the run, per second
+    mean_s: float  # their mean latency
     rows_per_step: float
 
 
@@ -60,7 +74,49 @@ def simulate(
     rng = random.Random(seed)
     limit = max_batch_size / (curve(max_batch_size) * statistics.mean(mix_steps))
     arrivals = _arrivals(rng, requests, load * limit, mix_steps)
-    scheduler = Scheduler(
+    finished, rows_stepped = _drive(
+        _scheduler(policy, max_batch_size), curve, rng, arrivals, lambda entry, now: None
+    )
+    return _outcome(finished, mix_steps, rows_stepped)
+
+
+def simulate_closed(
+    policy: str,
+    curve: CostLine,
+    clients: int,
+    duration_s: float,
+    steps: int = 8,
+    max_batch_size: int = 8,
+    seed: int = 0,
+) -> ClosedOutcome:
+    """A burst on an idle server: `clients` clients start within the first second and each
+    sends its next request `TURNAROUND_S` (+-50%) after its last one finished, until
+    `duration_s`. By Little's law the mean latency follows the throughput here, so a policy
+    that holds rows back can only lose if it loses throughput."""
+    rng = random.Random(seed)
+    counter = itertools.count()
+
+    def request(at: float) -> QueueEntry:
+        return QueueEntry(f"r{next(counter)}", KEY, rows=1, steps=steps, priority=1, arrival=at)
+
+    def next_request(entry: QueueEntry, now: float) -> QueueEntry | None:
+        sent = now + TURNAROUND_S * rng.uniform(0.5, 1.5)
+        return request(sent) if sent < duration_s else None
+
+    first = [request(at) for at in sorted(rng.uniform(0, 1) for _ in range(clients))]
+    finished, rows_stepped = _drive(
+        _scheduler(policy, max_batch_size), curve, rng, first, next_request
+    )
+    in_run = [latency for entry, latency in finished if entry.arrival + latency <= duration_s]
+    return ClosedOutcome(
+        throughput_ips=len(in_run) / duration_s,
+        mean_s=statistics.mean(in_run),
+        rows_per_step=statistics.mean(rows_stepped),
+    )
+
+
+def _scheduler(policy: str, max_batch_size: int) -> Scheduler:
+    return Scheduler(
         SchedulerConfig(
             policy="request" if policy == "request" else "step",
             max_batch_size=max_batch_size,
@@ -69,18 +125,30 @@ def simulate(
             row_selection="cost" if policy == "step" else "all",
         )
     )
-    latencies: dict[int, list[float]] = {steps: [] for steps in mix_steps}
+
+
+def _drive(
+    scheduler: Scheduler,
+    curve: CostLine,
+    rng: random.Random,
+    arrivals: list[QueueEntry],
+    on_finish: Callable[[QueueEntry, float], QueueEntry | None],
+) -> tuple[list[tuple[QueueEntry, float]], list[int]]:
+    """Runs the scheduler on a fake clock until every request is done; `on_finish` may send a
+    new request when one finishes. Returns (request, latency) in finishing order, and the rows
+    of every step."""
+    pending = sorted(arrivals, key=lambda entry: entry.arrival)
+    finished: list[tuple[QueueEntry, float]] = []
     rows_stepped: list[int] = []
-    now, next_arrival = 0.0, 0
-    while next_arrival < len(arrivals) or scheduler.has_work():
-        while next_arrival < len(arrivals) and arrivals[next_arrival].arrival <= now:
-            entry = arrivals[next_arrival]
+    now = 0.0
+    while pending or scheduler.has_work():
+        while pending and pending[0].arrival <= now:
+            entry = pending.pop(0)
             scheduler.add(entry, entry.arrival)
-            next_arrival += 1
         plan = scheduler.schedule(now)
         if plan.group is None:
-            upcoming = [arrivals[next_arrival].arrival] if next_arrival < len(arrivals) else []
             wake = [plan.wake_at] if plan.wake_at is not None else []
+            upcoming = [pending[0].arrival] if pending else []
             if not upcoming + wake:
                 raise RuntimeError("the scheduler holds work but plans nothing")
             now = max(now, min(upcoming + wake))
@@ -95,10 +163,20 @@ def simulate(
         for entry in members:
             if entry.steps_done == entry.steps:
                 scheduler.finish(entry.request_id)
-                latencies[entry.steps].append(now - entry.arrival)
-    everyone = [latency for values in latencies.values() for latency in values]
+                finished.append((entry, now - entry.arrival))
+                follow_up = on_finish(entry, now)
+                if follow_up is not None:
+                    bisect.insort(pending, follow_up, key=lambda queued: queued.arrival)
+    return finished, rows_stepped
+
+
+def _outcome(
+    finished: list[tuple[QueueEntry, float]], mix_steps: Sequence[int], rows_stepped: list[int]
+) -> Outcome:
+    everyone = [latency for _, latency in finished]
+    shortest = [latency for entry, latency in finished if entry.steps == min(mix_steps)]
     return Outcome(
-        short_p95_s=_p95(latencies[min(mix_steps)]),
+        short_p95_s=_p95(shortest),
         mean_s=statistics.mean(everyone),
         p95_s=_p95(everyone),
         rows_per_step=statistics.mean(rows_stepped),
@@ -143,16 +221,50 @@ def table(curves: Sequence[str], loads: Sequence[float], requests: int, seed: in
     return lines
 
 
+def closed_table(
+    curves: Sequence[str], clients: Sequence[int], durations: Sequence[float], seed: int = 0
+) -> list[str]:
+    lines = [
+        "| curve | clients | seconds | policy | img/s | mean s | x step-all mean | rows/step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for curve in curves:
+        for count in clients:
+            for duration in durations:
+                outcomes = {
+                    policy: simulate_closed(policy, CURVES[curve], count, duration, seed=seed)
+                    for policy in POLICIES
+                }
+                baseline = outcomes["step-all"].mean_s
+                for policy, o in outcomes.items():
+                    lines.append(
+                        f"| {curve} | {count} | {duration:g} | {policy} | {o.throughput_ips:.2f} | "
+                        f"{o.mean_s:.2f} | {o.mean_s / baseline:.3f} | {o.rows_per_step:.2f} |"
+                    )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.simulate", description=__doc__)
     parser.add_argument("--curves", default=",".join(CURVES), help="subset of cpu,linear,flat")
     parser.add_argument("--loads", default="0.3,0.5,0.8,0.95", help="fractions of the limit")
     parser.add_argument("--requests", type=int, default=3000, help="arrivals per simulation")
+    parser.add_argument(
+        "--closed-clients", default="4,8", help="closed loops from a cold start; empty = none"
+    )
+    parser.add_argument(
+        "--closed-seconds", default="10,30,120", help="how long each closed loop runs"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     curves = _names(args.curves, parser)
     loads = [float(value) for value in args.loads.split(",")]
     print("\n".join(table(curves, loads, args.requests, args.seed)))
+    clients = [int(value) for value in args.closed_clients.split(",") if value]
+    if clients:
+        durations = [float(value) for value in args.closed_seconds.split(",")]
+        print()
+        print("\n".join(closed_table(curves, clients, durations, args.seed)))
     return 0
 
 

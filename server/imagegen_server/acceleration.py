@@ -79,6 +79,16 @@ class TransformerRunner:
             return rows
         return next((size for size in self.buckets if size >= rows), rows)
 
+    def probe_rows(self) -> tuple[int, int]:
+        """Two batch sizes that run as calls of different sizes, for the memory probe (with
+        buckets of 4 and 8, 1 and 2 rows would both run as 4)."""
+        fewer = self.bucket(1)
+        return fewer, self.bucket(fewer + 1)
+
+    def text_tokens(self, tokens: int) -> int:
+        """The text length a prompt of `tokens` tokens runs at (padded in "buckets" mode)."""
+        return _text_bucket(tokens) if self.mode == "buckets" else tokens
+
     def __call__(
         self,
         hidden: torch.Tensor,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from .acceleration import MIN_TEXT_BUCKET_TOKENS, TransformerRunner
+from .acceleration import TransformerRunner
 from .decode import Decoder
 from .denoise import Advance, Denoiser, FaultInjection, Row, text_inputs
 from .init_image import InitImageEncoder
@@ -156,16 +156,20 @@ class Engine:
             self.model.device,
         )
 
-    def tokens(self, width: int, height: int) -> int:
-        """Image tokens per row at this size."""
-        return self._shape(height, width).seq_len
+    def tokens_per_row(self, width: int, height: int) -> int:
+        """The tokens a row attends over at this size, at most: its image tokens and the
+        longest prompt's (what its activation memory grows with)."""
+        text = self.runner.text_tokens(self._prompts.max_tokens)
+        return self._shape(height, width).seq_len + text
 
     @torch.inference_mode()
     def peak_step_bytes(self, width: int, height: int, rows: int) -> int:
-        """CUDA memory a step and a decode of `rows` rows take above what is allocated now."""
+        """CUDA memory a step with the longest prompt and a decode of `rows` rows take above
+        what is allocated now."""
         device = self.model.device
         shape = self._shape(height, width)
         dim = self.model.pipeline.transformer.config.joint_attention_dim
+        text = self._prompts.max_tokens
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
@@ -175,8 +179,8 @@ class Engine:
         self.runner(
             latents,
             torch.full((rows,), 0.5, dtype=self.model.dtype, device=device),
-            torch.zeros(rows, MIN_TEXT_BUCKET_TOKENS, dim, dtype=self.model.dtype, device=device),
-            torch.ones(rows, MIN_TEXT_BUCKET_TOKENS, dtype=torch.long, device=device),
+            torch.zeros(rows, text, dim, dtype=self.model.dtype, device=device),
+            torch.ones(rows, text, dtype=torch.long, device=device),
             shape.rope_shape,
         )
         self._decoder.images(latents, height, width, [False] * rows)

@@ -10,8 +10,8 @@ a lower mean latency at the same throughput.
 So the server measures what a step costs by rows, per batch key (`StepCosts`), and before each
 step of an uncontested batch picks how many requests step, in order, such that the running
 requests' total completion time, plus the delay the plan's extra work would cause to requests
-arriving meanwhile, is least (`rows_to_step`). On a flat cost curve that is always every row.
-Pure Python: no torch, no clock.
+arriving meanwhile (weighed by how busy the engine is), is least (`rows_to_step`). On a flat
+cost curve that is always every row. Pure Python: no torch, no clock.
 """
 
 from __future__ import annotations
@@ -26,10 +26,16 @@ from dataclasses import dataclass
 # best: 1 favoured short requests at the expense of the mean at 80% load, 4 gave up most of the
 # gain at 50%.
 THROUGHPUT_WEIGHT = 2.0
+# The busy share the load pressure is read at, at most: beyond it, pressure stops growing.
+MAX_BUSY_SHARE = 0.95
 # Weight of the newest measurement in a row count's running mean.
 COST_SMOOTHING = 0.2
-# Window over which arrivals are counted.
-ARRIVAL_WINDOW_S = 30.0
+# Window over which arrivals and the engine's busy time are counted.
+RATE_WINDOW_S = 30.0
+# A gap this long between arrivals (or busy periods) starts the count afresh: the load changed.
+PAUSE_S = 5.0
+# Shortest time a rate is taken over: requests arriving together are not an infinite rate.
+MIN_SPAN_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,23 +75,36 @@ class StepCosts:
         return CostLine(fixed_s=max(0.0, mean_s - per_row * mean_rows), per_row_s=per_row)
 
 
-class ArrivalRate:
-    """Requests accepted per second over the last `ARRIVAL_WINDOW_S` seconds."""
+class RecentRate:
+    """Amounts per second over the last `RATE_WINDOW_S` seconds, or since they resumed after a
+    pause of `PAUSE_S` if that is shorter: requests accepted (1 each), or seconds the engine was
+    busy (then the rate is its busy share).
+
+    A fixed window lags a change of load by its length: a burst on an idle server would read as
+    a trickle for half a minute, and row selection, seeing no load to protect, would trade away
+    throughput the burst needs. What came before a pause belongs to the old load and is dropped.
+    """
 
     def __init__(self) -> None:
-        self._times: deque[float] = deque()
+        self._events: deque[tuple[float, float]] = deque()  # (time, amount)
+        self._since = 0.0  # when the amounts resumed after the last pause
 
-    def add(self, now: float) -> None:
-        self._times.append(now)
-        self._forget(now)
+    def add(self, at: float, amount: float = 1.0) -> None:
+        """`amount` at time `at` (a busy period is added at its start)."""
+        if not self._events or at - self._events[-1][0] > PAUSE_S:
+            self._events.clear()
+            self._since = at
+        self._events.append((at, amount))
+        self._forget(at)
 
     def per_second(self, now: float) -> float:
         self._forget(now)
-        return len(self._times) / ARRIVAL_WINDOW_S
+        observed = min(RATE_WINDOW_S, max(now - self._since, MIN_SPAN_S))
+        return sum(amount for _, amount in self._events) / observed
 
     def _forget(self, now: float) -> None:
-        while self._times and self._times[0] <= now - ARRIVAL_WINDOW_S:
-            self._times.popleft()
+        while self._events and self._events[0][0] <= now - RATE_WINDOW_S:
+            self._events.popleft()
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,22 +115,32 @@ class Candidate:
     remaining_steps: int
 
 
-def rows_to_step(candidates: Sequence[Candidate], cost: CostLine, arrivals_per_s: float) -> int:
+def rows_to_step(
+    candidates: Sequence[Candidate], cost: CostLine, arrivals_per_s: float, busy_share: float
+) -> int:
     """How many of `candidates`, taken in order, run the next step (1..len).
 
     `candidates` come in the order they should run (the caller puts those that must step
     first, then by priority and remaining steps). Each choice `take` is judged by its plan: the
     first `take` unfinished candidates step together until one finishes, again and again. The
-    choice minimises the plan's sum of completion times plus THROUGHPUT_WEIGHT x the requests
-    expected to arrive meanwhile x the extra time the plan takes over stepping everyone. Ties
-    go to more rows.
+    choice minimises the plan's sum of completion times plus THROUGHPUT_WEIGHT x the load
+    pressure x the requests expected to arrive meanwhile x the extra time the plan takes over
+    stepping everyone. Ties go to more rows.
+
+    The pressure is busy / (1 - busy), from the engine's recent busy share: 1 at half busy, where
+    the weight was tuned, and growing as the engine nears saturation, where queueing delay grows
+    the same way with any extra work. A few clients that each send their next request as soon
+    as the last one returns keep the engine busy all the time; finishing one of them early only
+    brings its next request early, so there row selection must not cost throughput at all.
     """
+    busy = min(busy_share, MAX_BUSY_SHARE)
+    weight = THROUGHPUT_WEIGHT * busy / (1 - busy) * arrivals_per_s
     everyone = len(candidates)
     total_all, span_all = _plan(candidates, everyone, cost)
     best_take, best_score = everyone, total_all
     for take in range(1, everyone):
         total, span = _plan(candidates, take, cost)
-        score = total + THROUGHPUT_WEIGHT * arrivals_per_s * span_all * (span - span_all)
+        score = total + weight * span_all * (span - span_all)
         if score < best_score * (1 - 1e-9):
             best_take, best_score = take, score
     return best_take

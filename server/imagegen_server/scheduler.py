@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import QueueFull
-from .row_selection import ArrivalRate, Candidate, CostLine, StepCosts, rows_to_step
+from .row_selection import Candidate, CostLine, RecentRate, StepCosts, rows_to_step
 
 Policy = Literal["step", "request"]
 RowSelection = Literal["all", "cost"]
@@ -117,7 +117,9 @@ class Scheduler:
         self._row_limits: dict[Hashable, int] = {}
         self._backoff_since: dict[Hashable, float] = {}  # out-of-memory limits and when set
         self.costs = StepCosts()  # measured step times, for row selection
-        self._arrivals = ArrivalRate()
+        self._arrivals = RecentRate()  # requests accepted per second
+        self._busy = RecentRate()  # engine seconds per second: its busy share
+        self._step_began: float | None = None  # when the step last planned began
 
     # --- requests arriving and leaving ---
 
@@ -221,6 +223,9 @@ class Scheduler:
         because `max_active_batches` are in flight, running batches admit only requests ranked
         before it, so they drain and it starts.
         """
+        if self._step_began is not None:  # the engine worked from that plan until now
+            self._busy.add(self._step_began, now - self._step_began)
+            self._step_began = None
         plan = StepPlan()
         running = self._running_by_group()
         waiting = self._waiting_by_group()
@@ -255,6 +260,7 @@ class Scheduler:
                 group, waiting.get(group, []), running_rows, self._row_limit(group), blocked
             )
         plan.stepped = self._select_rows(group, now)
+        self._step_began = now
         return plan
 
     def estimates(self, step_s: float) -> dict[str, QueueEstimate]:
@@ -329,6 +335,7 @@ class Scheduler:
             [Candidate(entry.rows, _left(entry)) for entry in ordered],
             cost,
             self._arrivals.per_second(now),
+            self._busy.per_second(now),
         )
         take = max(take, len(must))
         return None if take >= len(ordered) else [entry.request_id for entry in ordered[:take]]

@@ -13,7 +13,7 @@ from .adapters import AdapterDirectory, AdapterFile
 from .config import Settings
 from .denoise import FaultInjection
 from .engine import Engine
-from .memory import MemoryBudget, probe_costs
+from .memory import MemoryBudget, images_that_fit, probe_costs
 from .metrics import Metrics
 from .model import load_model
 from .prompts import PromptTokenizer
@@ -94,10 +94,14 @@ def row_limit(settings: Settings, setup: EngineSetup, key: BatchKey) -> int | No
     """Most images per step for `key` that fit the device; None = no memory bound known."""
     if setup.memory is None:
         return None
-    transformer_rows = setup.memory.max_rows(
-        setup.engine.tokens(key.width, key.height), cap=2 * settings.max_batch_size
+    runner = setup.engine.runner
+    fitting_rows = setup.memory.max_rows(
+        setup.engine.tokens_per_row(key.width, key.height),
+        cap=runner.bucket(2 * settings.max_batch_size),
     )
-    return max(1, min(settings.max_batch_size, transformer_rows // (2 if key.cfg else 1)))
+    return images_that_fit(
+        fitting_rows, settings.max_batch_size, 2 if key.cfg else 1, runner.bucket
+    )
 
 
 def _probe_memory(settings: Settings, setup: EngineSetup, metrics: Metrics) -> None:
@@ -109,7 +113,11 @@ def _probe_memory(settings: Settings, setup: EngineSetup, metrics: Metrics) -> N
         else (settings.default_width, settings.default_height),
     ]
     sizes = list(dict.fromkeys(sizes))
-    costs = probe_costs(engine.peak_step_bytes, [(w, h, engine.tokens(w, h)) for w, h in sizes])
+    costs = probe_costs(
+        engine.peak_step_bytes,
+        [(w, h, engine.tokens_per_row(w, h)) for w, h in sizes],
+        engine.runner.probe_rows(),
+    )
     free_bytes, _total = torch.cuda.mem_get_info(engine.model.device)
     setup.memory = MemoryBudget(free_bytes, settings.memory_reserve_fraction, costs)
     for width, height in sizes:

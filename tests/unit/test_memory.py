@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from imagegen_server.memory import MemoryBudget, RowCost, probe_costs
+import pytest
+from imagegen_server.acceleration import TransformerRunner
+from imagegen_server.memory import MemoryBudget, Peak, RowCost, images_that_fit, probe_costs
 
 GIB = 2**30
 
 
 def test_two_peaks_give_a_fixed_and_a_per_row_cost() -> None:
-    cost = RowCost.from_peaks(tokens=4096, one_row=3 * GIB, two_rows=5 * GIB)
+    cost = RowCost.from_peaks(4096, Peak(rows=1, bytes=3 * GIB), Peak(rows=2, bytes=5 * GIB))
     assert (cost.per_row_bytes, cost.fixed_bytes) == (2 * GIB, 1 * GIB)
+    # Calls padded to compiled sizes of 4 and 8 rows: the same line from other points.
+    padded = RowCost.from_peaks(4096, Peak(rows=4, bytes=9 * GIB), Peak(rows=8, bytes=17 * GIB))
+    assert padded == cost
 
 
 def test_rows_that_fit_leave_the_reserve_and_scale_with_tokens() -> None:
@@ -48,3 +53,42 @@ def test_probe_measures_one_and_two_rows_per_resolution() -> None:
         (4096, GIB, GIB),
         (6889, GIB, GIB),
     ]
+
+
+def test_the_probe_measures_the_calls_padding_really_makes() -> None:
+    def peak(width: int, height: int, rows: int) -> int:
+        return (1 + 2 * rows) * GIB
+
+    (cost,) = probe_costs(peak, [(1024, 1024, 4096)], rows=(4, 8))
+    assert (cost.per_row_bytes, cost.fixed_bytes) == (2 * GIB, 1 * GIB)
+
+
+def runner(mode: str, buckets: tuple[int, ...] = ()) -> TransformerRunner:
+    return TransformerRunner(call=lambda **_: None, mode=mode, buckets=buckets)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "mode,buckets,rows",
+    [
+        ("off", (), (1, 2)),
+        ("dynamic", (), (1, 2)),
+        ("buckets", (1, 2, 4, 8), (1, 2)),
+        ("buckets", (4, 8), (4, 8)),
+    ],
+)
+def test_probe_rows_differ_after_padding(
+    mode: str, buckets: tuple[int, ...], rows: tuple[int, int]
+) -> None:
+    # Were 1 and 2 rows probed with buckets of 4 and 8, both would run as 4: no cost per row
+    # would show, and every batch would seem to fit.
+    assert runner(mode, buckets).probe_rows() == rows
+
+
+def test_a_batch_fits_by_the_call_it_makes() -> None:
+    padded = runner("buckets", (1, 2, 4, 8, 16)).bucket
+    assert images_that_fit(6, most_images=8, rows_per_image=1, padded=padded) == 4  # 5 -> 8 rows
+    assert images_that_fit(8, most_images=8, rows_per_image=2, padded=padded) == 4  # CFG: 2 rows
+    assert images_that_fit(100, most_images=8, rows_per_image=2, padded=padded) == 8
+    assert images_that_fit(1, most_images=8, rows_per_image=2, padded=padded) == 1  # at least 1
+    unpadded = runner("off").bucket
+    assert images_that_fit(6, most_images=8, rows_per_image=1, padded=unpadded) == 6

@@ -8,10 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from imagegen_server.row_selection import (
-    ARRIVAL_WINDOW_S,
-    ArrivalRate,
+    MIN_SPAN_S,
+    RATE_WINDOW_S,
     Candidate,
     CostLine,
+    RecentRate,
     StepCosts,
     rows_to_step,
 )
@@ -46,28 +47,63 @@ def test_the_cost_line_never_falls_with_rows() -> None:
 
 
 def test_arrivals_are_counted_over_a_window() -> None:
-    rate = ArrivalRate()
-    for at in range(6):
+    rate = RecentRate()
+    for at in range(2 * int(RATE_WINDOW_S)):  # one a second
         rate.add(float(at))
-    assert rate.per_second(5.0) == pytest.approx(6 / ARRIVAL_WINDOW_S)
-    assert rate.per_second(ARRIVAL_WINDOW_S + 2.5) == pytest.approx(3 / ARRIVAL_WINDOW_S)
+    last = 2 * RATE_WINDOW_S - 1
+    assert rate.per_second(last) == pytest.approx(1.0)  # a full window, one a second
+    assert rate.per_second(last + RATE_WINDOW_S / 2) == pytest.approx(0.5)  # half are old
+
+
+def test_a_burst_after_a_pause_is_read_at_its_own_rate() -> None:
+    rate = RecentRate()
+    for at in range(10):  # one a second, then quiet
+        rate.add(float(at))
+    assert rate.per_second(9.0) == pytest.approx(10 / 9)  # less than a window observed yet
+    for at in (40.0, 40.1, 40.2, 40.3):  # four clients start together
+        rate.add(at)
+    assert rate.per_second(40.5) == pytest.approx(4 / MIN_SPAN_S)  # not an infinite rate
+    # A window-only count would say 4 / 30 s, as if the burst were a trickle.
+    assert rate.per_second(42.0) == pytest.approx(4 / 2)
 
 
 def test_on_a_linear_curve_the_nearly_done_request_steps_alone() -> None:
     # One request with 1 step left and three with 8: finishing it first saves 3 row-steps of
     # waiting and costs the others 1 step each of nothing (the total work is the same).
-    assert rows_to_step(candidates(1, 8, 8, 8), LINEAR, arrivals_per_s=0.0) == 1
+    assert rows_to_step(candidates(1, 8, 8, 8), LINEAR, arrivals_per_s=0.0, busy_share=0.5) == 1
 
 
 def test_on_a_flat_curve_every_row_steps() -> None:
-    assert rows_to_step(candidates(1, 8, 8, 8), FLAT, arrivals_per_s=0.0) == 4
+    assert rows_to_step(candidates(1, 8, 8, 8), FLAT, arrivals_per_s=0.0, busy_share=0.5) == 4
 
 
 def test_under_heavy_arrivals_every_row_steps() -> None:
     # With a fixed cost per call, smaller steps add work; enough arrivals make it not worth it.
     cpu_like = CostLine(fixed_s=0.05, per_row_s=0.06)
-    assert rows_to_step(candidates(4, 8, 8, 8), cpu_like, arrivals_per_s=0.0) < 4
-    assert rows_to_step(candidates(4, 8, 8, 8), cpu_like, arrivals_per_s=50.0) == 4
+    assert rows_to_step(candidates(4, 8, 8, 8), cpu_like, arrivals_per_s=0.0, busy_share=0.5) < 4
+    assert rows_to_step(candidates(4, 8, 8, 8), cpu_like, arrivals_per_s=50.0, busy_share=0.5) == 4
+
+
+def test_an_engine_busy_all_the_time_keeps_every_row_stepping() -> None:
+    # Four equal requests on a nearly linear curve (this CPU at 256x256 measured 14 ms + 49 ms
+    # per row): two pairs one after the other finish the first pair much sooner. With the
+    # engine half idle that is worth it; busy all the time (a few clients sending back to
+    # back), the pair finished first only comes back sooner to wait, and the throughput the
+    # pairs give up is lost for good.
+    nearly_linear = CostLine(fixed_s=0.014, per_row_s=0.049)
+    equal = candidates(6, 6, 6, 6)
+    assert rows_to_step(equal, nearly_linear, arrivals_per_s=2.0, busy_share=0.5) == 2
+    assert rows_to_step(equal, nearly_linear, arrivals_per_s=2.0, busy_share=1.0) == 4
+
+
+def test_busy_time_reads_as_a_share_of_the_time() -> None:
+    busy = RecentRate()
+    for step in range(50):  # back to back steps of 0.2 s
+        busy.add(0.2 * step, 0.2)
+    assert busy.per_second(10.0) == pytest.approx(1.0)
+    busy.add(10.5, 0.2)  # then half the time
+    busy.add(10.9, 0.2)
+    assert busy.per_second(11.1) == pytest.approx((50 * 0.2 + 0.4) / 11.1)
 
 
 @settings(max_examples=200, deadline=None)
@@ -76,11 +112,12 @@ def test_under_heavy_arrivals_every_row_steps() -> None:
     fixed=st.floats(0.0, 1.0),
     per_row=st.floats(0.0, 1.0),
     arrivals=st.floats(0.0, 100.0),
+    busy=st.floats(0.0, 1.0),
 )
 def test_the_choice_is_always_a_valid_prefix(
-    remaining: list[int], fixed: float, per_row: float, arrivals: float
+    remaining: list[int], fixed: float, per_row: float, arrivals: float, busy: float
 ) -> None:
-    take = rows_to_step(candidates(*remaining), CostLine(fixed, per_row), arrivals)
+    take = rows_to_step(candidates(*remaining), CostLine(fixed, per_row), arrivals, busy)
     assert 1 <= take <= len(remaining)
     if per_row == 0.0:  # nothing to gain from smaller steps
         assert take == len(remaining)
