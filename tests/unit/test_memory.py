@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 from imagegen_server.acceleration import TransformerRunner
 from imagegen_server.memory import MemoryBudget, Peak, RowCost, images_that_fit, probe_costs
@@ -92,3 +95,25 @@ def test_a_batch_fits_by_the_call_it_makes() -> None:
     assert images_that_fit(1, most_images=8, rows_per_image=2, padded=padded) == 1  # at least 1
     unpadded = runner("off").bucket
     assert images_that_fit(6, most_images=8, rows_per_image=1, padded=unpadded) == 6
+
+
+@pytest.fixture(scope="module")
+def loaded_model(tiny_model: Path) -> Any:
+    from imagegen_server.model import load_model
+
+    return load_model(str(tiny_model))
+
+
+@pytest.mark.parametrize("mode,text", [("off", 300), ("buckets", 512)])
+def test_a_row_is_costed_with_the_longest_prompt_as_it_runs(
+    loaded_model: Any, mode: str, text: int
+) -> None:
+    # The probe once ran with 128 text tokens while prompts may have 300 (512 once padded to
+    # a compiled length): it underrated every row's activations.
+    from imagegen_server.engine import Engine
+
+    engine = Engine(
+        loaded_model, prompt_cache_size=1, max_prompt_tokens=300, runner=runner(mode, (1, 2))
+    )
+    image_tokens = (64 // (2 * loaded_model.vae_scale_factor)) ** 2  # 2x2 patches of latents
+    assert engine.tokens_per_row(64, 64) == image_tokens + text
