@@ -16,6 +16,7 @@ cost curve that is always every row. Pure Python: no torch, no clock.
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -28,8 +29,12 @@ from dataclasses import dataclass
 THROUGHPUT_WEIGHT = 2.0
 # The busy share the load pressure is read at, at most: beyond it, pressure stops growing.
 MAX_BUSY_SHARE = 0.95
-# Weight of the newest measurement in a row count's running mean.
-COST_SMOOTHING = 0.2
+# Step times kept per row count; their median is the count's cost. A median, not a running
+# mean: one step slowed by something else on the machine (seen on the 2-core bench: 0.58 s and
+# 1.15 s among 4-row steps of 0.3 s, as a closed loop ended) moved a mean by a fifth of the
+# spike and held it there while rows were held back, since the count it inflated stopped
+# running.
+COST_SAMPLES = 9
 # Window over which arrivals and the engine's busy time are counted.
 RATE_WINDOW_S = 30.0
 # A gap this long between arrivals (or busy periods) starts the count afresh: the load changed.
@@ -50,35 +55,34 @@ class CostLine:
 
 
 class StepCosts:
-    """Measured seconds per step by rows, per batch key: a running mean for every row count that
-    ran, and the least-squares line through those means (known once two counts have run)."""
+    """Measured seconds per step by rows, per batch key: the median of the last `COST_SAMPLES`
+    step times of every row count that ran, and the least-squares line through those medians
+    (known once two counts have run)."""
 
     def __init__(self) -> None:
-        self._means: dict[Hashable, dict[int, float]] = {}
+        self._samples: dict[Hashable, dict[int, deque[float]]] = {}
 
     def observe(self, key: Hashable, rows: int, seconds: float) -> None:
-        means = self._means.setdefault(key, {})
-        mean = means.get(rows)
-        means[rows] = seconds if mean is None else mean + COST_SMOOTHING * (seconds - mean)
+        by_rows = self._samples.setdefault(key, {})
+        by_rows.setdefault(rows, deque(maxlen=COST_SAMPLES)).append(seconds)
 
     def line(self, key: Hashable) -> CostLine | None:
-        means = self._means.get(key, {})
-        if len(means) < 2:
+        by_rows = self._samples.get(key, {})
+        if len(by_rows) < 2:
             return None
-        counts = list(means)
-        mean_rows = sum(counts) / len(counts)
-        mean_s = sum(means.values()) / len(counts)
-        spread = sum((rows - mean_rows) ** 2 for rows in counts)
-        slope = sum((rows - mean_rows) * (means[rows] - mean_s) for rows in counts) / spread
+        medians = {rows: statistics.median(samples) for rows, samples in by_rows.items()}
+        mean_rows = sum(medians) / len(medians)
+        mean_s = sum(medians.values()) / len(medians)
+        spread = sum((rows - mean_rows) ** 2 for rows in medians)
+        slope = sum((rows - mean_rows) * (s - mean_s) for rows, s in medians.items()) / spread
         # A cost never falls with more rows, nor below zero: measurement noise can say otherwise.
         per_row = max(0.0, slope)
         return CostLine(fixed_s=max(0.0, mean_s - per_row * mean_rows), per_row_s=per_row)
 
 
 class RecentRate:
-    """Amounts per second over the last `RATE_WINDOW_S` seconds, or since they resumed after a
-    pause of `PAUSE_S` if that is shorter: requests accepted (1 each), or seconds the engine was
-    busy (then the rate is its busy share).
+    """Requests accepted per second over the last `RATE_WINDOW_S` seconds, or since they resumed
+    after a pause of `PAUSE_S` if that is shorter.
 
     A fixed window lags a change of load by its length: a burst on an idle server would read as
     a trickle for half a minute, and row selection, seeing no load to protect, would trade away
@@ -86,25 +90,55 @@ class RecentRate:
     """
 
     def __init__(self) -> None:
-        self._events: deque[tuple[float, float]] = deque()  # (time, amount)
-        self._since = 0.0  # when the amounts resumed after the last pause
+        self._times: deque[float] = deque()
+        self._since = 0.0  # when arrivals resumed after the last pause
 
-    def add(self, at: float, amount: float = 1.0) -> None:
-        """`amount` at time `at` (a busy period is added at its start)."""
-        if not self._events or at - self._events[-1][0] > PAUSE_S:
-            self._events.clear()
+    def add(self, at: float) -> None:
+        if not self._times or at - self._times[-1] > PAUSE_S:
+            self._times.clear()
             self._since = at
-        self._events.append((at, amount))
+        self._times.append(at)
         self._forget(at)
 
     def per_second(self, now: float) -> float:
         self._forget(now)
         observed = min(RATE_WINDOW_S, max(now - self._since, MIN_SPAN_S))
-        return sum(amount for _, amount in self._events) / observed
+        return len(self._times) / observed
 
     def _forget(self, now: float) -> None:
-        while self._events and self._events[0][0] <= now - RATE_WINDOW_S:
-            self._events.popleft()
+        while self._times and self._times[0] <= now - RATE_WINDOW_S:
+            self._times.popleft()
+
+
+class BusyShare:
+    """The share of the time the engine was busy, over the last `RATE_WINDOW_S` seconds or since
+    it resumed after an idle gap of `PAUSE_S`, whichever is shorter.
+
+    Unlike a rate of arrivals, a share is bounded, so it needs no shortest span: an engine that
+    has not stopped since a burst began reads 1 as soon as its first step is done. (Read over at
+    least a second, a burst's first steps read as a light load, and rows were held back there.)
+    """
+
+    def __init__(self) -> None:
+        self._periods: deque[tuple[float, float]] = deque()  # (start, end), in order
+        self._since = 0.0  # when the engine resumed after the last idle gap
+
+    def add(self, start: float, end: float) -> None:
+        """The engine was busy from `start` to `end`."""
+        if not self._periods or start - self._periods[-1][1] > PAUSE_S:
+            self._periods.clear()
+            self._since = start
+        self._periods.append((start, end))
+
+    def share(self, now: float) -> float:
+        """Busy seconds per second; 0 before anything ran."""
+        begin = max(self._since, now - RATE_WINDOW_S)
+        while self._periods and self._periods[0][1] <= begin:
+            self._periods.popleft()
+        if not self._periods or now <= begin:
+            return 0.0
+        busy = sum(min(end, now) - max(start, begin) for start, end in self._periods)
+        return min(1.0, busy / (now - begin))
 
 
 @dataclass(frozen=True, slots=True)

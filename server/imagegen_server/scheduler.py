@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import QueueFull
-from .row_selection import Candidate, CostLine, RecentRate, StepCosts, rows_to_step
+from .row_selection import BusyShare, Candidate, CostLine, RecentRate, StepCosts, rows_to_step
+
+log = logging.getLogger(__name__)
 
 Policy = Literal["step", "request"]
 RowSelection = Literal["all", "cost"]
@@ -118,7 +121,7 @@ class Scheduler:
         self._backoff_since: dict[Hashable, float] = {}  # out-of-memory limits and when set
         self.costs = StepCosts()  # measured step times, for row selection
         self._arrivals = RecentRate()  # requests accepted per second
-        self._busy = RecentRate()  # engine seconds per second: its busy share
+        self._busy = BusyShare()  # the engine's recent busy share
         self._step_began: float | None = None  # when the step last planned began
 
     # --- requests arriving and leaving ---
@@ -224,7 +227,7 @@ class Scheduler:
         before it, so they drain and it starts.
         """
         if self._step_began is not None:  # the engine worked from that plan until now
-            self._busy.add(self._step_began, now - self._step_began)
+            self._busy.add(self._step_began, now)
             self._step_began = None
         plan = StepPlan()
         running = self._running_by_group()
@@ -331,14 +334,26 @@ class Scheduler:
         ordered = sorted(
             members, key=lambda e: (e.request_id not in must, e.priority, _left(e), e.rank)
         )
+        arrivals_per_s, busy_share = self._arrivals.per_second(now), self._busy.share(now)
         take = rows_to_step(
             [Candidate(entry.rows, _left(entry)) for entry in ordered],
             cost,
-            self._arrivals.per_second(now),
-            self._busy.per_second(now),
+            arrivals_per_s,
+            busy_share,
         )
         take = max(take, len(must))
-        return None if take >= len(ordered) else [entry.request_id for entry in ordered[:take]]
+        if take >= len(ordered):
+            return None
+        log.debug(
+            "%d of %d requests step: %.3f s + %.3f s per row, %.2f arrivals/s, busy %.2f",
+            take,
+            len(ordered),
+            cost.fixed_s,
+            cost.per_row_s,
+            arrivals_per_s,
+            busy_share,
+        )
+        return [entry.request_id for entry in ordered[:take]]
 
     @staticmethod
     def _must_step(entry: QueueEntry, cost: CostLine, rows: int, now: float) -> bool:
