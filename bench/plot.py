@@ -119,7 +119,10 @@ def _mix(ax: Any, results: dict[str, Any]) -> None:
     ax.set_title("open loop, mix: p95 by step count")
     ax.set_xlabel("offered load, % of mix limit")
     ax.set_ylabel("seconds")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:  # a run without the mix workload (--workloads single)
+        ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
 
 
 def _runs(results: dict[str, Any], system: str, workload: str, kind: str) -> list[dict[str, Any]]:
