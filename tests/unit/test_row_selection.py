@@ -119,7 +119,7 @@ def test_busy_time_reads_as_a_share_of_the_time() -> None:
     busy = BusyShare()
     assert busy.share(1.0) == 0.0  # nothing ran yet
     busy.add(0.0, 0.2)
-    # From the first step on: a share has no shortest span (read over a second, this was 0.2).
+    # Once the first step is done: a share has no shortest span (over a second this was 0.2).
     assert busy.share(0.2) == pytest.approx(1.0)
     for step in range(1, 50):  # back to back steps of 0.2 s
         busy.add(0.2 * step, 0.2 * step + 0.2)
@@ -213,12 +213,16 @@ def run_step(scheduler: Scheduler, now: float) -> list[str]:
     return stepped
 
 
-def test_a_short_request_runs_ahead_of_long_ones_on_a_linear_curve() -> None:
+def test_a_short_request_runs_ahead_of_long_ones_on_a_linear_curve(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     scheduler = linear_scheduler()
     long_ones = [request(8) for _ in range(3)]
     short = request(2)
     start(scheduler, *long_ones, short)
-    assert run_step(scheduler, 0.1) == [short.request_id]
+    with caplog.at_level("DEBUG", logger="imagegen_server.scheduler"):
+        assert run_step(scheduler, 0.1) == [short.request_id]
+    assert "1 of 4 requests step: 0.000 s + 0.100 s per row" in caplog.text  # and why
     assert run_step(scheduler, 0.2) == [short.request_id]
     assert scheduler.running_count == 3  # the short one is done after its 2 steps
     assert long_ones[0].deferred_steps == 2
