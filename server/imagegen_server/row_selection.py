@@ -138,7 +138,7 @@ class BusyShare:
         if not self._periods or now <= begin:
             return 0.0
         busy = sum(min(end, now) - max(start, begin) for start, end in self._periods)
-        return min(1.0, busy / (now - begin))
+        return busy / (now - begin)
 
 
 @dataclass(frozen=True, slots=True)

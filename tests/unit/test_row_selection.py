@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from imagegen_server.row_selection import (
     COST_SAMPLES,
@@ -149,6 +149,27 @@ def test_an_idle_gap_starts_the_busy_share_afresh() -> None:
     assert busy.share(20.0) == pytest.approx(0.25)
     busy.add(20.0 + PAUSE_S + 1, 20.0 + PAUSE_S + 1.3)  # a burst after a pause
     assert busy.share(20.0 + PAUSE_S + 1.3) == pytest.approx(1.0)
+
+
+@example(periods=[(0.0, 1.7)] * 30, read_after=0.0)  # busy throughout, windows cut steps
+@settings(max_examples=200, deadline=None)
+@given(
+    # Mostly busy, now and then idle past PAUSE_S: shares near 1, windows cutting periods.
+    periods=st.lists(
+        st.tuples(st.sampled_from([0.0, 0.1, 0.5, 6.0]), st.floats(0.0, 3.0)), max_size=60
+    ),
+    read_after=st.floats(0.0, 40.0),
+)
+def test_the_busy_share_is_always_a_share(
+    periods: list[tuple[float, float]], read_after: float
+) -> None:
+    busy = BusyShare()
+    now = 0.0
+    for idle, length in periods:  # idle, then busy, one after the other
+        busy.add(now + idle, now + idle + length)
+        now += idle + length
+        assert 0.0 <= busy.share(now) <= 1.0 + 1e-9
+    assert 0.0 <= busy.share(now + read_after) <= 1.0 + 1e-9
 
 
 @settings(max_examples=200, deadline=None)
