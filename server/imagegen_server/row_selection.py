@@ -129,16 +129,23 @@ class BusyShare:
             self._periods.clear()
             self._since = start
         self._periods.append((start, end))
+        self._forget(self._window_start(end))  # bounded even if nobody reads the share
 
     def share(self, now: float) -> float:
         """Busy seconds per second; 0 before anything ran."""
-        begin = max(self._since, now - RATE_WINDOW_S)
-        while self._periods and self._periods[0][1] <= begin:
-            self._periods.popleft()
+        begin = self._window_start(now)
+        self._forget(begin)
         if not self._periods or now <= begin:
             return 0.0
         busy = sum(min(end, now) - max(start, begin) for start, end in self._periods)
         return busy / (now - begin)
+
+    def _window_start(self, now: float) -> float:
+        return max(self._since, now - RATE_WINDOW_S)
+
+    def _forget(self, begin: float) -> None:
+        while self._periods and self._periods[0][1] <= begin:
+            self._periods.popleft()
 
 
 @dataclass(frozen=True, slots=True)

@@ -326,8 +326,10 @@ class Scheduler:
         if self.config.row_selection != "cost" or not self.config.joins_running or self._waiting:
             return None
         members = self.running_in(group)
+        if len(members) < 2:
+            return None
         cost = self.costs.line(self.key_of(group))
-        if len(members) < 2 or cost is None:
+        if cost is None:
             return None
         rows = sum(entry.rows for entry in members)
         must = {e.request_id for e in members if self._must_step(e, cost, rows, now)}

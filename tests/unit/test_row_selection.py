@@ -142,6 +142,15 @@ def test_busy_time_is_counted_over_a_window() -> None:
     assert busy.share(80.0) == pytest.approx(0.5)
 
 
+def test_busy_periods_are_forgotten_even_when_nobody_reads_the_share() -> None:
+    # Under steady queueing (or --row-selection all) the share is never read; a server busy
+    # for days must not keep every step it ran.
+    busy = BusyShare()
+    for step in range(10_000):  # back to back steps of 0.1 s: 1000 s
+        busy.add(0.1 * step, 0.1 * step + 0.1)
+    assert len(busy._periods) <= RATE_WINDOW_S / 0.1 + 1
+
+
 def test_an_idle_gap_starts_the_busy_share_afresh() -> None:
     busy = BusyShare()
     for start in range(0, 20, 4):  # a quarter of the time
