@@ -218,7 +218,10 @@ class EngineBench:
 
 
 def _prompt(number: int) -> str:
-    return f"engine request {number}: a lighthouse at dusk"
+    """Distinct prompts (each is text-encoded) of one length, 168 tokens with the random
+    model's byte-level tokenizer: rows of a batch are never padded, so no call carries a mask
+    (bench.attention measures what a mask costs)."""
+    return f"engine request {number:06d}: lighthouse at sea"
 
 
 def measure_quietly(

@@ -153,7 +153,9 @@ class LoadGenerator:
     async def _send(self, record: RequestRecord, cls: RequestClass, start: float) -> None:
         try:
             result = await self._client.generate(
-                f"{self._run_name} request {record.index}: a lighthouse at dusk",
+                # Fixed-width numbers: every prompt of a run has the same length, as the
+                # engine's in the limit have.
+                f"{self._run_name} request {record.index:06d}: a lighthouse at dusk",
                 width=cls.width,
                 height=cls.height,
                 steps=cls.steps,

@@ -5,13 +5,15 @@
     python -m bench.mfu --settings eager,buckets --batch-sizes 1,4,8 --resolutions 1024x1024
 
 First the card's peak: the best rate of large square matmuls in the engine's dtype. Then the
-FLOPs of one transformer call per image at each resolution, counted by PyTorch. Then, for each
-compile setting, the engine alone (no server) runs batches of 1..8 requests at each resolution
-to the end and reports images/s (text encoding to decoded images), ms per denoising step of the
-whole batch, the transformer TFLOP/s those steps achieve, and MFU: that rate over the peak.
-Compile settings also report their start-up cost: seconds to compile for every resolution from
-empty caches ("cold"), and again after an in-process reset with inductor's on-disk cache kept
-("warm": a restart with TORCHINDUCTOR_CACHE_DIR on a persistent volume).
+FLOPs of one transformer call per image at each resolution, counted by PyTorch, and the
+attention kernels: one joint attention call with and without a text-padding mask, by backend
+(bench/attention.py). Then, for each compile setting, the engine alone (no server) runs
+batches of 1..8 requests at each resolution to the end and reports images/s (text encoding to
+decoded images), ms per denoising step of the whole batch, the transformer TFLOP/s those steps
+achieve, and MFU: that rate over the peak. Compile settings also report their start-up cost:
+seconds to compile for every resolution from empty caches ("cold"), and again after an
+in-process reset with inductor's on-disk cache kept ("warm": a restart with
+TORCHINDUCTOR_CACHE_DIR on a persistent volume).
 
 On CUDA the model is `tiny-model --preset full` (Qwen-Image's real sizes, random bf16 weights
 drawn on the GPU); on CPU the `bench` preset. The JSON is written after every point, so a run
@@ -29,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from . import attention
 from .flops import measure_matmul_peak, transformer_step_flops
 from .limit import BatchTooLarge, EngineBench, measure_quietly
 from .machine import describe_machine
@@ -93,6 +96,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--compile-buckets", default="1,2,4,8", help="buckets' batch sizes")
     parser.add_argument("--min-batches", type=int, help="measured batches per point (default 2)")
+    parser.add_argument(
+        "--no-attention",
+        action="store_true",
+        help="skip the attention kernels (no mask against a text-padding mask, by backend); "
+        "a run split into several needs them once",
+    )
     add_output_arguments(parser)
     parser.add_argument(
         "--report-only",
@@ -180,6 +189,9 @@ def run_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "points": [],
     }
     path = results_path(args.out, results)
+    if not args.no_attention:
+        results["attention"] = _measure_attention(bench, results["flops"], args.quick)
+        write_json(results, path)
     for setting in args.settings:
         _measure_setting(bench, setting, resolutions, args, results)
         write_json(results, path)
@@ -209,6 +221,44 @@ def _count_flops(bench: EngineBench, resolutions: list[tuple[int, int]]) -> list
             flush=True,
         )
     return flops
+
+
+def _measure_attention(
+    bench: EngineBench, flops: list[dict[str, Any]], quick: bool
+) -> dict[str, Any]:
+    """Joint attention calls at each resolution, with and without a text-padding mask."""
+    from imagegen_server.sampling import LatentShape
+
+    model = bench.model
+    config = model.pipeline.transformer.config
+    calls = []
+    for entry in flops:
+        width, height = (int(side) for side in entry["resolution"].split("x"))
+        shape = LatentShape.for_image(
+            height, width, int(config["in_channels"]) // 4, model.vae_scale_factor
+        )
+        calls.append(
+            attention.JointAttention(
+                entry["resolution"],
+                shape.seq_len,
+                entry["text_tokens"],
+                int(config["num_attention_heads"]),
+                int(config["attention_head_dim"]),
+            )
+        )
+    # The math kernel holds every score at once: next to the full-size model that is memory
+    # a GPU does not have, and no GPU server uses it.
+    backends = [
+        name for name in attention.BACKENDS if model.device.type != "cuda" or name != "_native_math"
+    ]
+    points = attention.measure_attention(
+        calls, model.device, model.dtype, backends, rounds=1 if quick else attention.ROUNDS
+    )
+    for point in points:
+        timing = f"{point['ms']:.3g} ms" if "ms" in point else f"cannot run: {point['error']}"
+        mask = "padded" if point["padded"] else "no mask"
+        print(f"attention {point['resolution']} {mask} {point['backend']}: {timing}", flush=True)
+    return {"rows": attention.ROWS, "layers": int(config["num_layers"]), "points": points}
 
 
 def _measure_setting(
@@ -312,6 +362,8 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One report from runs on the same device: their points, compile times and resolutions
     together. Each point keeps the MFU against its own run's peak."""
     merged = {**runs[0], "points": [], "compile": [], "flops": [], "peaks": []}
+    # The attention kernels are measured once, by whichever run did.
+    merged["attention"] = next((run["attention"] for run in runs if run.get("attention")), None)
     for run in runs:
         merged["points"] += run["points"]
         merged["compile"] += run["compile"]
@@ -392,7 +444,19 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
             )
         if any(point["setting"] == "eager" for point in results["points"]):
             lines.append(f"| eager | 0 | 0 | {_best_rate(results, 'eager')} |")
+    if results.get("attention"):
+        lines += ["", *attention.summary_lines(results["attention"], _steps_of(results))]
     return lines
+
+
+def _steps_of(results: dict[str, Any]) -> dict[str, float]:
+    """ms per step of an eager call as large as the attention call, by resolution."""
+    rows = results["attention"]["rows"]
+    return {
+        point["resolution"]: point["ms_per_step"]
+        for point in results["points"]
+        if point["setting"] == "eager" and point["batch_size"] == rows
+    }
 
 
 def _best_rate(results: dict[str, Any], setting: str) -> str:

@@ -86,6 +86,13 @@ def test_a_small_run_reports_rate_and_mfu_for_every_batch_size(
     report = markdown.read_text()
     assert "<!-- bench-mfu:cpu:begin" in report and "<!-- bench-mfu:cpu:end -->" in report
     assert report.count("| eager | 64x64 |") == 2
+    attention = results["attention"]
+    assert attention["rows"] == 4 and attention["layers"] == 2  # the tiny transformer's blocks
+    assert {(p["backend"], p["padded"]) for p in attention["points"] if "ms" in p} >= {
+        ("native", False),
+        ("native", True),
+    }
+    assert "| 64x64 | native (" in report and "padding adds" in report
     # The report is a function of the JSON alone.
     markdown.unlink()
     assert (
@@ -97,8 +104,10 @@ def test_a_small_run_reports_rate_and_mfu_for_every_batch_size(
     second = tmp_path / "second"
     second_argv = [arg for arg in argv if not arg.startswith(("--batch-sizes", "--out", "--mark"))]
     second_argv += ["--batch-sizes=3", f"--out={second}", f"--markdown={second / 'unused.md'}"]
-    assert mfu_main(second_argv) == 0
-    runs = [str(tmp_path / "mfu-cpu.json"), str(second / "mfu-cpu.json")]
+    assert mfu_main([*second_argv, "--no-attention"]) == 0
+    assert "attention" not in json.loads((second / "mfu-cpu.json").read_text())
+    runs = [str(second / "mfu-cpu.json"), str(tmp_path / "mfu-cpu.json")]
     assert mfu_main(["--report-only", *runs, f"--markdown={markdown}"]) == 0
     merged = markdown.read_text()
     assert merged.count("| eager | 64x64 |") == 3 and "The 2 runs merged here" in merged
+    assert merged.count("| 64x64 | native (") == 1  # from the run that measured it
