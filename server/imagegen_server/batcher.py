@@ -30,6 +30,7 @@ from .errors import (
     EngineUnavailable,
     ImageGenError,
     InternalError,
+    InvalidArgument,
     Shed,
 )
 from .metrics import Metrics
@@ -155,6 +156,7 @@ class Batcher:
             EngineUnavailable: the model is loading or the engine failed.
             Draining: the server is shutting down.
             QueueFull: no room (UNAVAILABLE).
+            InvalidArgument: more images than one step at this size holds on the device.
         """
         loop = asyncio.get_running_loop()
         with self._cond:
@@ -173,6 +175,7 @@ class Batcher:
                 deadline=deadline,
             )
             self._cap_rows(key)
+            self._check_fits(params, key)
             shed = self._scheduler.add(entry, now)
             self._handles[ticket] = handle
             if shed is not None:
@@ -260,6 +263,17 @@ class Batcher:
         limit = self._row_limit(key)
         if limit is not None:
             self._scheduler.set_row_limit(key, limit)
+
+    def _check_fits(self, params: GenerationParams, key: Hashable) -> None:
+        """A request's images step together, so more than fit on the device would run out of
+        memory at every step (lock held)."""
+        fitting = self._scheduler.fitting_rows(key)
+        if params.num_images > fitting:
+            raise InvalidArgument(
+                "num_images",
+                f"{params.num_images} outside [1, {fitting}]: at most {fitting} images of "
+                f"{params.width}x{params.height} fit in one step on this device",
+            )
 
     def _check_accepting(self) -> None:
         if self._dead is not None:
@@ -357,15 +371,17 @@ class Batcher:
             self._note_admitted(plan)
         try:
             if plan.admitted:
-                requests = [
-                    EngineRequest(e.request_id, self._handles_params(e)) for e in plan.admitted
-                ]
-                added = engine.add(group, requests)
+                requests = self._still_wanted(plan.admitted)
+                added = engine.add(group, requests) if requests else AddResult({})
                 self._observe_stages(added.stage_seconds)
                 self._fail_requests(added.failed)
-                if stepped is not None:  # a chosen request that failed to encode: none to step
-                    stepped = [rid for rid in stepped if rid not in added.failed] or None
-            if not engine.has_work(group):  # every admitted request failed to encode
+                # A chosen request that failed to encode, or was cancelled since the plan, has
+                # no rows to step (with none left, every row of the batch steps).
+                added_ids = {request.request_id for request in requests} - set(added.failed)
+                gone = {entry.request_id for entry in plan.admitted} - added_ids
+                if stepped is not None:
+                    stepped = [rid for rid in stepped if rid not in gone] or None
+            if not engine.has_work(group):  # every admitted request failed or left
                 return
             result = engine.step(group, stepped)
         except Exception:  # the engine isolates model errors per row; this is anything else
@@ -419,10 +435,17 @@ class Batcher:
             if self._step_budget is not None:
                 self._step_budget = max(0, self._step_budget - 1)
 
-    def _handles_params(self, entry: QueueEntry) -> GenerationParams:
-        handle = self._handles.get(entry.request_id)
-        assert handle is not None, "admitted request without a handle"
-        return handle.params
+    def _still_wanted(self, admitted: list[QueueEntry]) -> list[EngineRequest]:
+        """The engine requests of the admitted entries whose caller still waits. One cancelled
+        between the plan and now (commands run in between) is already in `_cancel_running`:
+        its entry goes at the next boundary, and it never reaches the engine."""
+        with self._cond:
+            handles = [self._handles.get(entry.request_id) for entry in admitted]
+        return [
+            EngineRequest(entry.request_id, handle.params)
+            for entry, handle in zip(admitted, handles, strict=True)
+            if handle is not None
+        ]
 
     def _note_admitted(self, plan: StepPlan) -> None:
         """Queue time ends when the scheduler admits a request, before its prompt is encoded:

@@ -116,9 +116,11 @@ class Scheduler:
         self._running: dict[str, QueueEntry] = {}
         self._running_group: dict[str, Hashable] = {}
         self._seq = itertools.count()
-        # Per-key limits below max_batch_size (memory probe, out-of-memory back-off).
-        self._row_limits: dict[Hashable, int] = {}
-        self._backoff_since: dict[Hashable, float] = {}  # out-of-memory limits and when set
+        # Per-key limits below max_batch_size: what fits on the device (the memory probe), and
+        # below that an out-of-memory back-off, which recovers over time up to the device's.
+        self._fit_limits: dict[Hashable, int] = {}
+        self._backoff_limits: dict[Hashable, int] = {}
+        self._backoff_since: dict[Hashable, float] = {}
         self.costs = StepCosts()  # measured step times, for row selection
         self._arrivals = RecentRate()  # requests accepted per second
         self._busy = BusyShare()  # the engine's recent busy share
@@ -183,27 +185,32 @@ class Scheduler:
     def out_of_memory(self, key: Hashable, rows_that_fit: int, now: float) -> None:
         """A step of `key` ran out of memory; `rows_that_fit` rows did not. Caps the key there
         until `recover_row_limits` finds the back-off old enough to try twice as many."""
-        self.set_row_limit(key, rows_that_fit)
+        self._backoff_limits[key] = max(1, min(rows_that_fit, self.fitting_rows(key)))
         self._backoff_since[key] = now
 
     def recover_row_limits(self, now: float) -> None:
+        """Doubles each back-off old enough, up to what fits on the device, where it ends."""
         for key, since in list(self._backoff_since.items()):
             if now - since < self.config.row_limit_recovery_s:
                 continue
-            doubled = self._row_limits.get(key, self.config.max_batch_size) * 2
-            if doubled >= self.config.max_batch_size:
-                self.set_row_limit(key, None)
-                del self._backoff_since[key]
+            doubled = self._backoff_limits[key] * 2
+            if doubled >= self.fitting_rows(key):
+                del self._backoff_limits[key], self._backoff_since[key]
             else:
-                self.set_row_limit(key, doubled)
+                self._backoff_limits[key] = doubled
                 self._backoff_since[key] = now
 
     def set_row_limit(self, key: Hashable, rows: int | None) -> None:
-        """Caps the rows per step for `key` below max_batch_size (None removes the cap)."""
+        """Caps the rows per step for `key` at what fits on the device, below max_batch_size
+        (None removes the cap). Out-of-memory back-off never recovers above it."""
         if rows is None:
-            self._row_limits.pop(key, None)
+            self._fit_limits.pop(key, None)
         else:
-            self._row_limits[key] = max(1, min(rows, self.config.max_batch_size))
+            self._fit_limits[key] = max(1, min(rows, self.config.max_batch_size))
+
+    def fitting_rows(self, key: Hashable) -> int:
+        """The most rows per step of `key` the device holds (max_batch_size if not capped)."""
+        return self._fit_limits.get(key, self.config.max_batch_size)
 
     # --- the decisions ---
 
@@ -412,7 +419,8 @@ class Scheduler:
         return group if self.config.joins_running else group[0]  # type: ignore[index]
 
     def _row_limit(self, group: Hashable) -> int:
-        return self._row_limits.get(self.key_of(group), self.config.max_batch_size)
+        key = self.key_of(group)
+        return self._backoff_limits.get(key, self.fitting_rows(key))
 
     def _ready_at(self, group: Hashable, entries: list[QueueEntry]) -> float:
         """When a new batch of `group` may start: at once if it is full (or reaches the largest

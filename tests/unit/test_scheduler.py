@@ -190,6 +190,20 @@ def test_row_limit_caps_a_key_below_max_batch_size() -> None:
     assert len(scheduler.schedule(now=0.0).admitted) == 2
 
 
+def test_out_of_memory_back_off_recovers_up_to_what_fits_on_the_device_and_no_further() -> None:
+    simulation = Simulation(step_policy(max_batch_size=8, row_limit_recovery_s=3.0))
+    scheduler = simulation.scheduler
+    scheduler.set_row_limit("A", 2)  # the memory probe: 2 rows fit
+    scheduler.out_of_memory("A", 1, now=0.0)
+    for _ in range(40):
+        scheduler.add(entry(at=simulation.now, steps=2), now=simulation.now)
+        scheduler.recover_row_limits(simulation.now)
+        simulation.tick()
+    rows = [rows for _, rows in simulation.steps]
+    assert rows[:3] == [1, 1, 1]  # backed off, until the back-off is 3 s old
+    assert max(rows) == 2 and rows[-10:] == [2] * 10  # recovered to the probe's 2, never 8
+
+
 def test_batches_of_different_keys_take_turns_oldest_first() -> None:
     simulation = Simulation(step_policy(max_active_batches=2))
     simulation.scheduler.add(entry(key="A", steps=4, name="a"), now=0.0)

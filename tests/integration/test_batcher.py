@@ -1,0 +1,144 @@
+"""The batcher between the event loop and a real engine (the tiny model), where the gRPC layer
+cannot place events exactly: a cancel inside the window between a request's admission and its
+rows reaching the engine, and a request larger than the device holds.
+
+Engine commands (`call_on_engine`) run on the engine thread in that very window, so a command
+that waits on a gate holds the engine there, without timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from imagegen_server.batcher import Batcher, RequestHandle
+from imagegen_server.engine import Engine
+from imagegen_server.errors import InvalidArgument
+from imagegen_server.metrics import Metrics
+from imagegen_server.model import load_model
+from imagegen_server.scheduler import Scheduler, SchedulerConfig
+from imagegen_server.types import (
+    BatchKey,
+    CompletedEvent,
+    Event,
+    FailedEvent,
+    GenerationParams,
+    OutputFormat,
+)
+
+TIMEOUT_S = 60.0
+
+
+def params(name: str, num_images: int = 1) -> GenerationParams:
+    return GenerationParams(
+        request_id=name,
+        prompt=f"{name}: a lighthouse",
+        negative_prompt="",
+        width=64,
+        height=64,
+        steps=4,
+        guidance_scale=1.0,
+        seed=7,
+        num_images=num_images,
+        output_format=OutputFormat.PNG,
+        output_quality=90,
+    )
+
+
+async def started_batcher(
+    tiny_model: Path, row_limit: Callable[[BatchKey], int | None] | None = None
+) -> Batcher:
+    ready = threading.Event()
+    batcher = Batcher(
+        engine_factory=lambda: Engine(load_model(str(tiny_model), device="cpu"), 16, 512),
+        scheduler=Scheduler(SchedulerConfig(policy="step", max_batch_size=4)),
+        metrics=Metrics(),
+        on_ready=lambda _engine: ready.set(),
+        row_limit=row_limit,
+    )
+    batcher.start()
+    assert await asyncio.to_thread(ready.wait, TIMEOUT_S)
+    return batcher
+
+
+async def terminal(handle: RequestHandle) -> Event:
+    while True:
+        event = await asyncio.wait_for(handle.events.get(), TIMEOUT_S)
+        if isinstance(event, (CompletedEvent, FailedEvent)):
+            return event
+
+
+class Gate:
+    """An engine command that holds the engine thread until opened."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+
+    def __call__(self, engine: Any) -> None:
+        self.entered.set()
+        assert self.opened.wait(TIMEOUT_S)
+
+    async def wait_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, TIMEOUT_S)
+
+
+def test_a_cancel_between_admission_and_the_engine_fails_nobody_else(tiny_model: Path) -> None:
+    async def scenario() -> None:
+        batcher = await started_batcher(tiny_model)
+        try:
+            first, second = Gate(), Gate()
+            held = asyncio.ensure_future(batcher.call_on_engine(first))
+            await first.wait_entered()
+            # Both requests and the second command wait for the engine; the next plan admits
+            # the requests, and the second command runs after that plan, before their rows
+            # reach the engine.
+            cancelled = batcher.submit(params("cancelled"), None, False)
+            kept = batcher.submit(params("kept"), None, False)
+            holding = asyncio.ensure_future(batcher.call_on_engine(second))
+            await asyncio.sleep(0)  # one loop turn: the task queues its command, no timing
+            first.opened.set()
+            await second.wait_entered()
+            assert batcher.scheduler.running_rows == 2  # both admitted; the engine is held
+            batcher.cancel(cancelled)
+            second.opened.set()
+            await asyncio.gather(held, holding)
+
+            event = await terminal(kept)
+            assert isinstance(event, CompletedEvent), event
+            (image,) = event.images
+            assert image.pixels.shape == (64, 64, 3) and np.ptp(image.pixels) > 0
+            assert cancelled.events.empty()  # its caller already has its answer
+            # The cancelled request left the scheduler and never reached the engine.
+            leftover = await batcher.call_on_engine(
+                lambda engine: (engine.has_work(), batcher.scheduler.running_rows)
+            )
+            assert leftover == (False, 0)
+        finally:
+            batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_more_images_than_fit_in_one_step_are_refused_naming_the_range(tiny_model: Path) -> None:
+    async def scenario() -> None:
+        batcher = await started_batcher(tiny_model, row_limit=lambda key: 2)
+        try:
+            with pytest.raises(InvalidArgument) as refused:
+                batcher.submit(params("three", num_images=3), None, False)
+            assert refused.value.message == (
+                "num_images: 3 outside [1, 2]: at most 2 images of 64x64 fit in one step on "
+                "this device"
+            )
+            event = await terminal(batcher.submit(params("two", num_images=2), None, False))
+            assert isinstance(event, CompletedEvent) and len(event.images) == 2
+            assert event.max_batch_size == 2
+        finally:
+            batcher.stop()
+
+    asyncio.run(scenario())
