@@ -198,3 +198,23 @@ def assert_same_image(
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     difference = float(np.abs(actual.astype(np.float32) - expected.astype(np.float32)).max())
     assert difference <= tolerance, f"max pixel difference {difference:.2e} > {tolerance:.0e}"
+
+
+def engine_params(request_id: str, seed: int = 0, num_images: int = 1) -> Any:
+    """A valid `GenerationParams` at the test size (64x64, 4 steps) for driving the engine or
+    the batcher directly; NPY output keeps the pixels exact."""
+    from imagegen_server.types import GenerationParams, OutputFormat
+
+    return GenerationParams(
+        request_id=request_id,
+        prompt=f"prompt {seed}",
+        negative_prompt="",
+        width=64,
+        height=64,
+        steps=4,
+        guidance_scale=1.0,
+        seed=seed,
+        num_images=num_images,
+        output_format=OutputFormat.NPY,
+        output_quality=90,
+    )

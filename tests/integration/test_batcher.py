@@ -22,32 +22,10 @@ from imagegen_server.errors import InvalidArgument
 from imagegen_server.metrics import Metrics
 from imagegen_server.model import load_model
 from imagegen_server.scheduler import Scheduler, SchedulerConfig
-from imagegen_server.types import (
-    BatchKey,
-    CompletedEvent,
-    Event,
-    FailedEvent,
-    GenerationParams,
-    OutputFormat,
-)
+from imagegen_server.types import BatchKey, CompletedEvent, Event, FailedEvent
+from support import engine_params
 
 TIMEOUT_S = 60.0
-
-
-def params(name: str, num_images: int = 1) -> GenerationParams:
-    return GenerationParams(
-        request_id=name,
-        prompt=f"{name}: a lighthouse",
-        negative_prompt="",
-        width=64,
-        height=64,
-        steps=4,
-        guidance_scale=1.0,
-        seed=7,
-        num_images=num_images,
-        output_format=OutputFormat.PNG,
-        output_quality=90,
-    )
 
 
 async def started_batcher(
@@ -98,8 +76,8 @@ def test_a_cancel_between_admission_and_the_engine_fails_nobody_else(tiny_model:
             # Both requests and the second command wait for the engine; the next plan admits
             # the requests, and the second command runs after that plan, before their rows
             # reach the engine.
-            cancelled = batcher.submit(params("cancelled"), None, False)
-            kept = batcher.submit(params("kept"), None, False)
+            cancelled = batcher.submit(engine_params("cancelled"), None, False)
+            kept = batcher.submit(engine_params("kept"), None, False)
             holding = asyncio.ensure_future(batcher.call_on_engine(second))
             await asyncio.sleep(0)  # one loop turn: the task queues its command, no timing
             first.opened.set()
@@ -130,12 +108,12 @@ def test_more_images_than_fit_in_one_step_are_refused_naming_the_range(tiny_mode
         batcher = await started_batcher(tiny_model, row_limit=lambda key: 2)
         try:
             with pytest.raises(InvalidArgument) as refused:
-                batcher.submit(params("three", num_images=3), None, False)
+                batcher.submit(engine_params("three", num_images=3), None, False)
             assert refused.value.message == (
                 "num_images: 3 outside [1, 2]: at most 2 images of 64x64 fit in one step on "
                 "this device"
             )
-            event = await terminal(batcher.submit(params("two", num_images=2), None, False))
+            event = await terminal(batcher.submit(engine_params("two", num_images=2), None, False))
             assert isinstance(event, CompletedEvent) and len(event.images) == 2
             assert event.max_batch_size == 2
         finally:

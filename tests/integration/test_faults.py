@@ -13,9 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from imagegen_client import OutputFormat, RetryPolicy
 from imagegen_server.engine import Engine, EngineRequest
 from imagegen_server.model import load_model
-from imagegen_server.types import GenerationParams
-from imagegen_server.types import OutputFormat as ServerFormat
-from support import StreamWatcher, assert_same_image, pixels
+from support import StreamWatcher, assert_same_image, engine_params, pixels
 
 NPY = OutputFormat.NPY
 NO_RETRY = RetryPolicy(max_attempts=1)
@@ -70,24 +68,8 @@ def engine(tiny_model: Path) -> Engine:
     return Engine(load_model(str(tiny_model)), prompt_cache_size=8, max_prompt_tokens=512)
 
 
-def params(request_id: str, seed: int) -> GenerationParams:
-    return GenerationParams(
-        request_id=request_id,
-        prompt=f"prompt {seed}",
-        negative_prompt="",
-        width=64,
-        height=64,
-        steps=4,
-        guidance_scale=1.0,
-        seed=seed,
-        num_images=1,
-        output_format=ServerFormat.NPY,
-        output_quality=90,
-    )
-
-
 def test_a_row_whose_values_go_non_finite_fails_alone(engine: Engine) -> None:
-    engine.add("batch", [EngineRequest(f"r{i}", params(f"r{i}", i)) for i in range(4)])
+    engine.add("batch", [EngineRequest(f"r{i}", engine_params(f"r{i}", i)) for i in range(4)])
     engine.step("batch")
     with torch.inference_mode():  # what a numerical blow-up leaves behind
         engine._batches["batch"].latents[2, 0, 0] = float("nan")
@@ -97,7 +79,7 @@ def test_a_row_whose_values_go_non_finite_fails_alone(engine: Engine) -> None:
         failed += result.failed
         finished.update({f.request_id: f.images[0].pixels for f in result.finished})
     assert failed == ["r2"] and sorted(finished) == ["r0", "r1", "r3"]
-    alone = engine.run_to_completion(EngineRequest("solo", params("solo", 1)))
+    alone = engine.run_to_completion(EngineRequest("solo", engine_params("solo", 1)))
     assert_same_image(finished["r1"], alone.images[0].pixels)
     assert torch.isfinite(torch.as_tensor(finished["r3"])).all()
 
