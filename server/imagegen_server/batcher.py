@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# A function to run on the engine thread, and the future its caller awaits.
+Command = tuple[Callable[["EngineLike"], Any], concurrent.futures.Future[Any]]
+
 # Weight of the newest step time in the running estimate used for queue ETAs.
 STEP_TIME_SMOOTHING = 0.2
 
@@ -121,9 +124,7 @@ class Batcher:
         self._handles: dict[str, RequestHandle] = {}  # by ticket
         self._tickets = itertools.count()
         self._cancel_running: set[str] = set()
-        self._commands: list[
-            tuple[Callable[[EngineLike], Any], concurrent.futures.Future[Any]]
-        ] = []
+        self._commands: list[Command] = []
         self._ready = False
         self._draining = False
         self._stopping = False
@@ -210,6 +211,8 @@ class Batcher:
         with self._cond:
             if self._dead is not None:
                 raise EngineUnavailable("engine failed; this replica cannot serve")
+            if self._stopping:  # the engine thread will not run it
+                raise EngineUnavailable("server stopping")
             self._commands.append((command, future))
             self._cond.notify_all()
         result: T = await asyncio.wrap_future(future)
@@ -251,8 +254,7 @@ class Batcher:
 
     def _abandon_commands(self) -> None:
         """Answers queued engine commands that will never run (lock held)."""
-        for _, future in self._commands:
-            future.set_exception(EngineUnavailable("engine stopped"))
+        _abandon(self._commands)
         self._commands = []
 
     def _cap_rows(self, key: BatchKey) -> None:
@@ -331,10 +333,14 @@ class Batcher:
                 if plan is None:
                     return
                 commands, self._commands = self._commands, []
-            for request_id in dropped:  # cancelled or expired while running
-                engine.cancel(request_id)
-            for command, future in commands:  # after the drops: they may free what a command frees
-                _run_command(engine, command, future)
+            try:
+                for request_id in dropped:  # cancelled or expired while running
+                    engine.cancel(request_id)
+                for command, future in commands:  # after the drops: they may free memory
+                    _run_command(engine, command, future)
+            except BaseException:  # fatal for the thread; the callers of the rest must not hang
+                _abandon(commands)
+                raise
             if plan.group is not None:
                 self._run_step(engine, plan)
 
@@ -544,6 +550,13 @@ class Batcher:
 
     def _age(self, entry: QueueEntry) -> float:
         return self._clock() - entry.arrival
+
+
+def _abandon(commands: list[Command]) -> None:
+    """Answers the commands not yet answered: they will never run."""
+    for _, future in commands:
+        if not future.done():
+            future.set_exception(EngineUnavailable("engine stopped"))
 
 
 def _run_command(

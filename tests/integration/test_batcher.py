@@ -1,6 +1,7 @@
 """The batcher between the event loop and a real engine (the tiny model), where the gRPC layer
 cannot place events exactly: a cancel inside the window between a request's admission and its
-rows reaching the engine, and a request larger than the device holds.
+rows reaching the engine, a request larger than the device holds, and engine commands when the
+engine thread dies or the server stops.
 
 Engine commands (`call_on_engine`) run on the engine thread in that very window, so a command
 that waits on a gate holds the engine there, without timing.
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 from imagegen_server.batcher import Batcher, RequestHandle
 from imagegen_server.engine import Engine
-from imagegen_server.errors import InvalidArgument
+from imagegen_server.errors import EngineUnavailable, InvalidArgument
 from imagegen_server.metrics import Metrics
 from imagegen_server.model import load_model
 from imagegen_server.scheduler import Scheduler, SchedulerConfig
@@ -29,7 +30,9 @@ TIMEOUT_S = 60.0
 
 
 async def started_batcher(
-    tiny_model: Path, row_limit: Callable[[BatchKey], int | None] | None = None
+    tiny_model: Path,
+    row_limit: Callable[[BatchKey], int | None] | None = None,
+    on_failure: Callable[[BaseException], None] | None = None,
 ) -> Batcher:
     ready = threading.Event()
     batcher = Batcher(
@@ -37,6 +40,7 @@ async def started_batcher(
         scheduler=Scheduler(SchedulerConfig(policy="step", max_batch_size=4)),
         metrics=Metrics(),
         on_ready=lambda _engine: ready.set(),
+        on_failure=on_failure,
         row_limit=row_limit,
     )
     batcher.start()
@@ -120,3 +124,46 @@ def test_more_images_than_fit_in_one_step_are_refused_naming_the_range(tiny_mode
             batcher.stop()
 
     asyncio.run(scenario())
+
+
+class Fatal(BaseException):
+    """What kills the engine thread (not an Exception, which a command's caller would get)."""
+
+
+def test_commands_queued_behind_one_that_kills_the_engine_are_answered(tiny_model: Path) -> None:
+    async def scenario() -> None:
+        failures: list[BaseException] = []
+        batcher = await started_batcher(tiny_model, on_failure=failures.append)
+        try:
+            gate = Gate()
+            held = asyncio.ensure_future(batcher.call_on_engine(gate))
+            await gate.wait_entered()
+            fatal = asyncio.ensure_future(batcher.call_on_engine(_raise_fatal))
+            after = asyncio.ensure_future(batcher.call_on_engine(lambda engine: "ran"))
+            await asyncio.sleep(0)  # one loop turn: both tasks queue their commands, no timing
+            gate.opened.set()
+            await held
+            for command in (fatal, after):  # the same engine iteration took both
+                with pytest.raises(EngineUnavailable):
+                    await asyncio.wait_for(command, TIMEOUT_S)
+            assert [type(error) for error in failures] == [Fatal]
+            with pytest.raises(EngineUnavailable, match="cannot serve"):
+                await batcher.call_on_engine(lambda engine: "too late")
+        finally:
+            batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_command_after_stop_is_refused_instead_of_waiting_forever(tiny_model: Path) -> None:
+    async def scenario() -> None:
+        batcher = await started_batcher(tiny_model)
+        batcher.stop()
+        with pytest.raises(EngineUnavailable, match="server stopping"):
+            await asyncio.wait_for(batcher.call_on_engine(lambda engine: "never"), TIMEOUT_S)
+
+    asyncio.run(scenario())
+
+
+def _raise_fatal(engine: Any) -> None:
+    raise Fatal("the engine thread dies here")
