@@ -124,10 +124,13 @@ class Engine:
         faults: FaultInjection | None = None,
         runner: TransformerRunner | None = None,
         vae_tiling_min_pixels: int = 0,
+        max_negative_prompt_tokens: int | None = None,  # None: max_prompt_tokens
     ) -> None:
         self.model = model
         pipeline = model.pipeline
-        self._prompts = PromptEncoder(pipeline, prompt_cache_size, max_prompt_tokens)
+        self._prompts = PromptEncoder(
+            pipeline, prompt_cache_size, max_prompt_tokens, max_negative_prompt_tokens
+        )
         self._schedules = ScheduleTable(model.scheduler_config)
         self._batches: dict[Hashable, _Batch] = {}
         self.adapters = LoraBank(pipeline.transformer)
@@ -136,7 +139,9 @@ class Engine:
         self._decoder = Decoder(
             pipeline.vae, model.vae_scale_factor, model.device, vae_tiling_min_pixels
         )
-        self._init_images = InitImageEncoder(pipeline, model.device, model.dtype)
+        self._init_images = InitImageEncoder(
+            pipeline, model.device, model.dtype, vae_tiling_min_pixels
+        )
 
     @property
     def prompt_stats(self) -> PromptCacheStats:
@@ -158,14 +163,14 @@ class Engine:
 
     def tokens_per_row(self, width: int, height: int) -> int:
         """The tokens a row attends over at this size, at most: its image tokens and the
-        longest prompt's (what its activation memory grows with)."""
+        longest text's, prompt or negative (what its activation memory grows with)."""
         text = self.runner.text_tokens(self._prompts.max_tokens)
         return self._shape(height, width).seq_len + text
 
     @torch.inference_mode()
     def peak_step_bytes(self, width: int, height: int, rows: int) -> int:
-        """CUDA memory a step with the longest prompt and a decode of `rows` rows take above
-        what is allocated now."""
+        """CUDA memory a step with the longest text (prompt or negative) and a decode of `rows`
+        rows take above what is allocated now."""
         device = self.model.device
         shape = self._shape(height, width)
         dim = self.model.pipeline.transformer.config.joint_attention_dim
@@ -315,8 +320,11 @@ class Engine:
         """Text states for every request and VAE posteriors for those with an init image."""
         prompts = [request.params.prompt for request in requests]
         negatives = [r.params.negative_prompt for r in requests if r.params.cfg]
-        states = self._prompts.encode(prompts + negatives, self.model.device, self.model.dtype)
-        negative_states = iter(states[len(prompts) :])
+        # One encoder call for both; each text is cut at its own field's limit.
+        states, negative_list = self._prompts.encode(
+            prompts, negatives, self.model.device, self.model.dtype
+        )
+        negative_states = iter(negative_list)
         with_image = [r for r in requests if r.params.init_image is not None]
         posteriors = iter(
             self._init_images.encode(

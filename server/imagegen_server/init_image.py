@@ -20,6 +20,7 @@ from diffusers import QwenImagePipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from .decode import vae_tiling
 from .sampling import LatentShape, SigmaSchedule, initial_noise, normalize, pack
 from .types import InitImage
 
@@ -41,9 +42,14 @@ class InpaintState:
 
 class InitImageEncoder:
     def __init__(
-        self, pipeline: QwenImagePipeline, device: torch.device, dtype: torch.dtype
+        self,
+        pipeline: QwenImagePipeline,
+        device: torch.device,
+        dtype: torch.dtype,
+        tiling_min_pixels: int = 0,
     ) -> None:
         self._vae = pipeline.vae
+        self._tiling_min_pixels = tiling_min_pixels  # as the decoder's: 0 = never tile
         self._image_processor = pipeline.image_processor
         self._mask_processor = VaeImageProcessor(
             vae_scale_factor=pipeline.vae_scale_factor * 2,
@@ -66,7 +72,9 @@ class InitImageEncoder:
             ]
         )
         pixels = pixels.to(torch.float32).to(device=self._device, dtype=self._dtype).unsqueeze(2)
-        posterior = self._vae.encode(pixels).latent_dist
+        # Tiled or not by this encode's own size, whatever the last decode was.
+        with vae_tiling(self._vae, self._tiling_min_pixels, height, width):
+            posterior = self._vae.encode(pixels).latent_dist
         return [
             DiagonalGaussianDistribution(posterior.parameters[index : index + 1])
             for index in range(len(images))

@@ -2,22 +2,27 @@
 
 Adapter files (Kohya `lora_down`/`lora_up`/`alpha`, or diffusers/PEFT `lora_A`/`lora_B`) are read
 with diffusers' own `QwenImagePipeline.lora_state_dict`, which normalises both formats and folds
-Kohya's alpha into the weights. Each targeted Linear of the transformer is wrapped once; during
-a call its output gets, for every active adapter, `scale[row] * B(A(x[row]))` on the rows that
-use that adapter, which is PEFT's LoRA forward applied row by row. Rows without adapters pay
-nothing but the wrapper's check. Everything here runs on the engine thread.
+Kohya's alpha into the weights; a PEFT file's adapter metadata (`lora_alpha`, `r` and their
+per-layer patterns) gives each layer PEFT's `alpha / r` scale, folded in here. Each targeted
+Linear of the transformer is wrapped once; during a call its output gets, for every active
+adapter, `scale[row] * B(A(x[row]))` on the rows that use that adapter, which is PEFT's LoRA
+forward applied row by row. Rows without adapters pay nothing but the wrapper's check.
+Everything here runs on the engine thread.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import QwenImagePipeline
+from peft import LoraConfig
+from peft.utils.other import get_pattern_key
 from torch import nn
 
 from .types import AdapterSpec
@@ -37,7 +42,7 @@ class _Active:
 
     layers: dict[str, _Pair]
     rows: torch.Tensor  # long [n] row indices with a non-zero scale
-    scales: torch.Tensor  # [n, 1, 1] in the activation dtype
+    scales: torch.Tensor  # [n] in the activation dtype
 
 
 @dataclass(slots=True)
@@ -63,7 +68,11 @@ class MultiLoraLinear(nn.Module):
             if pair is None:
                 continue
             rows = x.index_select(0, adapter.rows)
-            delta = F.linear(F.linear(rows, pair.down), pair.up).mul_(adapter.scales)
+            delta = F.linear(F.linear(rows, pair.down), pair.up)
+            # One scale per row, broadcast over whatever the layer's input has after the row
+            # dimension: tokens x features for attention and MLP layers, only features for the
+            # modulation and timestep layers, which see one vector per row.
+            delta.mul_(adapter.scales.view((-1,) + (1,) * (delta.dim() - 1)))
             # In place: the base layer's output is a fresh tensor, and an out-of-place add would
             # copy the whole batch's output once per adapter.
             output.index_add_(0, adapter.rows, delta)
@@ -125,7 +134,7 @@ class LoraBank:
             _Active(
                 layers=self._adapters[name],
                 rows=torch.tensor(rows, dtype=torch.long, device=device),
-                scales=torch.tensor(scales, dtype=dtype, device=device).view(-1, 1, 1),
+                scales=torch.tensor(scales, dtype=dtype, device=device),
             )
             for name, (rows, scales) in by_name.items()
         ]
@@ -136,11 +145,12 @@ class LoraBank:
 
     def _read(self, path: Path) -> dict[str, _Pair]:
         try:
-            state = QwenImagePipeline.lora_state_dict(str(path))
-        except Exception as error:  # safetensors, key-conversion and shape errors alike
+            state, metadata = QwenImagePipeline.lora_state_dict(
+                str(path), return_lora_metadata=True
+            )
+            scaling = _peft_scaling(metadata)
+        except Exception as error:  # safetensors, key-conversion, shape and metadata errors alike
             raise ValueError(f"not a readable LoRA file: {error}") from error
-        if isinstance(state, tuple):  # some diffusers versions also return network alphas
-            state = state[0]
         modules = dict(self._transformer.named_modules())
         reference = next(self._transformer.parameters())
         layers: dict[str, _Pair] = {}
@@ -161,7 +171,8 @@ class LoraBank:
                     f"{base.in_features}->{base.out_features}"
                 )
             layers[layer_path] = _Pair(
-                down.to(reference.device, reference.dtype), up.to(reference.device, reference.dtype)
+                down.to(reference.device, reference.dtype),
+                up.to(reference.device, reference.dtype) * scaling(layer_path),
             )
         if not layers:
             raise ValueError("no lora_A/lora_B (or lora_down/lora_up) weights found")
@@ -175,3 +186,33 @@ class LoraBank:
         wrapper = MultiLoraLinear(getattr(parent, attribute), layer_path, self._state)
         setattr(parent, attribute, wrapper)
         self._wrapped[layer_path] = wrapper
+
+
+def _peft_scaling(metadata: dict[str, object] | None) -> Callable[[str], float]:
+    """Each layer's `alpha / r` (PEFT's LoRA scaling) from a file's adapter metadata.
+
+    diffusers' `load_lora_weights` builds a `LoraConfig` from the metadata that
+    `save_lora_weights` wrote (keys prefixed `transformer.`), and PEFT picks each layer's rank
+    and alpha by `rank_pattern`/`alpha_pattern`; the same rules here give the same pixels.
+    Without metadata the scale is 1, as diffusers infers `lora_alpha = r` then (Kohya's alpha
+    is already folded into the weights by `lora_state_dict`).
+    """
+    fields = {
+        key.removeprefix(TRANSFORMER_PREFIX): value
+        for key, value in (metadata or {}).items()
+        if key.startswith(TRANSFORMER_PREFIX)
+    }
+    if not fields:
+        return lambda _layer_path: 1.0
+    config = LoraConfig(**fields)
+
+    def scaling(layer_path: str) -> float:
+        rank = config.rank_pattern.get(
+            get_pattern_key(config.rank_pattern.keys(), layer_path), config.r
+        )
+        alpha = config.alpha_pattern.get(
+            get_pattern_key(config.alpha_pattern.keys(), layer_path), config.lora_alpha
+        )
+        return float(alpha / math.sqrt(rank) if config.use_rslora else alpha / rank)
+
+    return scaling

@@ -42,46 +42,72 @@ class PromptTokenizer:
 
 
 class PromptEncoder:
-    """Turns prompts into text-encoder hidden states. Runs on the engine thread only."""
+    """Turns prompts into text-encoder hidden states. Runs on the engine thread only.
 
-    def __init__(self, pipeline: QwenImagePipeline, cache_size: int, max_tokens: int) -> None:
+    Prompts and negative prompts have limits of their own (`max_prompt_tokens`,
+    `max_negative_prompt_tokens`); each text is cut at its own limit, as the pipeline cuts at
+    `max_sequence_length` after encoding, so a negative is never shortened to the prompt's.
+    """
+
+    def __init__(
+        self,
+        pipeline: QwenImagePipeline,
+        cache_size: int,
+        max_tokens: int,
+        max_negative_tokens: int | None = None,
+    ) -> None:
         self._tokenizer = pipeline.tokenizer
         self._text_encoder = pipeline.text_encoder
         self._template = pipeline.prompt_template_encode
         self._drop = pipeline.prompt_template_encode_start_idx
-        self._max_tokens = min(max_tokens, PIPELINE_MAX_SEQUENCE_LENGTH)
+        self._prompt_limit = min(max_tokens, PIPELINE_MAX_SEQUENCE_LENGTH)
+        self._negative_limit = min(
+            max_tokens if max_negative_tokens is None else max_negative_tokens,
+            PIPELINE_MAX_SEQUENCE_LENGTH,
+        )
         self._tokenizer_max_length = pipeline.tokenizer_max_length + self._drop
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        # Keyed by (text, token limit): one text cut at two limits is two entries.
+        self._cache: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
         self.stats = PromptCacheStats()
 
     @property
     def max_tokens(self) -> int:
-        """The most text tokens a prompt's states can have."""
-        return self._max_tokens
+        """The most text tokens any row's states can have, prompt or negative (what the
+        transformer's text length, and so compiled shapes and memory, must allow for)."""
+        return max(self._prompt_limit, self._negative_limit)
 
     @torch.no_grad()
     def encode(
-        self, prompts: Sequence[str], device: torch.device, dtype: torch.dtype
-    ) -> list[torch.Tensor]:
-        """Returns one [tokens, dim] tensor per prompt; uncached prompts share one encoder call."""
-        found = {prompt: self._lookup(prompt) for prompt in dict.fromkeys(prompts)}
-        missing = [prompt for prompt, embedding in found.items() if embedding is None]
-        self.stats.hits += len(prompts) - len(missing)
+        self,
+        prompts: Sequence[str],
+        negatives: Sequence[str],
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Returns one [tokens, dim] tensor per prompt and per negative prompt, each cut at its
+        own limit; uncached texts share one encoder call."""
+        keys = [(text, self._prompt_limit) for text in prompts] + [
+            (text, self._negative_limit) for text in negatives
+        ]
+        found = {key: self._lookup(key) for key in dict.fromkeys(keys)}
+        missing = [key for key, embedding in found.items() if embedding is None]
+        self.stats.hits += len(keys) - len(missing)
         self.stats.misses += len(missing)
         if missing:
-            for prompt, embedding in zip(
+            for key, embedding in zip(
                 missing, self._run_encoder(missing, device, dtype), strict=True
             ):
-                found[prompt] = embedding
-                self._store(prompt, embedding)
-        return [found[prompt] for prompt in prompts]  # type: ignore[misc]
+                found[key] = embedding
+                self._store(key, embedding)
+        states: list[torch.Tensor] = [found[key] for key in keys]  # type: ignore[misc]
+        return states[: len(prompts)], states[len(prompts) :]
 
     def _run_encoder(
-        self, prompts: list[str], device: torch.device, dtype: torch.dtype
+        self, keys: list[tuple[str, int]], device: torch.device, dtype: torch.dtype
     ) -> list[torch.Tensor]:
         tokens = self._tokenizer(
-            [self._template.format(prompt) for prompt in prompts],
+            [self._template.format(text) for text, _limit in keys],
             max_length=self._tokenizer_max_length,
             padding=True,
             padding_side="right",
@@ -94,21 +120,23 @@ class PromptEncoder:
             output_hidden_states=True,
         ).hidden_states[-1]
         lengths = tokens.attention_mask.sum(dim=1).tolist()
+        # A copy, not a view: a view would keep the whole batch's hidden states (every row,
+        # padded to the longest) alive for as long as the entry stays cached.
         return [
-            hidden[row, self._drop : length][: self._max_tokens].to(dtype)
-            for row, length in enumerate(lengths)
+            hidden[row, self._drop : length][:limit].to(dtype=dtype, copy=True)
+            for row, ((_text, limit), length) in enumerate(zip(keys, lengths, strict=True))
         ]
 
-    def _lookup(self, prompt: str) -> torch.Tensor | None:
-        embedding = self._cache.get(prompt)
+    def _lookup(self, key: tuple[str, int]) -> torch.Tensor | None:
+        embedding = self._cache.get(key)
         if embedding is not None:
-            self._cache.move_to_end(prompt)
+            self._cache.move_to_end(key)
         return embedding
 
-    def _store(self, prompt: str, embedding: torch.Tensor) -> None:
+    def _store(self, key: tuple[str, int], embedding: torch.Tensor) -> None:
         if self._cache_size <= 0:
             return
-        self._cache[prompt] = embedding
+        self._cache[key] = embedding
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
 

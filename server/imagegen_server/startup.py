@@ -63,6 +63,7 @@ def build_engine(
             transformer, settings.compile, settings.compile_buckets, settings.compile_scope
         ),
         settings.vae_tiling_min_pixels,
+        settings.max_negative_prompt_tokens,
     )
     metrics.compile_seconds.set(engine.precompile(settings.default_width, settings.default_height))
     min_steps = engine.min_steps(settings.default_width, settings.default_height)

@@ -53,7 +53,11 @@ QWEN_IMAGE_SCHEDULER = {
 }
 
 # Linear layers of each transformer block that the adapters touch (a subset of Lightning's).
+# The modulation layers take one vector per row ([rows, dim], not [rows, tokens, dim]), so the
+# adapters cover both input shapes a LoRA layer sees.
 LORA_TARGETS = (
+    "img_mod.1",
+    "txt_mod.1",
     "attn.to_q",
     "attn.to_k",
     "attn.to_v",

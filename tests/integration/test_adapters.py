@@ -20,12 +20,14 @@ NPY = OutputFormat.NPY
 NO_RETRY = RetryPolicy(max_attempts=1)
 
 
-def pipeline_with(model: Path, adapters: dict[str, float]) -> Any:
-    """QwenImagePipeline with adapters loaded through load_lora_weights: the reference."""
+def pipeline_with(model: Path, adapters: dict[str, float], directory: Path | None = None) -> Any:
+    """QwenImagePipeline with adapters (from `directory`, else the tiny model's) loaded through
+    load_lora_weights: the reference."""
+    directory = directory or model / "adapters"
     pipeline = QwenImagePipeline.from_pretrained(model, dtype=torch.float32)
     pipeline.set_progress_bar_config(disable=True)
     for name in adapters:
-        pipeline.load_lora_weights(str(model / f"adapters/{name}.safetensors"), adapter_name=name)
+        pipeline.load_lora_weights(str(directory / f"{name}.safetensors"), adapter_name=name)
     if adapters:
         pipeline.set_adapters(list(adapters), adapter_weights=list(adapters.values()))
     return pipeline
@@ -162,6 +164,86 @@ def runtime_server(server_factory: Any, tiny_model: Path, tmp_path: Path) -> Any
     server = server_factory(adapter_dir=str(directory), max_loaded_adapters=2)
     server.directory = directory
     return server
+
+
+def lora_weights(
+    transformer: Any, ranks: dict[str, int], seed: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Random (down, up) weights of the given rank for each layer path of `transformer`."""
+    modules = dict(transformer.named_modules())
+    generator = torch.Generator("cpu").manual_seed(seed)
+    weights = {}
+    for path, rank in ranks.items():
+        layer = modules[path]
+        down = torch.randn((rank, layer.in_features), generator=generator) / layer.in_features**0.5
+        weights[path] = (down, torch.randn((layer.out_features, rank), generator=generator))
+    return weights
+
+
+def assert_server_matches_load_lora_weights(
+    server: Any, tiny_model: Path, name: str, scale: float
+) -> None:
+    """Two rows of one request with adapter `name` (loaded now) against diffusers' images."""
+    client = server.client(retry=NO_RETRY)
+    client.load_adapter(name)
+    result = client.generate(
+        "a fox", seed=5, num_images=2, output_format=NPY, adapters=[Adapter(name, scale)]
+    )
+    expected = pipeline_with(tiny_model, {name: scale}, server.directory)
+    for index, seed in enumerate((5, 6)):
+        assert_same_image(pixels(result, index), reference(expected, "a fox", seed))
+
+
+def test_a_kohya_lora_on_layers_with_one_vector_per_row_matches_load_lora_weights(
+    runtime_server: Any, tiny_model: Path, reference_pipeline: Any
+) -> None:
+    """The modulation, output-norm and timestep layers see [rows, features], not [rows,
+    tokens, features]; Qwen-Image-Lightning's LoRA targets the modulation ones."""
+    from safetensors.torch import save_file
+
+    paths = ["norm_out.linear", "time_text_embed.timestep_embedder.linear_1"] + [
+        f"transformer_blocks.{block}.{layer}"
+        for block in (0, 1)
+        for layer in ("img_mod.1", "txt_mod.1")
+    ]
+    tensors = {}
+    ranks = dict.fromkeys(paths, 4)
+    for path, (down, up) in lora_weights(reference_pipeline.transformer, ranks, 7).items():
+        tensors[f"{path}.lora_down.weight"] = down
+        tensors[f"{path}.lora_up.weight"] = up * 0.5
+        tensors[f"{path}.alpha"] = torch.tensor(2.0)  # alpha != rank, as in Lightning's file
+    save_file(tensors, str(runtime_server.directory / "modulation.safetensors"))
+    assert_server_matches_load_lora_weights(runtime_server, tiny_model, "modulation", 0.8)
+
+
+def test_peft_metadata_scales_each_layer_by_its_lora_alpha_over_rank(
+    runtime_server: Any, tiny_model: Path, reference_pipeline: Any
+) -> None:
+    """A file written by diffusers' save_lora_weights with adapter metadata (as its training
+    scripts write it): lora_alpha / r, with per-layer patterns, scales each layer."""
+    ranks = {
+        "transformer_blocks.0.attn.to_q": 4,
+        "transformer_blocks.1.attn.to_v": 2,  # rank_pattern
+        "transformer_blocks.0.img_mlp.net.2": 4,  # alpha_pattern
+    }
+    weights = lora_weights(reference_pipeline.transformer, ranks, 11)
+    QwenImagePipeline.save_lora_weights(
+        str(runtime_server.directory),
+        transformer_lora_layers={
+            f"{path}.lora_{part}.weight": tensor
+            for path, pair in weights.items()
+            for part, tensor in zip("AB", pair, strict=True)
+        },
+        transformer_lora_adapter_metadata={
+            "r": 4,
+            "lora_alpha": 16,
+            "rank_pattern": {"transformer_blocks.1.attn.to_v": 2},
+            "alpha_pattern": {"img_mlp.net.2": 2},
+            "target_modules": list(ranks),
+        },
+        weight_name="trained.safetensors",
+    )
+    assert_server_matches_load_lora_weights(runtime_server, tiny_model, "trained", 0.5)
 
 
 @pytest.mark.parametrize(

@@ -139,3 +139,30 @@ def test_a_random_seed_is_reported_and_reproduces_the_image(server: Any) -> None
     first = client.generate("a kite", output_format=OutputFormat.NPY)
     again = client.generate("a kite", seed=first.images[0].seed, output_format=OutputFormat.NPY)
     assert_same_image(pixels(again), pixels(first))
+
+
+def test_a_negative_prompt_keeps_its_tokens_past_the_prompt_limit(
+    server_factory: Any, reference_pipeline: Any
+) -> None:
+    """Negative prompts are validated against max_negative_prompt_tokens, not
+    max_prompt_tokens: two that differ only past the prompt's limit give their own images."""
+    from imagegen_server.prompts import PromptTokenizer
+
+    count = PromptTokenizer(reference_pipeline).count
+    prompt_limit = count("a fox") + 4
+    shared = "blurry, low quality, watermark, text, jpeg artifacts, extra "
+    assert count(shared) > prompt_limit  # the negatives below differ only past it
+    client = server_factory(max_prompt_tokens=prompt_limit).client()
+    images = []
+    for negative in (shared + "limbs", shared + "fingers, deformed"):
+        result = client.generate(
+            "a fox",
+            negative_prompt=negative,
+            guidance_scale=4.0,
+            seed=5,
+            output_format=OutputFormat.NPY,
+        )
+        images.append(pixels(result))
+        expected = reference(reference_pipeline, "a fox", 5, negative_prompt=negative, guidance=4.0)
+        assert_same_image(images[-1], expected)
+    assert float(np.abs(images[0] - images[1]).max()) > 1e-3

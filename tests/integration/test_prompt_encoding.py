@@ -1,0 +1,55 @@
+"""Prompt states as the engine keeps them: each text cut at its own limit, each cached entry
+holding only its own memory, and rows costed with the longest text they can carry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from imagegen_server.prompts import PromptEncoder, PromptTokenizer
+
+CPU = torch.device("cpu")
+
+
+def test_a_cached_prompt_holds_only_its_own_states(reference_pipeline: Any) -> None:
+    # One encoder call pads every prompt to the longest; a cached slice of that batch would
+    # keep the whole padded batch alive for as long as it stays in the cache.
+    encoder = PromptEncoder(reference_pipeline, cache_size=8, max_tokens=512)
+    prompts = ["x", "a fox", "a lighthouse on a cliff at dusk, " * 4]
+    states, _ = encoder.encode(prompts, [], CPU, torch.float32)
+    cached, _ = encoder.encode(prompts, [], CPU, torch.float32)
+    assert encoder.stats.hits == len(prompts)
+    for state, again in zip(states, cached, strict=True):
+        assert again is state
+        assert state.untyped_storage().nbytes() == state.numel() * state.element_size()
+
+
+def test_prompts_and_negatives_are_cut_at_their_own_limits(reference_pipeline: Any) -> None:
+    count = PromptTokenizer(reference_pipeline).count
+    text = "blurry, low quality, watermark, text, jpeg artifacts"
+    prompt_limit = count(text) - 10
+    encoder = PromptEncoder(
+        reference_pipeline, cache_size=8, max_tokens=prompt_limit, max_negative_tokens=512
+    )
+    (prompt,), (negative,) = encoder.encode([text], [text], CPU, torch.float32)
+    assert prompt.shape[0] == prompt_limit
+    assert negative.shape[0] == count(text)
+    assert torch.equal(negative[:prompt_limit], prompt)  # the same text, only not cut short
+    assert encoder.max_tokens == 512
+
+
+def test_a_row_is_costed_with_the_longest_text_it_can_carry(tiny_model: Path) -> None:
+    from imagegen_server.engine import Engine
+    from imagegen_server.model import load_model
+
+    model = load_model(str(tiny_model))
+    image_tokens = (64 // (2 * model.vae_scale_factor)) ** 2  # 2x2 patches of latents
+    for prompt_limit, negative_limit in ((100, 300), (300, 100)):
+        engine = Engine(
+            model,
+            prompt_cache_size=1,
+            max_prompt_tokens=prompt_limit,
+            max_negative_prompt_tokens=negative_limit,
+        )
+        assert engine.tokens_per_row(64, 64) == image_tokens + 300
