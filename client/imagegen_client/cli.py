@@ -30,6 +30,10 @@ EXTENSIONS = {
 }
 
 
+INT32 = (-(2**31), 2**31 - 1)  # the request's int32 fields
+INT64 = (-(2**63), 2**63 - 1)  # the seed
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -38,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as error:
         print(f"imagegen: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
+    except OSError as error:  # an input file (image, mask, certificate) that cannot be read
+        print(f"imagegen: {error}", file=sys.stderr)
+        return 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,7 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     edit = commands.add_parser("edit", help="image-to-image, or inpainting with --mask")
     edit.add_argument("image", type=Path, help="the init image (PNG, JPEG or WebP)")
     edit.add_argument("prompt")
-    edit.add_argument("--strength", type=float, default=None, help="(0, 1]; default: the server's")
+    edit.add_argument(
+        "--strength", type=float, default=None, help="[1e-6, 1]; default: the server's"
+    )
     edit.add_argument("--mask", type=Path, default=None, help="white = regenerate, black = keep")
     _add_generation_options(edit)
     edit.set_defaults(handler=_generate)
@@ -93,19 +102,19 @@ def _add_generation_options(generate: argparse.ArgumentParser) -> None:
     generate.add_argument(
         "--size", type=_size, default=(0, 0), help="WIDTHxHEIGHT (default: the server's)"
     )
-    generate.add_argument("--steps", type=int, default=0)
+    generate.add_argument("--steps", type=int32, default=0)
     generate.add_argument(
         "--guidance", type=float, default=None, help="true CFG scale (> 1 turns it on)"
     )
-    generate.add_argument("--seed", type=int, default=None)
-    generate.add_argument("--num-images", type=int, default=1)
+    generate.add_argument("--seed", type=int64, default=None)
+    generate.add_argument("--num-images", type=int32, default=1)
     generate.add_argument(
         "--format",
         choices=[f.name.lower() for f in OutputFormat],
         default=None,
         help="default: from the output file's extension, else png",
     )
-    generate.add_argument("--quality", type=int, default=0, help="JPEG/WebP quality 1-100")
+    generate.add_argument("--quality", type=int32, default=0, help="JPEG/WebP quality 1-100")
     generate.add_argument(
         "--adapter",
         action="append",
@@ -113,7 +122,7 @@ def _add_generation_options(generate: argparse.ArgumentParser) -> None:
         type=_adapter,
         help="NAME or NAME:SCALE; repeatable",
     )
-    generate.add_argument("--priority", type=int, default=0, help="1 = highest")
+    generate.add_argument("--priority", type=int32, default=0, help="1 = highest")
     generate.add_argument("--request-id", default="")
     generate.add_argument(
         "--no-progress", action="store_true", help="no progress bar (plain Generate call)"
@@ -241,7 +250,23 @@ def _size(text: str) -> tuple[int, int]:
         width, height = (int(part) for part in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, got {text!r}") from None
-    return width, height
+    return _in_range(width, INT32), _in_range(height, INT32)
+
+
+def int32(text: str) -> int:
+    return _in_range(int(text), INT32)
+
+
+def int64(text: str) -> int:
+    return _in_range(int(text), INT64)
+
+
+def _in_range(value: int, bounds: tuple[int, int]) -> int:
+    """What the request's field can carry; the server checks the range it allows."""
+    low, high = bounds
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{value} outside [{low}, {high}]")
+    return value
 
 
 def _adapter(text: str) -> Adapter:

@@ -195,9 +195,17 @@ class _ClientBase:
     def _remaining(deadline: float | None) -> float | None:
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
-    def _retry_allowed(self, error: grpc.RpcError, attempt: int, deadline: float | None) -> bool:
+    def _retry_wait(
+        self, error: grpc.RpcError, attempt: int, deadline: float | None
+    ) -> float | None:
+        """Seconds to wait before retrying after `error`, or None to give up: not retryable, no
+        attempts left, or a wait that would outlast the call's deadline (the caller then gets
+        the server's status, not a DEADLINE_EXCEEDED of the client's own making)."""
+        if not self.retry.should_retry(error, attempt):
+            return None
+        wait = self.retry.backoff_s(attempt, error)
         remaining = self._remaining(deadline)
-        return self.retry.should_retry(error, attempt) and (remaining is None or remaining > 0)
+        return None if remaining is not None and wait >= remaining else wait
 
 
 class ImageGenClient(_ClientBase):
@@ -261,9 +269,10 @@ class ImageGenClient(_ClientBase):
                     yield event_from_proto(message)
                 return
             except grpc.RpcError as error:
-                if received or not self._retry_allowed(error, attempt, deadline):
+                wait = None if received else self._retry_wait(error, attempt, deadline)
+                if wait is None:
                     raise
-                time.sleep(self.retry.backoff_s(attempt, error))
+                time.sleep(wait)
             finally:
                 call.cancel()  # type: ignore[no-untyped-call]
 
@@ -281,7 +290,11 @@ class ImageGenClient(_ClientBase):
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         stub = health_pb2_grpc.HealthStub(self._channel)
-        response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        response = stub.Check(
+            health_pb2.HealthCheckRequest(service=service),
+            timeout=timeout_s,
+            metadata=self._metadata,
+        )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     def load_adapter(self, name: str, *, timeout_s: float | None = None) -> pb.AdapterInfo:
@@ -317,9 +330,10 @@ class ImageGenClient(_ClientBase):
             try:
                 return call(self._remaining(deadline))
             except grpc.RpcError as error:
-                if not self._retry_allowed(error, attempt, deadline):
+                wait = self._retry_wait(error, attempt, deadline)
+                if wait is None:
                     raise
-                time.sleep(self.retry.backoff_s(attempt, error))
+                time.sleep(wait)
 
 
 class AsyncImageGenClient(_ClientBase):
@@ -376,9 +390,10 @@ class AsyncImageGenClient(_ClientBase):
                     yield event_from_proto(message)
                 return
             except grpc.RpcError as error:
-                if received or not self._retry_allowed(error, attempt, deadline):
+                wait = None if received else self._retry_wait(error, attempt, deadline)
+                if wait is None:
                     raise
-                await asyncio.sleep(self.retry.backoff_s(attempt, error))
+                await asyncio.sleep(wait)
             finally:
                 call.cancel()
 
@@ -395,7 +410,9 @@ class AsyncImageGenClient(_ClientBase):
 
         stub = health_pb2_grpc.HealthStub(self._channel)
         response = await stub.Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            health_pb2.HealthCheckRequest(service=service),
+            timeout=timeout_s,
+            metadata=self._metadata,
         )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
@@ -432,9 +449,10 @@ class AsyncImageGenClient(_ClientBase):
             try:
                 return await call(self._remaining(deadline))
             except grpc.RpcError as error:
-                if not self._retry_allowed(error, attempt, deadline):
+                wait = self._retry_wait(error, attempt, deadline)
+                if wait is None:
                     raise
-                await asyncio.sleep(self.retry.backoff_s(attempt, error))
+                await asyncio.sleep(wait)
 
 
 def _image_bytes(source: bytes | str | Path | None) -> bytes:

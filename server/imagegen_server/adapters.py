@@ -14,10 +14,10 @@ import asyncio
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from safetensors import safe_open
 
@@ -25,7 +25,9 @@ from .errors import InvalidArgument, NotFound, RateLimited
 from .metrics import Metrics
 from .types import AdapterSpec
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+T = TypeVar("T")
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SUFFIX = ".safetensors"
 # An eviction cannot free room while every loaded adapter is in use: the caller retries later.
 BUSY_RETRY_S = 1.0
@@ -62,7 +64,7 @@ class AdapterDirectory:
             InvalidArgument: the name is malformed or points outside the directory.
             NotFound: no such adapter file (or no adapter directory configured).
         """
-        if not NAME_PATTERN.match(name) or name.endswith(SUFFIX):
+        if not NAME_PATTERN.fullmatch(name) or name.endswith(SUFFIX):
             raise InvalidArgument(
                 "name", f"{name!r} is not an adapter name (1-64 of [A-Za-z0-9._-], no extension)"
             )
@@ -107,7 +109,7 @@ class AdapterDirectory:
         return sorted(
             path.name.removesuffix(SUFFIX)
             for path in self._directory.glob(f"*{SUFFIX}")
-            if NAME_PATTERN.match(path.name.removesuffix(SUFFIX))
+            if NAME_PATTERN.fullmatch(path.name.removesuffix(SUFFIX))
         )
 
 
@@ -125,6 +127,7 @@ class AdapterRegistry:
         self._metrics = metrics
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()  # least recently used first
         self._admin = asyncio.Lock()  # one load/unload at a time
+        self._changes: set[asyncio.Future[Any]] = set()  # loads/unloads under way
 
     def selectable(self) -> set[str]:
         """Names a request may use now (loaded, not being unloaded)."""
@@ -152,11 +155,34 @@ class AdapterRegistry:
 
     async def load(self, name: str) -> AdapterFile:
         """Loads an adapter (evicting the least recently used idle one if the bound is reached).
+        Once begun it runs to its end even if the caller gives up.
 
         Raises:
             InvalidArgument / NotFound: bad name or file; the server is left as it was.
             RateLimited: every loaded adapter is in use; retry after the hint.
         """
+        return await self._to_the_end(self._load(name))
+
+    async def unload(self, name: str) -> None:
+        """Unloads an adapter once the requests holding it have finished. Once begun it runs to
+        its end even if the caller gives up.
+
+        Raises:
+            NotFound: the adapter is not loaded.
+        """
+        await self._to_the_end(self._unload(name))
+
+    async def _to_the_end(self, change: Coroutine[Any, Any, T]) -> T:
+        """Runs an admin change as its own task. A caller's deadline or disconnect cancels only
+        its wait: a change cut short would leave the registry and the engine disagreeing (an
+        adapter loaded but unrecorded, or marked unloading forever)."""
+        task = asyncio.ensure_future(change)
+        self._changes.add(task)  # held until done, and its outcome read if nobody waits
+        task.add_done_callback(self._changes.discard)
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return await asyncio.shield(task)
+
+    async def _load(self, name: str) -> AdapterFile:
         async with self._admin:
             if name in self._loaded and self._loaded[name].unloading is None:
                 return self._loaded[name].file
@@ -174,12 +200,7 @@ class AdapterRegistry:
             self._metrics.loaded_adapters.set(len(self._loaded))
             return file
 
-    async def unload(self, name: str) -> None:
-        """Unloads an adapter once the requests holding it have finished.
-
-        Raises:
-            NotFound: the adapter is not loaded.
-        """
+    async def _unload(self, name: str) -> None:
         async with self._admin:
             entry = self._loaded.get(name)
             if entry is None:

@@ -562,6 +562,8 @@ def _abandon(commands: list[Command]) -> None:
 def _run_command(
     engine: EngineLike, command: Callable[[EngineLike], Any], future: concurrent.futures.Future[Any]
 ) -> None:
+    if not future.set_running_or_notify_cancel():  # its caller gave up before it ran
+        return
     try:
         future.set_result(command(engine))
     except Exception as error:  # the caller gets it; the engine goes on

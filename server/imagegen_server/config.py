@@ -21,6 +21,7 @@ from pydantic_settings import (
 )
 
 MAX_INT64 = 2**63 - 1
+MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's message length is a signed 32-bit int
 LIGHTNING_DEFAULT_STEPS = 8
 BASE_DEFAULT_STEPS = 30
 
@@ -81,7 +82,9 @@ class Settings(BaseSettings):
         0.1, ge=0, lt=1, description="share of free device memory the batch caps leave unused"
     )
     vae_tiling_min_pixels: int = Field(
-        0, ge=0, description="decode images of at least this many pixels in tiles; 0 = never"
+        0,
+        ge=0,
+        description="encode and decode images of at least this many pixels in tiles; 0 = never",
     )
     warmup: bool = Field(True, description="run one batch before reporting SERVING")
 
@@ -159,13 +162,16 @@ class Settings(BaseSettings):
 
     # --- request limits (reported by GetServerInfo) ---
     max_request_bytes: int = Field(
-        32 * 1024 * 1024, ge=1024, description="largest request message (init images too), bytes"
+        32 * 1024 * 1024,
+        ge=1024,
+        le=MAX_MESSAGE_BYTES,
+        description="largest request message (init images too), bytes",
     )
     max_init_image_pixels: int = Field(
         4096 * 4096, ge=1, description="largest init or mask image accepted, width x height"
     )
     default_strength: float = Field(
-        0.6, gt=0, le=1, description="image-to-image strength of requests that give none"
+        0.6, ge=1e-6, le=1, description="image-to-image strength of requests that give none"
     )
     min_width: int = Field(256, ge=1, description="narrowest image, pixels")
     max_width: int = Field(2048, ge=1, description="widest image, pixels")
@@ -251,8 +257,10 @@ class Settings(BaseSettings):
             problems.append(f"default_priority outside [1, priority_levels={self.priority_levels}]")
         if self.min_guidance_scale > self.max_guidance_scale:
             problems.append("min_guidance_scale > max_guidance_scale")
-        if self.min_seed > self.max_seed:
-            problems.append("min_seed > max_seed")
+        if self.max_seed - self.min_seed + 1 < self.max_num_images:  # image i uses seed + i
+            problems.append(
+                f"[min_seed, max_seed] must hold max_num_images ({self.max_num_images}) seeds"
+            )
         if any(size < 1 or size > self.max_batch_size for size in self.preferred_batch_sizes):
             problems.append(f"preferred_batch_sizes must lie in [1, {self.max_batch_size}]")
         if self.compile == "buckets" and max(self.compile_buckets, default=0) < self.max_batch_size:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -60,19 +61,27 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
-        if handler.unary_stream is not None:
+        if handler.unary_stream is not None:  # StreamProgress, health's Watch
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(method, handler.unary_stream),  # type: ignore[arg-type]
+                self._streaming(method, handler.unary_stream),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream is not None:  # server reflection
             return grpc.stream_stream_rpc_method_handler(
-                self._stream(method, handler.stream_stream),  # type: ignore[arg-type]
+                self._streaming(method, handler.stream_stream),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+    def _streaming(self, method: str, behavior: Callable[..., Any]) -> Any:
+        """A streaming handler yields its messages (an async generator) or writes them with
+        `context.write` (a coroutine, as health's Watch does); the wrapper keeps its kind, which
+        is how grpc.aio tells the two apart."""
+        if inspect.isasyncgenfunction(behavior):
+            return self._stream(method, behavior)
+        return self._unary(method, behavior)
 
     def _unary(
         self, method: str, behavior: Callable[..., Awaitable[Any]]

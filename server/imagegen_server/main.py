@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+import yaml
 from pydantic import ValidationError
 
 from .config import add_settings_arguments, load_settings
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return _tiny_model(args.directory, args.preset, args.seed, args.weights_at_load)
     try:
         settings = load_settings(cli_source, args)
-    except (ValidationError, ValueError, FileNotFoundError) as error:
+    except (ValidationError, ValueError, FileNotFoundError, yaml.YAMLError) as error:
         print(f"imagegen-server: invalid settings:\n{error}", file=sys.stderr)
         return 2
     logging.basicConfig(

@@ -7,7 +7,7 @@ from typing import Any
 import grpc
 
 from .auth import Guard, RateLimiter, Role, TokenAuthenticator
-from .config import Settings
+from .config import MAX_MESSAGE_BYTES, Settings
 
 # Room for the protobuf framing around the pixels.
 MESSAGE_OVERHEAD_BYTES = 1 << 20
@@ -19,8 +19,10 @@ RATE_LIMITED = frozenset({f"{API_SERVICE}Generate", f"{API_SERVICE}StreamProgres
 
 
 def max_response_bytes(settings: Settings) -> int:
-    """Largest response: the most images at the most pixels as float32 NPY, the widest format."""
-    return settings.max_num_images * settings.max_pixels * 3 * 4 + MESSAGE_OVERHEAD_BYTES
+    """Largest response: the most images at the most pixels as float32 NPY, the widest format,
+    within what one gRPC message can be."""
+    widest = settings.max_num_images * settings.max_pixels * 3 * 4 + MESSAGE_OVERHEAD_BYTES
+    return min(widest, MAX_MESSAGE_BYTES)
 
 
 def server_options(settings: Settings) -> list[tuple[str, Any]]:

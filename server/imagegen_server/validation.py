@@ -28,7 +28,10 @@ OUTPUT_FORMATS = {
     pb.OUTPUT_FORMAT_WEBP: OutputFormat.WEBP,
     pb.OUTPUT_FORMAT_NPY: OutputFormat.NPY,
 }
-REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Image-to-image strength below this would run no step at all: the schedule's cut
+# (types.strength_steps) rounds strength x steps away near zero.
+MIN_STRENGTH = 1e-6
 # A mask may differ from its init image in size (both are resized), not in shape.
 MAX_MASK_ASPECT_DIFFERENCE = 0.01
 
@@ -240,8 +243,8 @@ class RequestValidator:
         strength = (
             request.strength if request.HasField("strength") else self.limits.default_strength
         )
-        if not math.isfinite(strength) or not 0 < strength <= 1:
-            raise InvalidArgument("strength", f"{strength} outside (0, 1]")
+        if not math.isfinite(strength) or not MIN_STRENGTH <= strength <= 1:
+            raise InvalidArgument("strength", f"{strength} outside [{MIN_STRENGTH}, 1]")
         return InitImage(images.image, float(strength), images.mask)
 
     def _size(self, width: int, height: int) -> tuple[int, int]:
@@ -335,7 +338,7 @@ class RequestValidator:
     def _request_id(value: str) -> str:
         if not value:
             return uuid.uuid4().hex
-        if not REQUEST_ID_PATTERN.match(value):
+        if not REQUEST_ID_PATTERN.fullmatch(value):
             raise InvalidArgument("request_id", "1-128 characters from [A-Za-z0-9._:-]")
         return value
 

@@ -75,6 +75,23 @@ def test_bad_input_is_reported_with_the_status_and_field(
     assert "INVALID_ARGUMENT: width: 100 is not a multiple of 16" in result.stderr
 
 
+def test_arguments_no_request_can_carry_and_unreadable_files_end_without_a_traceback(
+    server_process: object, tmp_path: Path
+) -> None:
+    output = str(tmp_path / "x.png")
+    for option, value in (
+        ("--steps", "3000000000"),
+        ("--seed", str(2**64)),
+        ("--size", "64x99999999999"),
+    ):
+        result = imagegen(server_process, "generate", "x", "-o", output, option, value)
+        assert result.returncode == 2 and f"argument {option}: " in result.stderr
+        assert "Traceback" not in result.stderr
+    result = imagegen(server_process, "edit", str(tmp_path / "absent.png"), "x", "-o", output)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("imagegen: ") and "absent.png" in result.stderr
+
+
 def test_info_and_health(server_process: object) -> None:
     info = imagegen(server_process, "info")
     assert info.returncode == 0, info.stderr

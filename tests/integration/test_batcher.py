@@ -10,6 +10,7 @@ that waits on a gate holds the engine there, without timing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -126,6 +127,29 @@ def test_more_images_than_fit_in_one_step_are_refused_naming_the_range(tiny_mode
     asyncio.run(scenario())
 
 
+def test_a_command_whose_caller_gave_up_before_it_ran_is_skipped(tiny_model: Path) -> None:
+    async def scenario() -> None:
+        batcher = await started_batcher(tiny_model)
+        try:
+            gate = Gate()
+            held = asyncio.ensure_future(batcher.call_on_engine(gate))
+            await gate.wait_entered()
+            ran = threading.Event()
+            abandoned = asyncio.ensure_future(batcher.call_on_engine(lambda engine: ran.set()))
+            await asyncio.sleep(0)  # one loop turn: the task queues its command, no timing
+            abandoned.cancel()  # a deadline or a disconnect, before the engine got to it
+            with contextlib.suppress(asyncio.CancelledError):
+                await abandoned  # done: the cancel has reached the command's future
+            gate.opened.set()
+            await held
+            assert await batcher.call_on_engine(lambda engine: "alive") == "alive"
+            assert not ran.is_set()
+        finally:
+            batcher.stop()
+
+    asyncio.run(scenario())
+
+
 class Fatal(BaseException):
     """What kills the engine thread (not an Exception, which a command's caller would get)."""
 
@@ -133,7 +157,13 @@ class Fatal(BaseException):
 def test_commands_queued_behind_one_that_kills_the_engine_are_answered(tiny_model: Path) -> None:
     async def scenario() -> None:
         failures: list[BaseException] = []
-        batcher = await started_batcher(tiny_model, on_failure=failures.append)
+        failed = threading.Event()
+
+        def on_failure(error: BaseException) -> None:
+            failures.append(error)
+            failed.set()
+
+        batcher = await started_batcher(tiny_model, on_failure=on_failure)
         try:
             gate = Gate()
             held = asyncio.ensure_future(batcher.call_on_engine(gate))
@@ -146,6 +176,8 @@ def test_commands_queued_behind_one_that_kills_the_engine_are_answered(tiny_mode
             for command in (fatal, after):  # the same engine iteration took both
                 with pytest.raises(EngineUnavailable):
                     await asyncio.wait_for(command, TIMEOUT_S)
+            # The thread reports its death after answering them.
+            assert await asyncio.to_thread(failed.wait, TIMEOUT_S)
             assert [type(error) for error in failures] == [Fatal]
             with pytest.raises(EngineUnavailable, match="cannot serve"):
                 await batcher.call_on_engine(lambda engine: "too late")

@@ -105,12 +105,24 @@ def test_closed_health_and_reflection_need_a_token(server_factory: Any, tokens: 
             metadata=(("authorization", f"Bearer {CLIENT_TOKEN}"),),
         )
         assert ok.status == health_pb2.HealthCheckResponse.SERVING
+        # Watch (a handler that writes rather than yields) is guarded the same way.
+        watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+        assert rpc_error(lambda: next(watch)).code() == grpc.StatusCode.UNAUTHENTICATED
+        watch = health.Watch(
+            health_pb2.HealthCheckRequest(),
+            timeout=10,
+            metadata=(("authorization", f"Bearer {CLIENT_TOKEN}"),),
+        )
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         error = rpc_error(
             lambda: next(reflection.ServerReflectionInfo(iter([request]), timeout=10))
         )
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    with ImageGenClient(server.target, token=CLIENT_TOKEN, retry=NO_RETRY) as client:
+        assert client.health() == "SERVING"  # the client sends its token on health checks too
 
 
 def test_placeholder_tokens_stop_the_server_from_starting(
@@ -143,6 +155,22 @@ def test_rate_limit_trips_with_a_retry_hint_and_recovers(server_factory: Any, to
         ),
     )
     assert patient.generate("after the wait", seed=5, steps=2).images
+
+
+def test_a_retry_wait_longer_than_the_deadline_returns_the_servers_status(
+    server_factory: Any, tokens: Path
+) -> None:
+    # A bucket that refills in 10 s: the hint is longer than the call's 2 s deadline.
+    server = server_factory(auth_tokens_file=str(tokens), rate_limit_rps=0.1, rate_limit_burst=1)
+    client = server.client(
+        token=CLIENT_TOKEN,
+        retry=RetryPolicy(
+            max_attempts=5, retryable=frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED})
+        ),
+    )
+    client.generate("the burst", seed=1, steps=2)
+    error = rpc_error(lambda: client.generate("over the limit", seed=2, steps=2, timeout_s=2))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # not a DEADLINE_EXCEEDED of its own
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ INVALID_FIELDS = [
     ({"output_quality": 101}, "output_quality", "[1, 100]"),
     ({"priority": 4}, "priority", "[1, 3]"),
     ({"request_id": "bad id with spaces"}, "request_id", "[A-Za-z0-9._:-]"),
+    ({"request_id": "abc\n"}, "request_id", "[A-Za-z0-9._:-]"),  # no line break in the logs
     ({"preview_every_n_steps": 9}, "preview_every_n_steps", "[1, 4]"),
     ({"adapters": [pb.AdapterRef(name="a", scale=1)] * 5}, "adapters", "at most 4"),
     ({"adapters": [pb.AdapterRef(name="a", scale=99)]}, "adapters[0].scale", "[-4.0, 4.0]"),

@@ -66,6 +66,9 @@ def test_flags_are_kebab_case_with_units(monkeypatch: pytest.MonkeyPatch) -> Non
         ({"batching": "dynamic"}, "batching"),
         ({"row_selection": "fastest"}, "row_selection"),
         ({"max_batch_size": 0}, "max_batch_size"),
+        ({"min_seed": 7, "max_seed": 7}, "[min_seed, max_seed] must hold max_num_images (4) seeds"),
+        ({"max_request_bytes": 2**32}, "max_request_bytes"),  # a gRPC length is 32-bit
+        ({"default_strength": 0.0}, "default_strength"),
     ],
 )
 def test_inconsistent_settings_are_refused_with_an_actionable_message(
@@ -78,6 +81,26 @@ def test_inconsistent_settings_are_refused_with_an_actionable_message(
 def test_a_missing_config_file_is_reported(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="config file not found"):
         load_settings(model="m", config=tmp_path / "absent.yaml")
+
+
+def test_a_config_file_that_is_not_yaml_is_reported_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from imagegen_server.main import main
+
+    config = tmp_path / "imagegen.yaml"
+    config.write_text("port: [unclosed\n")
+    assert main(["serve", "--model", "m", "--config", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("imagegen-server: invalid settings:") and "line 1" in error
+
+
+def test_the_largest_response_stays_within_one_grpc_message() -> None:
+    from imagegen_server.transport import max_response_bytes
+
+    assert max_response_bytes(load_settings(model="m")) < 2**31  # the defaults: 4 x 2048^2
+    huge = load_settings(model="m", max_num_images=8, max_batch_size=8, max_pixels=16384**2)
+    assert max_response_bytes(huge) == 2**31 - 1
 
 
 def test_default_steps_follow_the_scheduler_preset() -> None:

@@ -133,7 +133,7 @@ class GenerateRequest(_message.Message):
     init_image: _builtins.bytes
     """Image-to-image and inpainting: start from this image (PNG/JPEG/WebP bytes)."""
     strength: _builtins.float
-    """(0, 1]: how much of the schedule runs (the last strength x steps steps); unset = the
+    """[1e-6, 1]: how much of the schedule runs (the last strength x steps steps); unset = the
     server's default_strength. width/height default to the init image's size, rounded down
     to size_multiple; the init image and the mask are both resized to width x height (Lanczos).
     """
