@@ -114,11 +114,14 @@ class PromptEncoder:
             truncation=True,
             return_tensors="pt",
         ).to(device)
-        hidden = self._text_encoder(
+        # The language model alone: its last hidden state is the pipeline's hidden_states[-1],
+        # and the LM head's logits (every token x a 152k vocabulary: gigabytes for a batch of
+        # long prompts on the full model), every layer's states and a KV cache are never built.
+        hidden = self._text_encoder.model(
             input_ids=tokens.input_ids,
             attention_mask=tokens.attention_mask,
-            output_hidden_states=True,
-        ).hidden_states[-1]
+            use_cache=False,
+        ).last_hidden_state
         lengths = tokens.attention_mask.sum(dim=1).tolist()
         # A copy, not a view: a view would keep the whole batch's hidden states (every row,
         # padded to the longest) alive for as long as the entry stays cached.

@@ -1,5 +1,6 @@
-"""Prompt states as the engine keeps them: each text cut at its own limit, each cached entry
-holding only its own memory, and rows costed with the longest text they can carry."""
+"""Prompt states as the engine keeps them: the pipeline's own states without the LM head, each
+text cut at its own limit, each cached entry holding only its own memory, and rows costed with
+the longest text they can carry."""
 
 from __future__ import annotations
 
@@ -10,6 +11,26 @@ import torch
 from imagegen_server.prompts import PromptEncoder, PromptTokenizer
 
 CPU = torch.device("cpu")
+
+
+def test_states_equal_the_pipelines_and_no_logits_are_computed(reference_pipeline: Any) -> None:
+    head_calls: list[object] = []
+    hook = reference_pipeline.text_encoder.lm_head.register_forward_hook(
+        lambda *args: head_calls.append(args)
+    )
+    try:
+        prompts = ["a fox", "a lighthouse on a cliff at dusk"]
+        states, _ = PromptEncoder(reference_pipeline, 0, 512).encode(
+            prompts, [], CPU, torch.float32
+        )
+    finally:
+        hook.remove()
+    assert head_calls == []  # the vocabulary's logits: wasted work and memory
+    expected, mask = reference_pipeline.encode_prompt(prompts, device=CPU)
+    for row, state in enumerate(states):
+        length = int(mask[row].sum())
+        assert state.shape[0] == length
+        assert torch.equal(state, expected[row, :length])
 
 
 def test_a_cached_prompt_holds_only_its_own_states(reference_pipeline: Any) -> None:
