@@ -420,7 +420,8 @@ class Scheduler:
 
     def _row_limit(self, group: Hashable) -> int:
         key = self.key_of(group)
-        return self._backoff_limits.get(key, self.fitting_rows(key))
+        fitting = self.fitting_rows(key)
+        return min(self._backoff_limits.get(key, fitting), fitting)
 
     def _ready_at(self, group: Hashable, entries: list[QueueEntry]) -> float:
         """When a new batch of `group` may start: at once if it is full (or reaches the largest
