@@ -148,18 +148,27 @@ class Engine:
         return self._prompts.stats
 
     def precompile(self, width: int, height: int) -> float:
-        """Compiles the transformer for `width` x `height` before serving; returns seconds."""
+        """Compiles the transformer for `width` x `height` before serving (and, when adapters
+        may come, its variant with adapters active: lora.py); returns seconds."""
         transformer = self.model.pipeline.transformer
         shape = self._shape(height, width)
-        return self.runner.precompile(
-            shape.seq_len,
-            shape.channels * 4,
-            transformer.config.joint_attention_dim,
-            shape.rope_shape,
-            self._prompts.max_tokens,
-            self.model.dtype,
-            self.model.device,
-        )
+
+        def compile_shapes() -> float:
+            return self.runner.precompile(
+                shape.seq_len,
+                shape.channels * 4,
+                transformer.config.joint_attention_dim,
+                shape.rope_shape,
+                self._prompts.max_tokens,
+                self.model.dtype,
+                self.model.device,
+            )
+
+        seconds = compile_shapes()
+        if self.adapters.all_wrapped:
+            with self.adapters.as_if_active():
+                seconds += compile_shapes()
+        return seconds
 
     def tokens_per_row(self, width: int, height: int) -> int:
         """The tokens a row attends over at this size, at most: its image tokens and the

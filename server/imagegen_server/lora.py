@@ -8,6 +8,12 @@ Linear of the transformer is wrapped once; during a call its output gets, for ev
 adapter, `scale[row] * B(A(x[row]))` on the rows that use that adapter, which is PEFT's LoRA
 forward applied row by row. Rows without adapters pay nothing but the wrapper's check.
 Everything here runs on the engine thread.
+
+Under `torch.compile` the deltas run outside the compiled graphs: a graph sees only whether any
+adapter is active, so it has two variants (none, some), both compiled at start-up, instead of
+one per mix of adapters, ranks and rows, each compiled the first time a request brings it. For
+the same reason a compiled server wraps every Linear before compiling (`wrap_all`): a layer
+wrapped later would change the module the graphs were traced from.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class _CallState:
     """Shared by every wrapped layer: what applies during the transformer call in progress."""
 
     active: list[_Active] = field(default_factory=list)
+    any_active: bool = False  # all a compiled graph depends on (see the module docstring)
 
 
 class MultiLoraLinear(nn.Module):
@@ -63,20 +70,27 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         output: torch.Tensor = self.base(x)
-        for adapter in self._state.active:
-            pair = adapter.layers.get(self.path)
-            if pair is None:
-                continue
-            rows = x.index_select(0, adapter.rows)
-            delta = F.linear(F.linear(rows, pair.down), pair.up)
-            # One scale per row, broadcast over whatever the layer's input has after the row
-            # dimension: tokens x features for attention and MLP layers, only features for the
-            # modulation and timestep layers, which see one vector per row.
-            delta.mul_(adapter.scales.view((-1,) + (1,) * (delta.dim() - 1)))
-            # In place: the base layer's output is a fresh tensor, and an out-of-place add would
-            # copy the whole batch's output once per adapter.
-            output.index_add_(0, adapter.rows, delta)
+        if self._state.any_active:
+            _add_deltas(self._state, self.path, x, output)
         return output
+
+
+@torch.compiler.disable  # type: ignore[untyped-decorator]
+def _add_deltas(state: _CallState, path: str, x: torch.Tensor, output: torch.Tensor) -> None:
+    """Adds each active adapter's delta for layer `path` to its rows of `output`, in place (the
+    base layer's output is a fresh tensor; an out-of-place add would copy the whole batch's
+    output once per adapter). Never compiled: see the module docstring."""
+    for adapter in state.active:
+        pair = adapter.layers.get(path)
+        if pair is None:
+            continue
+        rows = x.index_select(0, adapter.rows)
+        delta = F.linear(F.linear(rows, pair.down), pair.up)
+        # One scale per row, broadcast over whatever the layer's input has after the row
+        # dimension: tokens x features for attention and MLP layers, only features for the
+        # modulation and timestep layers, which see one vector per row.
+        delta.mul_(adapter.scales.view((-1,) + (1,) * (delta.dim() - 1)))
+        output.index_add_(0, adapter.rows, delta)
 
 
 class LoraBank:
@@ -86,6 +100,7 @@ class LoraBank:
         self._transformer = transformer
         self._adapters: dict[str, dict[str, _Pair]] = {}
         self._wrapped: dict[str, MultiLoraLinear] = {}
+        self._all_wrapped = False
         self._state = _CallState()
 
     @property
@@ -138,10 +153,39 @@ class LoraBank:
             )
             for name, (rows, scales) in by_name.items()
         ]
+        self._state.any_active = bool(self._state.active)
         try:
             yield
         finally:
             self._state.active = []
+            self._state.any_active = False
+
+    def wrap_all(self) -> None:
+        """Wraps every Linear an adapter could target (a Linear, or a PEFT layer around one),
+        so that loading adapters later changes no module (see the module docstring)."""
+        targets: list[str] = []
+        for path, module in self._transformer.named_modules():  # parents before children
+            inside = bool(targets) and path.startswith(f"{targets[-1]}.")  # a PEFT layer's own
+            if path and not inside and isinstance(getattr(module, "base_layer", module), nn.Linear):
+                targets.append(path)
+        for path in targets:
+            self._wrap(path)
+        self._all_wrapped = True
+
+    @contextlib.contextmanager
+    def as_if_active(self) -> Iterator[None]:
+        """Calls inside take the compiled variant for active adapters, with no delta to add:
+        for compiling that variant at start-up."""
+        self._state.any_active = True
+        try:
+            yield
+        finally:
+            self._state.any_active = False
+
+    @property
+    def all_wrapped(self) -> bool:
+        """Whether `wrap_all` ran (a compiled server that takes adapters)."""
+        return self._all_wrapped
 
     def _read(self, path: Path) -> dict[str, _Pair]:
         try:

@@ -65,6 +65,8 @@ def build_engine(
         settings.vae_tiling_min_pixels,
         settings.max_negative_prompt_tokens,
     )
+    if settings.compile != "off" and (settings.adapter_dir or settings.preload_adapters):
+        engine.adapters.wrap_all()  # before compiling: loading adapters then changes no module
     metrics.compile_seconds.set(engine.precompile(settings.default_width, settings.default_height))
     min_steps = engine.min_steps(settings.default_width, settings.default_height)
     # Fails fast, with the setting's name, if the limits do not suit this model.

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from imagegen_client import OutputFormat
+from imagegen_client import Adapter, OutputFormat
 from support import StreamWatcher, assert_same_image, pixels
 
 NPY = OutputFormat.NPY
@@ -81,6 +81,43 @@ def test_the_compiled_transformer_gives_the_eager_images_as_the_batch_changes(
     assert counters["stats"]["unique_graphs"] == graphs
     for compiled_image, eager_image in zip(compiled_images, eager_mixed_batch_images, strict=True):
         assert_same_image(compiled_image, eager_image)
+
+
+def adapter_batch_images(server: Any) -> list[np.ndarray]:
+    """One batch of three requests: no adapter, a Kohya one, and it with a PEFT one."""
+    client = server.client()
+    watchers = [
+        StreamWatcher(client, "a fox", seed=1, steps=4, output_format=NPY, adapters=adapters)
+        for adapters in ([], [Adapter("ink")], [Adapter("ink", 0.5), Adapter("neon")])
+    ]
+    for watcher in watchers:
+        watcher.queued()
+    server.batcher.set_step_budget(None)
+    return [pixels(watcher.completed().result) for watcher in watchers]
+
+
+def test_adapters_never_make_the_compiled_transformer_compile_while_serving(
+    server_factory: Any, tiny_model: Path
+) -> None:
+    import torch
+    from torch._dynamo.utils import counters
+
+    settings = {
+        "adapter_dir": str(tiny_model / "adapters"),
+        "preload_adapters": ["ink", "neon"],
+        "step_budget": 0,
+    }
+    eager = adapter_batch_images(server_factory(**settings))
+    torch._dynamo.reset()
+    compiled = server_factory(compile="dynamic", **settings)
+    graphs = counters["stats"]["unique_graphs"]
+    images = adapter_batch_images(compiled)
+    # The variant with adapters active was compiled at start-up, and the adapters' deltas run
+    # outside the graphs: no mix of adapters, ranks or rows is a new graph.
+    assert counters["stats"]["unique_graphs"] == graphs
+    for compiled_image, eager_image in zip(images, eager, strict=True):
+        assert_same_image(compiled_image, eager_image)
+    assert float(np.abs(images[0] - images[1]).max()) > 1e-3  # the adapter did change the image
 
 
 def test_weights_drawn_at_load_serve_deterministic_images(
