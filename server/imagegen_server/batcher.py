@@ -148,6 +148,12 @@ class Batcher:
     def ready(self) -> bool:
         return self._ready and not self._draining and self._dead is None
 
+    @property
+    def engine_running(self) -> bool:
+        """Whether the engine thread is still alive (after `stop`: inside a long torch call,
+        such as loading or compiling, that it cannot leave early)."""
+        return self._thread.is_alive()
+
     def submit(
         self, params: GenerationParams, deadline: float | None, wants_progress: bool
     ) -> RequestHandle:
@@ -292,11 +298,13 @@ class Batcher:
             engine = self._engine_factory()
             if self._warmup is not None:
                 self._warm_up(engine, self._warmup)
-                log.info("warm-up batch done")
             with self._cond:
-                self._ready = True
-            if self._on_ready is not None:
-                self._on_ready(engine)
+                # A drain or stop that began during start-up: this replica is never ready.
+                self._ready = not (self._stopping or self._draining)
+            if self._ready:
+                log.info("engine ready")
+                if self._on_ready is not None:
+                    self._on_ready(engine)
             self._loop(engine)
         except BaseException as error:  # the engine thread must never die silently
             log.exception("engine thread failed")
@@ -356,6 +364,7 @@ class Batcher:
             dropped += self._expire(self._scheduler.expire(self._clock()))
             plan = StepPlan() if self._step_budget == 0 else self._scheduler.schedule(self._clock())
             self._metrics.pending.set(self._scheduler.waiting_count)
+            self._metrics.running_rows.set(self._scheduler.running_rows)  # some may have left
             if plan.group is not None or dropped or self._commands:
                 return plan, dropped
             wake_at = plan.wake_at if self._step_budget != 0 else self._scheduler.next_deadline()

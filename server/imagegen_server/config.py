@@ -209,7 +209,10 @@ class Settings(BaseSettings):
     # --- operations ---
     drain_timeout_s: float = Field(30.0, ge=0, description="bound on finishing work at SIGTERM")
     row_limit_recovery_s: float = Field(
-        60.0, gt=0, description="after out-of-memory: how long a key's lowered batch cap lasts"
+        60.0,
+        gt=0,
+        description="after out-of-memory: a key's lowered batch cap doubles every this many"
+        " seconds, up to what fits on the device",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="server log level"

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.aio names
@@ -32,7 +33,7 @@ from .metrics import Metrics
 from .scheduler import Scheduler, SchedulerConfig
 from .service import ImageGenerationService
 from .startup import EngineSetup, build_engine, row_limit
-from .transport import build_guard, server_credentials, server_options
+from .transport import EXCLUSIVE_PORT, build_guard, server_credentials, server_options
 from .types import BatchKey, GenerationParams, OutputFormat
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,9 @@ class ImageGenServer:
             options=server_options(settings),
         )
         # A plaintext health-only port for probes that cannot speak TLS (the kubelet's).
-        self._health_grpc = grpc.aio.server() if settings.health_port is not None else None
+        self._health_grpc = (
+            grpc.aio.server(options=[EXCLUSIVE_PORT]) if settings.health_port is not None else None
+        )
         if self._health_grpc is not None:
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_grpc)
         pb_grpc.add_ImageGenerationServicer_to_server(self._service, self._grpc)
@@ -176,6 +179,11 @@ class ImageGenServer:
         log.info("drained %s", "cleanly" if finished else "with requests left at the timeout")
         return finished
 
+    @property
+    def engine_running(self) -> bool:
+        """Whether the engine thread outlived the stop (see Batcher.engine_running)."""
+        return self._batcher.engine_running
+
     async def stop_now(self) -> None:
         self.metrics.ready.set(0)
         await self._grpc.stop(grace=0)
@@ -203,6 +211,8 @@ class ImageGenServer:
         self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._mark_serving()))
 
     async def _mark_serving(self) -> None:
+        if not self._batcher.ready:  # a drain began meanwhile: never SERVING
+            return
         assert self._setup is not None
         self._adapters.adopt(self._setup.preloaded, self._setup.preloaded_parameters)
         for service in HEALTH_SERVICES:
@@ -253,16 +263,17 @@ class ImageGenServer:
 
 async def serve(settings: Settings) -> int:
     """Runs a server until SIGTERM/SIGINT; returns the process exit code."""
+    # Signals are caught before the ports open: one that comes as the server starts drains it.
+    loop = asyncio.get_running_loop()
+    signals: asyncio.Queue[int] = asyncio.Queue()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, signals.put_nowait, signum)
     try:
         server = ImageGenServer(settings)
         await server.start()
     except (ValueError, OSError, RuntimeError) as error:  # bad token file, port in use, ...
         log.error("cannot start: %s", error)
         return 2
-    loop = asyncio.get_running_loop()
-    signals: asyncio.Queue[int] = asyncio.Queue()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, signals.put_nowait, signum)
     ready = asyncio.ensure_future(server.wait_ready())
     first_signal = asyncio.ensure_future(signals.get())
     await asyncio.wait((ready, first_signal), return_when=asyncio.FIRST_COMPLETED)
@@ -283,9 +294,15 @@ async def serve(settings: Settings) -> int:
         log.warning("second signal: stopping now")
         drain.cancel()
         await server.stop_now()
-        # The engine thread may be inside a long torch call; finalizing the interpreter under
-        # it aborts the process, so leave at once, as a forced stop means to.
-        logging.shutdown()
-        os._exit(0)
+        _exit_now(0)
     second_signal.cancel()
+    if server.engine_running:  # a signal during start-up: still loading or compiling
+        _exit_now(0)
     return 0
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Leaves the process at once. The engine thread may be inside a long torch call (loading,
+    compiling); finalizing the interpreter under it aborts the process."""
+    logging.shutdown()
+    os._exit(code)

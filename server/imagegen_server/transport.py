@@ -16,6 +16,9 @@ ADMIN_SERVICE = "/imagegen.v1.AdapterAdmin/"
 HEALTH_SERVICE = "/grpc.health.v1.Health/"
 REFLECTION_SERVICES = ("/grpc.reflection.v1alpha.", "/grpc.reflection.v1.")
 RATE_LIMITED = frozenset({f"{API_SERVICE}Generate", f"{API_SERVICE}StreamProgress"})
+# gRPC binds with SO_REUSEPORT by default: a second server on a taken port would start and
+# silently take half the connections, instead of failing to start.
+EXCLUSIVE_PORT = ("grpc.so_reuseport", 0)
 
 
 def max_response_bytes(settings: Settings) -> int:
@@ -27,6 +30,7 @@ def max_response_bytes(settings: Settings) -> int:
 
 def server_options(settings: Settings) -> list[tuple[str, Any]]:
     options: list[tuple[str, Any]] = [
+        EXCLUSIVE_PORT,
         ("grpc.max_send_message_length", max_response_bytes(settings)),
         ("grpc.max_receive_message_length", settings.max_request_bytes),
     ]

@@ -24,7 +24,7 @@ from imagegen_server.errors import EngineUnavailable, InvalidArgument
 from imagegen_server.metrics import Metrics
 from imagegen_server.model import load_model
 from imagegen_server.scheduler import Scheduler, SchedulerConfig
-from imagegen_server.types import BatchKey, CompletedEvent, Event, FailedEvent
+from imagegen_server.types import BatchKey, CompletedEvent, Event, FailedEvent, StepEvent
 from support import engine_params
 
 TIMEOUT_S = 60.0
@@ -34,12 +34,13 @@ async def started_batcher(
     tiny_model: Path,
     row_limit: Callable[[BatchKey], int | None] | None = None,
     on_failure: Callable[[BaseException], None] | None = None,
+    metrics: Metrics | None = None,
 ) -> Batcher:
     ready = threading.Event()
     batcher = Batcher(
         engine_factory=lambda: Engine(load_model(str(tiny_model), device="cpu"), 16, 512),
         scheduler=Scheduler(SchedulerConfig(policy="step", max_batch_size=4)),
-        metrics=Metrics(),
+        metrics=metrics or Metrics(),
         on_ready=lambda _engine: ready.set(),
         on_failure=on_failure,
         row_limit=row_limit,
@@ -102,6 +103,27 @@ def test_a_cancel_between_admission_and_the_engine_fails_nobody_else(tiny_model:
                 lambda engine: (engine.has_work(), batcher.scheduler.running_rows)
             )
             assert leftover == (False, 0)
+        finally:
+            batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_rows_that_leave_between_steps_leave_the_running_rows_gauge(tiny_model: Path) -> None:
+    async def scenario() -> None:
+        metrics = Metrics()
+        batcher = await started_batcher(tiny_model, metrics=metrics)
+        try:
+            batcher.set_step_budget(1)
+            handle = batcher.submit(engine_params("leaves"), None, True)
+            while not isinstance(await asyncio.wait_for(handle.events.get(), TIMEOUT_S), StepEvent):
+                pass
+            await batcher.call_on_engine(lambda engine: None)  # the step's bookkeeping is done
+            running = "imagegen_running_rows"
+            assert metrics.registry.get_sample_value(running) == 1
+            batcher.cancel(handle)  # no step follows: the engine is held at the boundary
+            await batcher.call_on_engine(lambda engine: None)  # that boundary has passed
+            assert metrics.registry.get_sample_value(running) == 0
         finally:
             batcher.stop()
 

@@ -120,3 +120,14 @@ async def _call_on_engine(server: Any, command: Any) -> BaseException | None:
     except BaseException as error:  # the command's own end, reported to its caller
         return error
     return None
+
+
+def test_a_drain_during_start_up_never_reports_the_server_ready(server_factory: Any) -> None:
+    import asyncio
+
+    server = server_factory(wait_ready=False, step_budget=0)  # held in its warm-up
+    assert server.run(server.server.drain(5))  # nothing was accepted: drained cleanly
+    server.batcher.stop(timeout_s=60)  # the engine thread has ended...
+    server.run(asyncio.sleep(0))  # ...and what it left for the event loop has run
+    assert not server.batcher.ready
+    assert server.metrics()["imagegen_ready"] == 0

@@ -1,0 +1,47 @@
+"""Start-up edges of a real server process: a signal while it loads, a port already taken."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from .conftest import BIN, launch
+
+
+def test_a_sigterm_while_the_engine_is_still_compiling_exits_zero(tiny_model: Path) -> None:
+    # Compiling on CPU takes far longer than the drain's wait for the engine thread.
+    server = launch(tiny_model, "--compile", "dynamic")
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=60) == 0
+    log = "".join(server.log)
+    assert "drained cleanly" in log and "SERVING" not in log
+
+
+def test_a_port_another_server_holds_stops_the_start_with_exit_code_2(tiny_model: Path) -> None:
+    holder = launch(tiny_model)
+    try:
+        env = {key: value for key, value in os.environ.items() if key != "IMAGEGEN_CONFIG"}
+        second = subprocess.run(
+            [
+                str(BIN / "imagegen-server"),
+                "serve",
+                "--model",
+                str(tiny_model),
+                "--port",
+                str(holder.port),
+                "--metrics-port",
+                "0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            check=False,
+        )
+        assert second.returncode == 2, second.stderr
+        assert "cannot start" in second.stderr
+    finally:
+        holder.process.terminate()
+        holder.process.wait(60)
