@@ -132,13 +132,14 @@ class ImageGenServer:
             self.port = self._grpc.add_insecure_port(address)
         else:
             self.port = self._grpc.add_secure_port(address, credentials)
+        if self._health_grpc is not None:  # bound before either starts: a taken port stops both
+            self.health_port = self._health_grpc.add_insecure_port(
+                f"{settings.host}:{settings.health_port}"
+            )
         for service in HEALTH_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._grpc.start()
         if self._health_grpc is not None:
-            self.health_port = self._health_grpc.add_insecure_port(
-                f"{settings.host}:{settings.health_port}"
-            )
             await self._health_grpc.start()
         log.info(
             "gRPC on %s:%d, metrics on %s:%d",

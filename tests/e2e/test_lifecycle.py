@@ -10,6 +10,20 @@ from pathlib import Path
 from .conftest import BIN, launch
 
 
+def serve(model: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """`imagegen-server serve` on free ports (unless `flags` name one), run to its exit."""
+    env = {key: value for key, value in os.environ.items() if key != "IMAGEGEN_CONFIG"}
+    command = [str(BIN / "imagegen-server"), "serve", "--model", str(model), "--port", "0"]
+    return subprocess.run(
+        [*command, "--metrics-port", "0", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+
+
 def test_a_sigterm_while_the_engine_is_still_compiling_exits_zero(tiny_model: Path) -> None:
     # Compiling on CPU takes far longer than the drain's wait for the engine thread.
     server = launch(tiny_model, "--compile", "dynamic")
@@ -22,26 +36,11 @@ def test_a_sigterm_while_the_engine_is_still_compiling_exits_zero(tiny_model: Pa
 def test_a_port_another_server_holds_stops_the_start_with_exit_code_2(tiny_model: Path) -> None:
     holder = launch(tiny_model)
     try:
-        env = {key: value for key, value in os.environ.items() if key != "IMAGEGEN_CONFIG"}
-        second = subprocess.run(
-            [
-                str(BIN / "imagegen-server"),
-                "serve",
-                "--model",
-                str(tiny_model),
-                "--port",
-                str(holder.port),
-                "--metrics-port",
-                "0",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=env,
-            check=False,
-        )
-        assert second.returncode == 2, second.stderr
-        assert "cannot start" in second.stderr
+        for flag in ("--port", "--health-port"):  # the last --port given counts
+            second = serve(tiny_model, flag, str(holder.port))
+            assert second.returncode == 2 and "cannot start" in second.stderr, second.stderr
+            # Nothing was left half started.
+            assert "Exception ignored" not in second.stderr, second.stderr
     finally:
         holder.process.terminate()
         holder.process.wait(60)
