@@ -166,7 +166,10 @@ class LoraBank:
         targets: list[str] = []
         for path, module in self._transformer.named_modules():  # parents before children
             inside = bool(targets) and path.startswith(f"{targets[-1]}.")  # a PEFT layer's own
-            if path and not inside and isinstance(getattr(module, "base_layer", module), nn.Linear):
+            target = isinstance(module, MultiLoraLinear) or isinstance(
+                getattr(module, "base_layer", module), nn.Linear
+            )
+            if path and not inside and target:  # a wrapper already there is kept as it is
                 targets.append(path)
         for path in targets:
             self._wrap(path)

@@ -180,11 +180,6 @@ class ImageGenServer:
         log.info("drained %s", "cleanly" if finished else "with requests left at the timeout")
         return finished
 
-    @property
-    def engine_running(self) -> bool:
-        """Whether the engine thread outlived the stop (see Batcher.engine_running)."""
-        return self._batcher.engine_running
-
     async def stop_now(self) -> None:
         self.metrics.ready.set(0)
         await self._grpc.stop(grace=0)
@@ -297,7 +292,7 @@ async def serve(settings: Settings) -> int:
         await server.stop_now()
         _exit_now(0)
     second_signal.cancel()
-    if server.engine_running:  # a signal during start-up: still loading or compiling
+    if server.batcher.engine_running:  # a signal during start-up: still loading or compiling
         _exit_now(0)
     return 0
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,14 @@ from support import engine_params
 TIMEOUT_S = 60.0
 
 
-async def started_batcher(
+@contextlib.asynccontextmanager
+async def running_batcher(
     tiny_model: Path,
     row_limit: Callable[[BatchKey], int | None] | None = None,
     on_failure: Callable[[BaseException], None] | None = None,
     metrics: Metrics | None = None,
-) -> Batcher:
+) -> AsyncIterator[Batcher]:
+    """A started batcher around a real engine, ready to serve; stopped on the way out."""
     ready = threading.Event()
     batcher = Batcher(
         engine_factory=lambda: Engine(load_model(str(tiny_model), device="cpu"), 16, 512),
@@ -46,8 +48,11 @@ async def started_batcher(
         row_limit=row_limit,
     )
     batcher.start()
-    assert await asyncio.to_thread(ready.wait, TIMEOUT_S)
-    return batcher
+    try:
+        assert await asyncio.to_thread(ready.wait, TIMEOUT_S)
+        yield batcher
+    finally:
+        batcher.stop()
 
 
 async def terminal(handle: RequestHandle) -> Event:
@@ -74,8 +79,7 @@ class Gate:
 
 def test_a_cancel_between_admission_and_the_engine_fails_nobody_else(tiny_model: Path) -> None:
     async def scenario() -> None:
-        batcher = await started_batcher(tiny_model)
-        try:
+        async with running_batcher(tiny_model) as batcher:
             first, second = Gate(), Gate()
             held = asyncio.ensure_future(batcher.call_on_engine(first))
             await first.wait_entered()
@@ -103,8 +107,6 @@ def test_a_cancel_between_admission_and_the_engine_fails_nobody_else(tiny_model:
                 lambda engine: (engine.has_work(), batcher.scheduler.running_rows)
             )
             assert leftover == (False, 0)
-        finally:
-            batcher.stop()
 
     asyncio.run(scenario())
 
@@ -112,8 +114,7 @@ def test_a_cancel_between_admission_and_the_engine_fails_nobody_else(tiny_model:
 def test_rows_that_leave_between_steps_leave_the_running_rows_gauge(tiny_model: Path) -> None:
     async def scenario() -> None:
         metrics = Metrics()
-        batcher = await started_batcher(tiny_model, metrics=metrics)
-        try:
+        async with running_batcher(tiny_model, metrics=metrics) as batcher:
             batcher.set_step_budget(1)
             handle = batcher.submit(engine_params("leaves"), None, True)
             while not isinstance(await asyncio.wait_for(handle.events.get(), TIMEOUT_S), StepEvent):
@@ -124,16 +125,13 @@ def test_rows_that_leave_between_steps_leave_the_running_rows_gauge(tiny_model: 
             batcher.cancel(handle)  # no step follows: the engine is held at the boundary
             await batcher.call_on_engine(lambda engine: None)  # that boundary has passed
             assert metrics.registry.get_sample_value(running) == 0
-        finally:
-            batcher.stop()
 
     asyncio.run(scenario())
 
 
 def test_more_images_than_fit_in_one_step_are_refused_naming_the_range(tiny_model: Path) -> None:
     async def scenario() -> None:
-        batcher = await started_batcher(tiny_model, row_limit=lambda key: 2)
-        try:
+        async with running_batcher(tiny_model, row_limit=lambda key: 2) as batcher:
             with pytest.raises(InvalidArgument) as refused:
                 batcher.submit(engine_params("three", num_images=3), None, False)
             assert refused.value.message == (
@@ -143,16 +141,13 @@ def test_more_images_than_fit_in_one_step_are_refused_naming_the_range(tiny_mode
             event = await terminal(batcher.submit(engine_params("two", num_images=2), None, False))
             assert isinstance(event, CompletedEvent) and len(event.images) == 2
             assert event.max_batch_size == 2
-        finally:
-            batcher.stop()
 
     asyncio.run(scenario())
 
 
 def test_a_command_whose_caller_gave_up_before_it_ran_is_skipped(tiny_model: Path) -> None:
     async def scenario() -> None:
-        batcher = await started_batcher(tiny_model)
-        try:
+        async with running_batcher(tiny_model) as batcher:
             gate = Gate()
             held = asyncio.ensure_future(batcher.call_on_engine(gate))
             await gate.wait_entered()
@@ -166,8 +161,6 @@ def test_a_command_whose_caller_gave_up_before_it_ran_is_skipped(tiny_model: Pat
             await held
             assert await batcher.call_on_engine(lambda engine: "alive") == "alive"
             assert not ran.is_set()
-        finally:
-            batcher.stop()
 
     asyncio.run(scenario())
 
@@ -185,8 +178,7 @@ def test_commands_queued_behind_one_that_kills_the_engine_are_answered(tiny_mode
             failures.append(error)
             failed.set()
 
-        batcher = await started_batcher(tiny_model, on_failure=on_failure)
-        try:
+        async with running_batcher(tiny_model, on_failure=on_failure) as batcher:
             gate = Gate()
             held = asyncio.ensure_future(batcher.call_on_engine(gate))
             await gate.wait_entered()
@@ -203,18 +195,16 @@ def test_commands_queued_behind_one_that_kills_the_engine_are_answered(tiny_mode
             assert [type(error) for error in failures] == [Fatal]
             with pytest.raises(EngineUnavailable, match="cannot serve"):
                 await batcher.call_on_engine(lambda engine: "too late")
-        finally:
-            batcher.stop()
 
     asyncio.run(scenario())
 
 
 def test_a_command_after_stop_is_refused_instead_of_waiting_forever(tiny_model: Path) -> None:
     async def scenario() -> None:
-        batcher = await started_batcher(tiny_model)
-        batcher.stop()
-        with pytest.raises(EngineUnavailable, match="server stopping"):
-            await asyncio.wait_for(batcher.call_on_engine(lambda engine: "never"), TIMEOUT_S)
+        async with running_batcher(tiny_model) as batcher:
+            batcher.stop()
+            with pytest.raises(EngineUnavailable, match="server stopping"):
+                await asyncio.wait_for(batcher.call_on_engine(lambda engine: "never"), TIMEOUT_S)
 
     asyncio.run(scenario())
 
