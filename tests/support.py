@@ -36,6 +36,9 @@ TEST_SETTINGS: dict[str, Any] = {
     "row_selection": "all",
 }
 EVENT_TIMEOUT_S = 60.0
+# A bound on start-up, not a timing: compiling the transformer takes over a minute on a busy
+# 2-core CI machine.
+START_TIMEOUT_S = 600.0
 # The determinism contract (DESIGN.md): max abs pixel difference in [0, 1].
 PIXEL_TOLERANCE = 1e-5
 
@@ -112,9 +115,15 @@ def start_server(
         asyncio.run_coroutine_threadsafe(create(), loop).result(60), loop, thread
     )
     if wait_ready:
-        if not running.run(running.server.wait_ready(), timeout=120):
+        try:
+            ready = running.run(running.server.wait_ready(), timeout=START_TIMEOUT_S)
+        except TimeoutError:
+            ready = False
+        if not ready:
             running.stop()
-            raise RuntimeError("test server failed to start; see the log")
+            raise RuntimeError(
+                f"test server not ready in {START_TIMEOUT_S:.0f} s or failed; see the log"
+            )
         running.batcher.set_step_budget(step_budget)
     return running
 

@@ -106,10 +106,14 @@ def test_adapters_never_make_the_compiled_transformer_compile_while_serving(
         "adapter_dir": str(tiny_model / "adapters"),
         "preload_adapters": ["ink", "neon"],
         "step_budget": 0,
+        "max_batch_size": 4,
+        "max_num_images": 1,
     }
     eager = adapter_batch_images(server_factory(**settings))
     torch._dynamo.reset()
-    compiled = server_factory(compile="dynamic", **settings)
+    # One bucket that holds the whole batch: two graphs to compile at start-up (adapters off
+    # and on), the fewest that can show a recompile while serving.
+    compiled = server_factory(compile="buckets", compile_buckets=[4], **settings)
     graphs = counters["stats"]["unique_graphs"]
     images = adapter_batch_images(compiled)
     # The variant with adapters active was compiled at start-up, and the adapters' deltas run
