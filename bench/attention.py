@@ -4,20 +4,21 @@ A call whose rows have prompts of different lengths pads the text to the longest
 QwenImage's attention processor turns the padding into a boolean mask over the joint (text and
 image) keys. PyTorch's flash kernel takes no mask, so such a call runs on another kernel. Here
 one joint attention call of a few rows is timed with no mask and with a padding mask, through
-each diffusers backend that `--attention-backend` can name, called as the processor calls it
+each of PyTorch's own SDPA backends that `--attention-backend` can name (those of optional
+packages, such as flash-attn or xformers, are left out), called as the processor calls it
 (its layout changes included). A run on the GPU thereby says what padding costs per denoising
 step (one such call per transformer block) and which backend to serve with.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .flops import seconds_per_call
 
 # diffusers backend names, as `--attention-backend` takes them ("native" is the default: SDPA
 # with PyTorch's own choice of kernel).
@@ -49,7 +50,7 @@ class JointAttention:
 
     def text_lengths(self) -> list[int]:
         """Each row's prompt length in the padded call: the longest, then shorter ones down to
-        about half of it."""
+        5/8 of it (with 4 rows)."""
         shortening = self.text_tokens // (2 * self.rows)
         return [self.text_tokens - row * shortening for row in range(self.rows)]
 
@@ -139,26 +140,9 @@ def _best_seconds(call: Callable[[], Any], rounds: int) -> float:
     """Seconds per call: a warm-up call (kernel selection, cuDNN's plan), then `rounds` rounds
     of back-to-back calls of about ROUND_SECONDS each; the best round counts."""
     device = call().device
-    best = math.inf
-    for _ in range(rounds):
-        _sync(device)
-        calls = 0
-        started = time.perf_counter()
-        while True:
-            for _ in range(4):  # several calls between syncs: the device's time, not the host's
-                call()
-            calls += 4
-            _sync(device)
-            elapsed = time.perf_counter() - started
-            if elapsed >= ROUND_SECONDS:
-                break
-        best = min(best, elapsed / calls)
-    return best
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return min(
+        seconds_per_call(call, device, ROUND_SECONDS, between_syncs=4) for _ in range(rounds)
+    )
 
 
 def _release(device: torch.device) -> None:
@@ -174,7 +158,7 @@ def summary_lines(attention: dict[str, Any], step_ms: dict[str, float]) -> list[
     lines = [
         f"Attention kernels: one joint attention call of {rows} rows, with every prompt of one "
         "length (no mask) and with prompts of different lengths (padded: a mask), through each "
-        "`--attention-backend`; a step makes one such call per block "
+        "of PyTorch's SDPA backends (`--attention-backend`); a step makes one such call per block "
         f"({layers}). *Padding per step* is {layers} x (padded - no mask).",
         "",
         "| resolution | backend (kernel SDPA picks) | no mask: ms | TFLOP/s | padded: ms | "

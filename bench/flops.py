@@ -13,7 +13,7 @@ engine's dtype on the engine's device, which is what the transformer's matmuls c
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,19 +88,28 @@ def measure_matmul_peak(
 
 def _matmul_rate(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> float:
     """TFLOP/s of back-to-back square matmuls into `out`, timed for about PEAK_SECONDS."""
-    device, size = out.device, out.shape[0]
+    seconds = seconds_per_call(
+        lambda: torch.matmul(left, right, out=out), out.device, PEAK_SECONDS, between_syncs=8
+    )
+    return 2 * out.shape[0] ** 3 / seconds / 1e12
+
+
+def seconds_per_call(
+    call: Callable[[], object], device: torch.device, round_s: float, between_syncs: int
+) -> float:
+    """Mean seconds of back-to-back calls, timed for about `round_s`. The device is synchronised
+    only every `between_syncs` calls, so the timer sees the device's work, not the host's."""
     _sync(device)
     calls = 0
     started = time.perf_counter()
     while True:
-        # Batches of calls between syncs, so the timer sees the device's work, not the host's.
-        for _ in range(8):
-            torch.matmul(left, right, out=out)
-        calls += 8
+        for _ in range(between_syncs):
+            call()
+        calls += between_syncs
         _sync(device)
         elapsed = time.perf_counter() - started
-        if elapsed >= PEAK_SECONDS:
-            return 2 * size**3 * calls / elapsed / 1e12
+        if elapsed >= round_s:
+            return elapsed / calls
 
 
 def _sync(device: torch.device) -> None:

@@ -203,17 +203,26 @@ def run_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
 def _count_flops(bench: EngineBench, resolutions: list[tuple[int, int]]) -> list[dict[str, Any]]:
     """Transformer FLOPs per image and step at each resolution, for the bench's prompts."""
+    from imagegen_server.sampling import LatentShape
+
     model = bench.model
+    config = model.pipeline.transformer.config
     # The prompts of the measured batches differ only in their number (a few hundred at most).
     text_tokens = bench.prompt_tokens(100)
     flops = []
     for width, height in resolutions:
-        count = transformer_step_flops(
-            model.pipeline.transformer.config, width, height, text_tokens, model.vae_scale_factor
+        count = transformer_step_flops(config, width, height, text_tokens, model.vae_scale_factor)
+        shape = LatentShape.for_image(
+            height, width, int(config["in_channels"]) // 4, model.vae_scale_factor
         )
         resolution = f"{width}x{height}"
         flops.append(
-            {"resolution": resolution, "text_tokens": text_tokens, "flop_per_image_step": count}
+            {
+                "resolution": resolution,
+                "image_tokens": shape.seq_len,
+                "text_tokens": text_tokens,
+                "flop_per_image_step": count,
+            }
         )
         print(
             f"transformer: {count / 1e12:.4g} TFLOP per image-step at {resolution} "
@@ -227,25 +236,18 @@ def _measure_attention(
     bench: EngineBench, flops: list[dict[str, Any]], quick: bool
 ) -> dict[str, Any]:
     """Joint attention calls at each resolution, with and without a text-padding mask."""
-    from imagegen_server.sampling import LatentShape
-
     model = bench.model
     config = model.pipeline.transformer.config
-    calls = []
-    for entry in flops:
-        width, height = (int(side) for side in entry["resolution"].split("x"))
-        shape = LatentShape.for_image(
-            height, width, int(config["in_channels"]) // 4, model.vae_scale_factor
+    calls = [
+        attention.JointAttention(
+            entry["resolution"],
+            entry["image_tokens"],
+            entry["text_tokens"],
+            int(config["num_attention_heads"]),
+            int(config["attention_head_dim"]),
         )
-        calls.append(
-            attention.JointAttention(
-                entry["resolution"],
-                shape.seq_len,
-                entry["text_tokens"],
-                int(config["num_attention_heads"]),
-                int(config["attention_head_dim"]),
-            )
-        )
+        for entry in flops
+    ]
     # The math kernel holds every score at once: next to the full-size model that is memory
     # a GPU does not have, and no GPU server uses it.
     backends = [

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as error:
         print(f"imagegen: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
-    except OSError as error:  # an input file (image, mask, certificate) that cannot be read
+    except OSError as error:  # a file (image, mask, certificate, output) it cannot read or write
         print(f"imagegen: {error}", file=sys.stderr)
         return 2
 

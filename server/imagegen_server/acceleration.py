@@ -1,5 +1,6 @@
-"""Running the transformer fast on its device: CUDA math settings, the attention backend, and
-`torch.compile` that survives a batch size changing from step to step.
+"""Running the transformer fast on its device: CUDA math settings, the attention backend,
+host-to-device copies that never stall the host, and `torch.compile` that survives a batch size
+changing from step to step.
 
 With step-level batching the rows in a call change at every boundary. `torch.compile` then
 either marks the batch and text dimensions dynamic (one graph, generic kernels: "dynamic"), or
@@ -43,6 +44,22 @@ def configure_device(
         torch.backends.cudnn.benchmark = True
     if attention_backend:
         transformer.set_attention_backend(attention_backend)  # type: ignore[operator]
+
+
+def host_to_device(
+    values: Sequence[float] | Sequence[Sequence[float]], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """`values` as a tensor on `device`, copied without making the host wait for the device.
+
+    A copy from pageable host memory waits for all work queued on the device before it, so one
+    per step would stall the host inside every step. On CUDA the values go through pinned memory
+    with a non-blocking copy, which is queued behind that work instead (PyTorch's pinned-memory
+    cache hands the buffer out again only after the copy has run). Elsewhere nothing is pinned.
+    """
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,9 +52,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# A function to run on the engine thread, and the future its caller awaits.
-Command = tuple[Callable[["EngineLike"], Any], concurrent.futures.Future[Any]]
-
 # Weight of the newest step time in the running estimate used for queue ETAs.
 STEP_TIME_SMOOTHING = 0.2
 
@@ -72,6 +69,16 @@ class EngineLike(Protocol):
     def cancel(self, request_id: str) -> bool: ...
 
     def has_work(self, group: Hashable | None = None) -> bool: ...
+
+
+@dataclass(slots=True)
+class Command:
+    """A function to run on the engine thread at a step boundary (see `call_on_engine`)."""
+
+    run: Callable[[EngineLike], Any]  # called with the engine, on the engine thread
+    # What its caller awaits. Its caller may cancel it while it waits; only the thread that took
+    # the command from the queue (under the lock) moves it to running and answers it.
+    future: concurrent.futures.Future[Any]
 
 
 @dataclass(slots=True, eq=False)
@@ -211,7 +218,12 @@ class Batcher:
         """Runs `command(engine)` on the engine thread at the next step boundary.
 
         The way to change the model while serving (loading an adapter, say) without racing a
-        step in progress. Raises what the command raises.
+        step in progress.
+
+        Raises:
+            EngineUnavailable: the server is stopping, the engine failed, or the command (or one
+                queued with it) killed the engine thread.
+            Exception: whatever the command raised; the engine goes on.
         """
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._cond:
@@ -219,7 +231,7 @@ class Batcher:
                 raise EngineUnavailable("engine failed; this replica cannot serve")
             if self._stopping:  # the engine thread will not run it
                 raise EngineUnavailable("server stopping")
-            self._commands.append((command, future))
+            self._commands.append(Command(command, future))
             self._cond.notify_all()
         result: T = await asyncio.wrap_future(future)
         return result
@@ -321,6 +333,8 @@ class Batcher:
     def _warm_up(self, engine: EngineLike, request: EngineRequest) -> None:
         """Runs one request through the engine before serving, honouring the step budget."""
         group = ("warm-up",)
+        if self._stop_requested():  # stopped while the model loaded: no prompt to encode
+            return
         self._observe_stages(engine.add(group, [request]).stage_seconds)
         while True:
             with self._cond:
@@ -334,6 +348,10 @@ class Batcher:
             if result.finished:
                 return
 
+    def _stop_requested(self) -> bool:
+        with self._cond:
+            return self._stopping
+
     def _loop(self, engine: EngineLike) -> None:
         while True:
             with self._cond:
@@ -344,8 +362,8 @@ class Batcher:
             try:
                 for request_id in dropped:  # cancelled or expired while running
                     engine.cancel(request_id)
-                for command, future in commands:  # after the drops: they may free memory
-                    _run_command(engine, command, future)
+                for command in commands:  # after the drops: they may free memory
+                    _run_command(engine, command)
             except BaseException:  # fatal for the thread; the callers of the rest must not hang
                 _abandon(commands)
                 raise
@@ -382,18 +400,16 @@ class Batcher:
     def _run_step(self, engine: EngineLike, plan: StepPlan) -> None:
         group = plan.group
         stepped = plan.stepped
-        if plan.admitted:
-            self._note_admitted(plan)
         try:
             if plan.admitted:
-                requests = self._still_wanted(plan.admitted)
+                requests = self._start_admitted(plan)
                 added = engine.add(group, requests) if requests else AddResult({})
                 self._observe_stages(added.stage_seconds)
                 self._fail_requests(added.failed)
-                # A chosen request that failed to encode, or was cancelled since the plan, has
+                # A chosen request that was cancelled since the plan, or failed to encode, has
                 # no rows to step (with none left, every row of the batch steps).
-                added_ids = {request.request_id for request in requests} - set(added.failed)
-                gone = {entry.request_id for entry in plan.admitted} - added_ids
+                wanted = {request.request_id for request in requests}
+                gone = ({entry.request_id for entry in plan.admitted} - wanted) | set(added.failed)
                 if stepped is not None:
                     stepped = [rid for rid in stepped if rid not in gone] or None
             if not engine.has_work(group):  # every admitted request failed or left
@@ -433,7 +449,6 @@ class Batcher:
                 self._scheduler.finish(finished.request_id)
                 self._complete(finished.request_id, finished.images, now)
             self._report_positions()
-            self._metrics.running_rows.set(self._scheduler.running_rows)
 
     def _observe_step(self, result: StepResult) -> None:
         """Step time estimate, metrics and the step budget, after every engine step."""
@@ -450,33 +465,30 @@ class Batcher:
             if self._step_budget is not None:
                 self._step_budget = max(0, self._step_budget - 1)
 
-    def _still_wanted(self, admitted: list[QueueEntry]) -> list[EngineRequest]:
-        """The engine requests of the admitted entries whose caller still waits. One cancelled
-        between the plan and now (commands run in between) is already in `_cancel_running`:
-        its entry goes at the next boundary, and it never reaches the engine."""
-        with self._cond:
-            handles = [self._handles.get(entry.request_id) for entry in admitted]
-        return [
-            EngineRequest(entry.request_id, handle.params)
-            for entry, handle in zip(admitted, handles, strict=True)
-            if handle is not None
-        ]
+    def _start_admitted(self, plan: StepPlan) -> list[EngineRequest]:
+        """Marks the requests the plan admitted as started; returns the engine requests of those
+        whose caller still waits.
 
-    def _note_admitted(self, plan: StepPlan) -> None:
-        """Queue time ends when the scheduler admits a request, before its prompt is encoded:
-        encoding and the first step are compute, not waiting."""
+        Queue time ends at admission, before the prompt is encoded: encoding and the first step
+        are compute, not waiting. A request cancelled between the plan and now (commands run in
+        between) is already in `_cancel_running`: its entry goes at the next boundary, and it
+        never reaches the engine.
+        """
         now = self._clock()
+        requests = []
         with self._cond:
             batch_size = sum(entry.rows for entry in self._scheduler.running_in(plan.group))
-            for entry in plan.admitted:
+            for entry in plan.admitted:  # admitted once: none of them has started yet
                 handle = self._handles.get(entry.request_id)
-                if handle is None or handle.started_at is not None:
+                if handle is None:
                     continue
+                requests.append(EngineRequest(entry.request_id, handle.params))
                 handle.started_at = now
                 queued = now - handle.accepted_at
                 self._metrics.queue_time.observe(queued)
                 if handle.wants_progress:
                     handle.emit(StartedEvent(batch_size=batch_size, queued_s=queued))
+        return requests
 
     def _note_step(self, handle: RequestHandle, batch_size: int) -> None:
         handle.steps_run += 1
@@ -562,19 +574,25 @@ class Batcher:
 
 
 def _abandon(commands: list[Command]) -> None:
-    """Answers the commands not yet answered: they will never run."""
-    for _, future in commands:
-        if not future.done():
+    """Answers the commands that did not run: they never will.
+
+    The caller took them from the queue, so none is running: each is answered (it ran), pending,
+    or cancelled by its caller, which can happen at any moment (asyncio.wrap_future cancels it
+    when the awaiting task is cancelled). `set_running_or_notify_cancel` settles pending against
+    cancelled atomically, where `done()` then `set_exception` would race the cancel.
+    """
+    for command in commands:
+        future = command.future
+        if not future.done() and future.set_running_or_notify_cancel():
             future.set_exception(EngineUnavailable("engine stopped"))
 
 
-def _run_command(
-    engine: EngineLike, command: Callable[[EngineLike], Any], future: concurrent.futures.Future[Any]
-) -> None:
+def _run_command(engine: EngineLike, command: Command) -> None:
+    future = command.future
     if not future.set_running_or_notify_cancel():  # its caller gave up before it ran
         return
     try:
-        future.set_result(command(engine))
+        future.set_result(command.run(engine))
     except Exception as error:  # the caller gets it; the engine goes on
         future.set_exception(error)
     except BaseException as error:  # fatal for the thread, but its caller must not hang

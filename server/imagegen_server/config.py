@@ -23,6 +23,12 @@ from pydantic_settings import (
 MAX_INT64 = 2**63 - 1
 MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's message length is a signed 32-bit int
 LIGHTNING_DEFAULT_STEPS = 8
+# The lowest image-to-image strength: a round bound well above where strength x steps rounds to
+# no step at all (about 1e-16, types.strength_steps).
+MIN_STRENGTH = 1e-6
+# QwenImagePipeline's max_sequence_length: the most text tokens it encodes, so the most a prompt
+# or negative prompt may have.
+MAX_TEXT_TOKENS = 512
 BASE_DEFAULT_STEPS = 30
 
 
@@ -171,7 +177,7 @@ class Settings(BaseSettings):
         4096 * 4096, ge=1, description="largest init or mask image accepted, width x height"
     )
     default_strength: float = Field(
-        0.6, ge=1e-6, le=1, description="image-to-image strength of requests that give none"
+        0.6, ge=MIN_STRENGTH, le=1, description="image-to-image strength of requests that give none"
     )
     min_width: int = Field(256, ge=1, description="narrowest image, pixels")
     max_width: int = Field(2048, ge=1, description="widest image, pixels")
@@ -190,11 +196,11 @@ class Settings(BaseSettings):
     max_num_images: int = Field(4, ge=1, description="most images per request")
     max_prompt_chars: int = Field(4000, ge=1, description="longest prompt, characters")
     max_prompt_tokens: int = Field(
-        512, ge=1, le=1024, description="longest prompt, text-encoder tokens"
+        512, ge=1, le=MAX_TEXT_TOKENS, description="longest prompt, text-encoder tokens"
     )
     max_negative_prompt_chars: int = Field(4000, ge=1, description="longest negative prompt")
     max_negative_prompt_tokens: int = Field(
-        512, ge=1, le=1024, description="longest negative prompt, tokens"
+        512, ge=1, le=MAX_TEXT_TOKENS, description="longest negative prompt, tokens"
     )
     min_guidance_scale: float = Field(1.0, ge=0, description="lowest true-CFG scale")
     max_guidance_scale: float = Field(20.0, ge=1, description="highest true-CFG scale")

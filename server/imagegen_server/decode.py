@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 from diffusers import AutoencoderKLQwenImage
@@ -13,23 +10,16 @@ from .preview import PreviewProjector
 from .sampling import denormalize, unpack
 
 
-@contextlib.contextmanager
-def vae_tiling(
-    vae: AutoencoderKLQwenImage, min_pixels: int, height: int, width: int
-) -> Iterator[None]:
-    """Tiles the VAE's encode or decode of `height` x `width` images inside the block when they
-    have at least `min_pixels` pixels (0 = never); tiles bound its memory, seams are blended.
+def set_vae_tiling(vae: AutoencoderKLQwenImage, height: int, width: int, min_pixels: int) -> None:
+    """Makes the VAE's next encode or decode, of `height` x `width` images, tiled when they have
+    at least `min_pixels` pixels (0 = never); tiles bound its memory, seams are blended.
 
-    `vae.use_tiling` is one flag that both `encode` and `decode` read, so it is put back on
-    the way out: otherwise the last decode's size would decide whether the next init image is
-    encoded in tiles, and change its pixels.
+    `vae.use_tiling` is one flag that both `encode` and `decode` read, so every call on the
+    serving path sets it from its own size just before it runs: the size of whichever call came
+    last (a large decode) never decides whether the next one (a small init image's encode) is
+    tiled, which would change its pixels.
     """
-    before = vae.use_tiling
     vae.use_tiling = 0 < min_pixels <= height * width
-    try:
-        yield
-    finally:
-        vae.use_tiling = before
 
 
 class Decoder:
@@ -55,8 +45,8 @@ class Decoder:
         the pipeline's PIL conversion rounds.
         """
         unpacked = unpack(latents, height, width, self._scale).to(self._vae.dtype)
-        with vae_tiling(self._vae, self._tiling_min_pixels, height, width):
-            decoded = self._vae.decode(denormalize(unpacked, self._vae), return_dict=False)[0]
+        set_vae_tiling(self._vae, height, width, self._tiling_min_pixels)
+        decoded = self._vae.decode(denormalize(unpacked, self._vae), return_dict=False)[0]
         decoded = decoded[:, :, 0]
         pixels = (decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # [n, H, W, 3]
         as_uint8 = (pixels * 255).round().to(torch.uint8)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .acceleration import TransformerRunner
+from .acceleration import TransformerRunner, host_to_device
 from .init_image import InpaintState
 from .lora import LoraBank
 from .prompts import pad_embeddings
@@ -175,21 +175,18 @@ class Denoiser:
         return guided
 
     def _scalars(self, rows: Sequence[Row]) -> _StepScalars:
-        """Every per-row number of this step in one host-to-device copy. On CUDA it goes through
-        pinned memory without blocking, so the host never waits for the device inside a step
-        (a copy from pageable memory would wait for all queued work)."""
-        host = torch.tensor(
+        """Every per-row number of this step in one host-to-device copy that does not make the
+        host wait for the device (`host_to_device`)."""
+        timesteps, sigmas, dts, guidance = host_to_device(
             [
                 [row.schedule.timesteps[row.step] for row in rows],
                 [row.schedule.sigmas[row.step] for row in rows],
                 [row.schedule.dts[row.step] for row in rows],
                 [row.guidance for row in rows],
             ],
-            dtype=torch.float32,  # exact: the schedule's values are float32 already
+            torch.float32,  # exact: the schedule's values are float32 already
+            self._device,
         )
-        if self._device.type == "cuda":
-            host = host.pin_memory()
-        timesteps, sigmas, dts, guidance = host.to(self._device, non_blocking=True)
         column = (-1, 1, 1)
         return _StepScalars(timesteps, sigmas.view(column), dts.view(column), guidance.view(column))
 

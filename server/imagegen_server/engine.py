@@ -128,8 +128,9 @@ class Engine:
     ) -> None:
         self.model = model
         pipeline = model.pipeline
+        # Validation holds each text to its own field's limit: the encoder needs only the larger.
         self._prompts = PromptEncoder(
-            pipeline, prompt_cache_size, max_prompt_tokens, max_negative_prompt_tokens
+            pipeline, prompt_cache_size, max(max_prompt_tokens, max_negative_prompt_tokens or 0)
         )
         self._schedules = ScheduleTable(model.scheduler_config)
         self._batches: dict[Hashable, _Batch] = {}
@@ -329,11 +330,9 @@ class Engine:
         """Text states for every request and VAE posteriors for those with an init image."""
         prompts = [request.params.prompt for request in requests]
         negatives = [r.params.negative_prompt for r in requests if r.params.cfg]
-        # One encoder call for both; each text is cut at its own field's limit.
-        states, negative_list = self._prompts.encode(
-            prompts, negatives, self.model.device, self.model.dtype
-        )
-        negative_states = iter(negative_list)
+        # One encoder call for both.
+        states = self._prompts.encode(prompts + negatives, self.model.device, self.model.dtype)
+        negative_states = iter(states[len(prompts) :])
         with_image = [r for r in requests if r.params.init_image is not None]
         posteriors = iter(
             self._init_images.encode(

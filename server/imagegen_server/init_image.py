@@ -20,7 +20,7 @@ from diffusers import QwenImagePipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from .decode import vae_tiling
+from .decode import set_vae_tiling
 from .sampling import LatentShape, SigmaSchedule, initial_noise, normalize, pack
 from .types import InitImage
 
@@ -72,9 +72,8 @@ class InitImageEncoder:
             ]
         )
         pixels = pixels.to(torch.float32).to(device=self._device, dtype=self._dtype).unsqueeze(2)
-        # Tiled or not by this encode's own size, whatever the last decode was.
-        with vae_tiling(self._vae, self._tiling_min_pixels, height, width):
-            posterior = self._vae.encode(pixels).latent_dist
+        set_vae_tiling(self._vae, height, width, self._tiling_min_pixels)
+        posterior = self._vae.encode(pixels).latent_dist
         return [
             DiagonalGaussianDistribution(posterior.parameters[index : index + 1])
             for index in range(len(images))

@@ -13,14 +13,21 @@ Under `torch.compile` the deltas run outside the compiled graphs: a graph sees o
 adapter is active, so it has two variants (none, some), both compiled at start-up, instead of
 one per mix of adapters, ranks and rows, each compiled the first time a request brings it. For
 the same reason a compiled server wraps every Linear before compiling (`wrap_all`): a layer
-wrapped later would change the module the graphs were traced from.
+wrapped later would change the module the graphs were traced from. The price is in the "some"
+variant: every wrapped Linear breaks the graph there (`_add_deltas` is never compiled), so a
+Qwen-Image block, with 14 Linears, runs as 15 compiled pieces with the deltas run eagerly
+between them. What that costs on a GPU is not measured yet.
+
+Adapters whose forward is more than `B(A(x))` times a scale (DoRA's magnitude vector, a bias on
+lora_B) are refused when loaded: the per-row forward here would silently drop those parts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +38,15 @@ from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 from torch import nn
 
+from .acceleration import host_to_device
 from .types import AdapterSpec
 
 TRANSFORMER_PREFIX = "transformer."
+# LoRA variants refused at load (see the module docstring), by state-dict key part and by PEFT
+# `LoraConfig` option.
+VARIANT_KEYS = {"lora_magnitude_vector": "DoRA", ".lora_B.bias": "a bias on lora_B"}
+VARIANT_OPTIONS = {"use_dora": "DoRA", "lora_bias": "a bias on lora_B"}
+UNSUPPORTED = "is not supported: only scale * B(A(x)) is added per row"
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,12 +157,13 @@ class LoraBank:
                     rows, scales = by_name.setdefault(spec.name, ([], []))
                     rows.append(row)
                     scales.append(spec.scale)
+        # On every step: copies that never make the host wait for the device (`host_to_device`).
         device = next(self._transformer.parameters()).device
         self._state.active = [
             _Active(
                 layers=self._adapters[name],
-                rows=torch.tensor(rows, dtype=torch.long, device=device),
-                scales=torch.tensor(scales, dtype=dtype, device=device),
+                rows=host_to_device(rows, torch.long, device),
+                scales=host_to_device(scales, dtype, device),
             )
             for name, (rows, scales) in by_name.items()
         ]
@@ -195,9 +209,10 @@ class LoraBank:
             state, metadata = QwenImagePipeline.lora_state_dict(
                 str(path), return_lora_metadata=True
             )
-            scaling = _peft_scaling(metadata)
-        except Exception as error:  # safetensors, key-conversion, shape and metadata errors alike
+        except Exception as error:  # safetensors and key-conversion errors alike
             raise ValueError(f"not a readable LoRA file: {error}") from error
+        _refuse_variants(state)
+        config = _peft_config(metadata)
         modules = dict(self._transformer.named_modules())
         reference = next(self._transformer.parameters())
         layers: dict[str, _Pair] = {}
@@ -219,7 +234,8 @@ class LoraBank:
                 )
             layers[layer_path] = _Pair(
                 down.to(reference.device, reference.dtype),
-                up.to(reference.device, reference.dtype) * scaling(layer_path),
+                # Scaled in float32, then cast: one rounding to a bfloat16 model's dtype, not two.
+                (up.float() * _scaling(config, layer_path)).to(reference.device, reference.dtype),
             )
         if not layers:
             raise ValueError("no lora_A/lora_B (or lora_down/lora_up) weights found")
@@ -235,31 +251,77 @@ class LoraBank:
         self._wrapped[layer_path] = wrapper
 
 
-def _peft_scaling(metadata: dict[str, object] | None) -> Callable[[str], float]:
-    """Each layer's `alpha / r` (PEFT's LoRA scaling) from a file's adapter metadata.
+def _refuse_variants(state: dict[str, torch.Tensor]) -> None:
+    """Raises ValueError, naming the key, if the file holds weights of a variant (VARIANT_KEYS)."""
+    for key in state:
+        for part, variant in VARIANT_KEYS.items():
+            if part in key:
+                raise ValueError(f"{key}: {variant} {UNSUPPORTED}")
+
+
+def _peft_config(metadata: object) -> LoraConfig | None:
+    """The PEFT `LoraConfig` in a file's adapter metadata, or None if it has none.
 
     diffusers' `load_lora_weights` builds a `LoraConfig` from the metadata that
-    `save_lora_weights` wrote (keys prefixed `transformer.`), and PEFT picks each layer's rank
-    and alpha by `rank_pattern`/`alpha_pattern`; the same rules here give the same pixels.
-    Without metadata the scale is 1, as diffusers infers `lora_alpha = r` then (Kohya's alpha
-    is already folded into the weights by `lora_state_dict`).
+    `save_lora_weights` wrote (keys prefixed `transformer.`); so does this.
+
+    Raises:
+        ValueError: the metadata is not a `LoraConfig`, or is one of a variant
+            (VARIANT_OPTIONS).
     """
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ValueError(f"adapter metadata is a JSON {type(metadata).__name__}, not an object")
     fields = {
         key.removeprefix(TRANSFORMER_PREFIX): value
         for key, value in (metadata or {}).items()
         if key.startswith(TRANSFORMER_PREFIX)
     }
     if not fields:
-        return lambda _layer_path: 1.0
-    config = LoraConfig(**fields)
+        return None
+    try:
+        config = LoraConfig(**fields)
+    except Exception as error:  # unknown fields, or values PEFT refuses
+        raise ValueError(f"adapter metadata is not a PEFT LoraConfig: {error}") from error
+    for option, variant in VARIANT_OPTIONS.items():
+        if getattr(config, option):
+            raise ValueError(f"adapter metadata sets {option}: {variant} {UNSUPPORTED}")
+    return config
 
-    def scaling(layer_path: str) -> float:
-        rank = config.rank_pattern.get(
-            get_pattern_key(config.rank_pattern.keys(), layer_path), config.r
-        )
-        alpha = config.alpha_pattern.get(
-            get_pattern_key(config.alpha_pattern.keys(), layer_path), config.lora_alpha
-        )
-        return float(alpha / math.sqrt(rank) if config.use_rslora else alpha / rank)
 
-    return scaling
+def _scaling(config: LoraConfig | None, layer_path: str) -> float:
+    """Layer `layer_path`'s `alpha / r` (PEFT's LoRA scaling), with the rank and alpha PEFT
+    picks for it by `rank_pattern`/`alpha_pattern`; the same rules give the same pixels.
+    Without metadata the scale is 1, as diffusers infers `lora_alpha = r` then (Kohya's alpha
+    is already folded into the weights by `lora_state_dict`).
+
+    Raises:
+        ValueError: naming the layer and the metadata field that gives no usable number.
+    """
+    if config is None:
+        return 1.0
+    rank = _layer_value(config, "r", "rank_pattern", layer_path, positive=True)
+    alpha = _layer_value(config, "lora_alpha", "alpha_pattern", layer_path, positive=False)
+    return alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+
+
+def _layer_value(
+    config: LoraConfig, field: str, patterns_field: str, layer_path: str, positive: bool
+) -> float:
+    """The value of `field` for one layer: from the first pattern of `patterns_field` that
+    matches it (PEFT's `get_pattern_key`), else `field` itself; a finite number (`positive`:
+    above 0) or a ValueError naming the layer and the field."""
+    patterns = getattr(config, patterns_field)
+    try:
+        key = get_pattern_key(patterns.keys(), layer_path)
+    except (AttributeError, re.error) as error:  # not a dict, or a key that is no regex
+        raise ValueError(f"{layer_path}: adapter metadata {patterns_field}: {error}") from error
+    source, value = (
+        (f"{patterns_field}[{key!r}]", patterns[key])
+        if key in patterns
+        else (field, getattr(config, field))
+    )
+    number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if not number or (positive and value <= 0):
+        wanted = "a positive number" if positive else "a number"
+        raise ValueError(f"{layer_path}: adapter metadata {source} = {value!r}, not {wanted}")
+    return float(value)

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import yaml
-from pydantic import ValidationError
 
 from .config import add_settings_arguments, load_settings
 
@@ -42,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "tiny-model":
         return _tiny_model(args.directory, args.preset, args.seed, args.weights_at_load)
+    # pydantic's ValidationError is a ValueError; OSError: a config file missing or unreadable.
     try:
         settings = load_settings(cli_source, args)
-    except (ValidationError, ValueError, FileNotFoundError, yaml.YAMLError) as error:
+    except (ValueError, OSError, yaml.YAMLError) as error:
         print(f"imagegen-server: invalid settings:\n{error}", file=sys.stderr)
         return 2
     logging.basicConfig(

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import QwenImagePipeline
 
-# QwenImagePipeline.__call__'s default max_sequence_length; prompts past it are refused upstream.
-PIPELINE_MAX_SEQUENCE_LENGTH = 512
+from .config import MAX_TEXT_TOKENS
 
 
 @dataclass(slots=True)
@@ -42,32 +41,24 @@ class PromptTokenizer:
 
 
 class PromptEncoder:
-    """Turns prompts into text-encoder hidden states. Runs on the engine thread only.
+    """Turns texts, prompts and negative prompts alike, into text-encoder hidden states. Runs
+    on the engine thread only.
 
-    Prompts and negative prompts have limits of their own (`max_prompt_tokens`,
-    `max_negative_prompt_tokens`); each text is cut at its own limit, as the pipeline cuts at
-    `max_sequence_length` after encoding, so a negative is never shortened to the prompt's.
+    Every text is cut at `max_tokens`, as the pipeline cuts at `max_sequence_length` after
+    encoding. The engine passes the larger of the two fields' limits (each at most
+    MAX_TEXT_TOKENS, the pipeline's own), and validation refuses a text longer than its own
+    field's limit (counted by `PromptTokenizer`, the same template), so the cut takes nothing
+    from a served text.
     """
 
-    def __init__(
-        self,
-        pipeline: QwenImagePipeline,
-        cache_size: int,
-        max_tokens: int,
-        max_negative_tokens: int | None = None,
-    ) -> None:
+    def __init__(self, pipeline: QwenImagePipeline, cache_size: int, max_tokens: int) -> None:
         self._tokenizer = pipeline.tokenizer
         self._text_encoder = pipeline.text_encoder
         self._template = pipeline.prompt_template_encode
         self._drop = pipeline.prompt_template_encode_start_idx
-        self._prompt_limit = min(max_tokens, PIPELINE_MAX_SEQUENCE_LENGTH)
-        self._negative_limit = min(
-            max_tokens if max_negative_tokens is None else max_negative_tokens,
-            PIPELINE_MAX_SEQUENCE_LENGTH,
-        )
+        self._max_tokens = min(max_tokens, MAX_TEXT_TOKENS)
         self._tokenizer_max_length = pipeline.tokenizer_max_length + self._drop
-        # Keyed by (text, token limit): one text cut at two limits is two entries.
-        self._cache: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
         self.stats = PromptCacheStats()
 
@@ -75,39 +66,30 @@ class PromptEncoder:
     def max_tokens(self) -> int:
         """The most text tokens any row's states can have, prompt or negative (what the
         transformer's text length, and so compiled shapes and memory, must allow for)."""
-        return max(self._prompt_limit, self._negative_limit)
+        return self._max_tokens
 
     @torch.no_grad()
     def encode(
-        self,
-        prompts: Sequence[str],
-        negatives: Sequence[str],
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Returns one [tokens, dim] tensor per prompt and per negative prompt, each cut at its
-        own limit; uncached texts share one encoder call."""
-        keys = [(text, self._prompt_limit) for text in prompts] + [
-            (text, self._negative_limit) for text in negatives
-        ]
-        found = {key: self._lookup(key) for key in dict.fromkeys(keys)}
-        missing = [key for key, embedding in found.items() if embedding is None]
-        self.stats.hits += len(keys) - len(missing)
+        self, texts: Sequence[str], device: torch.device, dtype: torch.dtype
+    ) -> list[torch.Tensor]:
+        """Returns one [tokens, dim] tensor per text; uncached texts share one encoder call."""
+        found = {text: self._lookup(text) for text in dict.fromkeys(texts)}
+        missing = [text for text, embedding in found.items() if embedding is None]
+        self.stats.hits += len(texts) - len(missing)
         self.stats.misses += len(missing)
         if missing:
-            for key, embedding in zip(
+            for text, embedding in zip(
                 missing, self._run_encoder(missing, device, dtype), strict=True
             ):
-                found[key] = embedding
-                self._store(key, embedding)
-        states: list[torch.Tensor] = [found[key] for key in keys]  # type: ignore[misc]
-        return states[: len(prompts)], states[len(prompts) :]
+                found[text] = embedding
+                self._store(text, embedding)
+        return [found[text] for text in texts]  # type: ignore[misc]
 
     def _run_encoder(
-        self, keys: list[tuple[str, int]], device: torch.device, dtype: torch.dtype
+        self, texts: list[str], device: torch.device, dtype: torch.dtype
     ) -> list[torch.Tensor]:
         tokens = self._tokenizer(
-            [self._template.format(text) for text, _limit in keys],
+            [self._template.format(text) for text in texts],
             max_length=self._tokenizer_max_length,
             padding=True,
             padding_side="right",
@@ -126,20 +108,20 @@ class PromptEncoder:
         # A copy, not a view: a view would keep the whole batch's hidden states (every row,
         # padded to the longest) alive for as long as the entry stays cached.
         return [
-            hidden[row, self._drop : length][:limit].to(dtype=dtype, copy=True)
-            for row, ((_text, limit), length) in enumerate(zip(keys, lengths, strict=True))
+            hidden[row, self._drop : length][: self._max_tokens].to(dtype=dtype, copy=True)
+            for row, length in enumerate(lengths)
         ]
 
-    def _lookup(self, key: tuple[str, int]) -> torch.Tensor | None:
-        embedding = self._cache.get(key)
+    def _lookup(self, text: str) -> torch.Tensor | None:
+        embedding = self._cache.get(text)
         if embedding is not None:
-            self._cache.move_to_end(key)
+            self._cache.move_to_end(text)
         return embedding
 
-    def _store(self, key: tuple[str, int], embedding: torch.Tensor) -> None:
+    def _store(self, text: str, embedding: torch.Tensor) -> None:
         if self._cache_size <= 0:
             return
-        self._cache[key] = embedding
+        self._cache[text] = embedding
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
 

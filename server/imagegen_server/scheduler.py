@@ -119,8 +119,7 @@ class Scheduler:
         # Per-key limits below max_batch_size: what fits on the device (the memory probe), and
         # below that an out-of-memory back-off, which recovers over time up to the device's.
         self._fit_limits: dict[Hashable, int] = {}
-        self._backoff_limits: dict[Hashable, int] = {}
-        self._backoff_since: dict[Hashable, float] = {}
+        self._backoffs: dict[Hashable, tuple[int, float]] = {}  # (rows, since when)
         self.costs = StepCosts()  # measured step times, for row selection
         self._arrivals = RecentRate()  # requests accepted per second
         self._busy = BusyShare()  # the engine's recent busy share
@@ -185,28 +184,25 @@ class Scheduler:
     def out_of_memory(self, key: Hashable, rows_that_fit: int, now: float) -> None:
         """A step of `key` ran out of memory; `rows_that_fit` rows did not. Caps the key there
         until `recover_row_limits` finds the back-off old enough to try twice as many."""
-        self._backoff_limits[key] = max(1, min(rows_that_fit, self.fitting_rows(key)))
-        self._backoff_since[key] = now
+        self._backoffs[key] = (max(1, min(rows_that_fit, self.fitting_rows(key))), now)
 
     def recover_row_limits(self, now: float) -> None:
         """Doubles each back-off old enough, up to what fits on the device, where it ends."""
-        for key, since in list(self._backoff_since.items()):
+        for key, (rows, since) in list(self._backoffs.items()):
             if now - since < self.config.row_limit_recovery_s:
                 continue
-            doubled = self._backoff_limits[key] * 2
-            if doubled >= self.fitting_rows(key):
-                del self._backoff_limits[key], self._backoff_since[key]
+            if rows * 2 >= self.fitting_rows(key):
+                del self._backoffs[key]
             else:
-                self._backoff_limits[key] = doubled
-                self._backoff_since[key] = now
+                self._backoffs[key] = (rows * 2, now)
 
-    def set_row_limit(self, key: Hashable, rows: int | None) -> None:
-        """Caps the rows per step for `key` at what fits on the device, below max_batch_size
-        (None removes the cap). Out-of-memory back-off never recovers above it."""
-        if rows is None:
-            self._fit_limits.pop(key, None)
-        else:
-            self._fit_limits[key] = max(1, min(rows, self.config.max_batch_size))
+    def set_row_limit(self, key: Hashable, rows: int) -> None:
+        """Caps the rows per step for `key` at what fits on the device, below max_batch_size.
+
+        Called at a key's first request, before any step of it; an out-of-memory back-off
+        never reads above this cap (see `out_of_memory`).
+        """
+        self._fit_limits[key] = max(1, min(rows, self.config.max_batch_size))
 
     def fitting_rows(self, key: Hashable) -> int:
         """The most rows per step of `key` the device holds (max_batch_size if not capped)."""
@@ -419,9 +415,10 @@ class Scheduler:
         return group if self.config.joins_running else group[0]  # type: ignore[index]
 
     def _row_limit(self, group: Hashable) -> int:
+        """What fits on the device, or the out-of-memory back-off below it."""
         key = self.key_of(group)
-        fitting = self.fitting_rows(key)
-        return min(self._backoff_limits.get(key, fitting), fitting)
+        backoff = self._backoffs.get(key)
+        return self.fitting_rows(key) if backoff is None else backoff[0]
 
     def _ready_at(self, group: Hashable, entries: list[QueueEntry]) -> float:
         """When a new batch of `group` may start: at once if it is full (or reaches the largest

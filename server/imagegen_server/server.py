@@ -293,6 +293,7 @@ async def serve(settings: Settings) -> int:
         _exit_now(0)
     second_signal.cancel()
     if server.batcher.engine_running:  # a signal during start-up: still loading or compiling
+        log.info("engine still busy after the drain; exiting now")
         _exit_now(0)
     return 0
 

@@ -75,7 +75,7 @@ class InitImage:
     """Image-to-image input: decoded and checked; the engine resizes it as diffusers does."""
 
     image: PILImage  # RGB
-    strength: float  # [1e-6, 1]: the fraction of the schedule that runs
+    strength: float  # [config.MIN_STRENGTH, 1]: the fraction of the schedule that runs
     mask: PILImage | None  # white = regenerate, black = keep; None = plain image-to-image
 
 

@@ -13,11 +13,12 @@ import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+import numpy as np
 from imagegen.v1 import imagegen_pb2 as pb
 from PIL.Image import Image as PILImage
 
 from .codec import decode_image, resize
-from .config import Settings
+from .config import MIN_STRENGTH, Settings
 from .errors import InvalidArgument, NotFound
 from .types import AdapterSpec, GenerationParams, InitImage, OutputFormat, strength_steps
 
@@ -29,9 +30,9 @@ OUTPUT_FORMATS = {
     pb.OUTPUT_FORMAT_NPY: OutputFormat.NPY,
 }
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Image-to-image strength below this would run no step at all: the schedule's cut
-# (types.strength_steps) rounds strength x steps away near zero.
-MIN_STRENGTH = 1e-6
+# The proto's strength is a float32, in which MIN_STRENGTH arrives as 9.99999997e-07: the bound
+# is compared as a float32 too, so the documented minimum is accepted.
+MIN_STRENGTH_SENT = float(np.float32(MIN_STRENGTH))
 # A mask may differ from its init image in size (both are resized), not in shape.
 MAX_MASK_ASPECT_DIFFERENCE = 0.01
 
@@ -243,8 +244,8 @@ class RequestValidator:
         strength = (
             request.strength if request.HasField("strength") else self.limits.default_strength
         )
-        if not math.isfinite(strength) or not MIN_STRENGTH <= strength <= 1:
-            raise InvalidArgument("strength", f"{strength} outside [{MIN_STRENGTH}, 1]")
+        if not math.isfinite(strength) or not MIN_STRENGTH_SENT <= strength <= 1:
+            raise InvalidArgument("strength", f"{strength:.7g} outside [{MIN_STRENGTH}, 1]")
         return InitImage(images.image, float(strength), images.mask)
 
     def _size(self, width: int, height: int) -> tuple[int, int]:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -24,11 +24,23 @@ class ServerProcess:
     process: subprocess.Popen[str]
     port: int
     metrics_port: int
-    log: list[str] = field(default_factory=list)
+    log: list[str]  # its stderr, line by line, as the reader appends it
+    reader: threading.Thread  # appends the rest of stderr to `log`; ends at end of file
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def wait(self, timeout: float) -> int:
+        """Waits for the process to exit and for its last log lines; returns its exit code.
+
+        The last lines (the drain's, written just before the process leaves) are still in the
+        pipe when the process is gone, so `log` is complete only once the reader has ended.
+        """
+        code = self.process.wait(timeout)
+        self.reader.join(timeout)
+        assert not self.reader.is_alive(), "stderr still open after the server exited"
+        return code
 
     def wait_serving(self, timeout: float = 120) -> None:
         """Blocks on the health Watch stream until SERVING (no polling)."""
@@ -43,17 +55,24 @@ class ServerProcess:
                     return
 
 
+def server_command(model: Path, *flags: str) -> list[str]:
+    """`imagegen-server serve` on free ports (unless `flags` name one: the last given counts)."""
+    serve = [str(BIN / "imagegen-server"), "serve", "--model", str(model)]
+    return [*serve, "--port", "0", "--metrics-port", "0", *flags]
+
+
+def server_env() -> dict[str, str]:
+    """This environment, without a config file from it: the flags alone set the server up."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("IMAGEGEN_CONFIG", None)
+    return env
+
+
 def launch(model: Path, *flags: str) -> ServerProcess:
-    """Starts the server on free ports; returns once it listens (model still loading)."""
-    command = [
-        str(BIN / "imagegen-server"),
-        "serve",
-        "--model",
-        str(model),
-        "--port",
-        "0",
-        "--metrics-port",
-        "0",
+    """Starts the server on free ports with small test sizes; returns once it listens (model
+    still loading)."""
+    command = server_command(
+        model,
         "--min-width",
         "32",
         "--min-height",
@@ -65,23 +84,22 @@ def launch(model: Path, *flags: str) -> ServerProcess:
         "--default-steps",
         "4",
         *flags,
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("IMAGEGEN_CONFIG", None)
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
-    assert process.stderr is not None
+    )
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=server_env())
+    stderr = process.stderr
+    assert stderr is not None
     log: list[str] = []
-    for line in process.stderr:  # the log line that names the bound ports
+    for line in stderr:  # the log line that names the bound ports
         log.append(line)
         match = LISTENING.search(line)
         if match:
             break
     else:
         raise RuntimeError("server exited before listening:\n" + "".join(log))
-    server = ServerProcess(process, int(match.group(1)), int(match.group(2)), log)
     # Keep draining stderr so the server never blocks on a full pipe.
-    threading.Thread(target=lambda: log.extend(process.stderr), daemon=True).start()  # type: ignore[arg-type]
-    return server
+    reader = threading.Thread(target=lambda: log.extend(stderr), daemon=True)
+    reader.start()
+    return ServerProcess(process, int(match.group(1)), int(match.group(2)), log, reader)
 
 
 @pytest.fixture(scope="module")
@@ -90,4 +108,4 @@ def server_process(tiny_model: Path) -> Iterator[ServerProcess]:
     server.wait_serving()
     yield server
     server.process.terminate()
-    server.process.wait(60)
+    server.wait(60)

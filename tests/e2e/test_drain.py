@@ -89,7 +89,7 @@ def test_sigterm_finishes_everything_accepted_refuses_new_work_and_exits_zero(
     for watcher in running + queued:
         completed = watcher.completed()
         assert isinstance(completed, Completed) and len(completed.result.images) == 1
-    assert server.process.wait(timeout=120) == 0
+    assert server.wait(timeout=120) == 0
     assert any("drained cleanly" in line for line in server.log)
 
 
@@ -118,7 +118,7 @@ def test_a_second_sigterm_stops_at_once(tiny_model: Path) -> None:
     assert health.get(timeout=30) == health_pb2.HealthCheckResponse.NOT_SERVING
     server.process.send_signal(signal.SIGTERM)
     # Far sooner than the 600 s drain bound, and before the queued work could have run.
-    assert server.process.wait(timeout=30) == 0
+    assert server.wait(timeout=30) == 0
     ended: list[Any] = []
     for watcher in queued:
         try:

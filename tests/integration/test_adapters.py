@@ -180,6 +180,28 @@ def lora_weights(
     return weights
 
 
+def save_peft_lora(
+    directory: Path,
+    name: str,
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    metadata: dict[str, Any] | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Writes `weights` (and `extra` tensors beside them) with diffusers' save_lora_weights, as
+    its training scripts do: keys prefixed `transformer.`, adapter metadata if given."""
+    layers = {
+        f"{path}.lora_{part}.weight": tensor
+        for path, pair in weights.items()
+        for part, tensor in zip("AB", pair, strict=True)
+    }
+    QwenImagePipeline.save_lora_weights(
+        str(directory),
+        transformer_lora_layers=layers | (extra or {}),
+        transformer_lora_adapter_metadata=metadata,
+        weight_name=f"{name}.safetensors",
+    )
+
+
 def assert_server_matches_load_lora_weights(
     server: Any, tiny_model: Path, name: str, scale: float
 ) -> None:
@@ -226,24 +248,57 @@ def test_peft_metadata_scales_each_layer_by_its_lora_alpha_over_rank(
         "transformer_blocks.1.attn.to_v": 2,  # rank_pattern
         "transformer_blocks.0.img_mlp.net.2": 4,  # alpha_pattern
     }
-    weights = lora_weights(reference_pipeline.transformer, ranks, 11)
-    QwenImagePipeline.save_lora_weights(
-        str(runtime_server.directory),
-        transformer_lora_layers={
-            f"{path}.lora_{part}.weight": tensor
-            for path, pair in weights.items()
-            for part, tensor in zip("AB", pair, strict=True)
-        },
-        transformer_lora_adapter_metadata={
+    save_peft_lora(
+        runtime_server.directory,
+        "trained",
+        lora_weights(reference_pipeline.transformer, ranks, 11),
+        metadata={
             "r": 4,
             "lora_alpha": 16,
             "rank_pattern": {"transformer_blocks.1.attn.to_v": 2},
             "alpha_pattern": {"img_mlp.net.2": 2},
             "target_modules": list(ranks),
         },
-        weight_name="trained.safetensors",
     )
     assert_server_matches_load_lora_weights(runtime_server, tiny_model, "trained", 0.5)
+
+
+TO_Q = "transformer_blocks.0.attn.to_q"
+
+
+@pytest.mark.parametrize(
+    "metadata,extra_key,message",
+    [
+        ({"r": 0, "lora_alpha": 4}, None, f"{TO_Q}: adapter metadata r = 0, not a positive"),
+        ({"r": 4, "lora_alpha": "four"}, None, f"{TO_Q}: adapter metadata lora_alpha = 'four'"),
+        ({"r": 4, "rank_pattern": {"to_(q": 2}}, None, f"{TO_Q}: adapter metadata rank_pattern"),
+        ({"r": 4, "use_dora": True}, None, "sets use_dora: DoRA is not supported"),
+        ({"r": 4, "lora_bias": True}, None, "sets lora_bias: a bias on lora_B is not supported"),
+        (None, "lora_magnitude_vector", "lora_magnitude_vector: DoRA is not supported"),
+        (None, "lora_B.bias", "lora_B.bias: a bias on lora_B is not supported"),
+    ],
+    ids=["zero-rank", "text-alpha", "no-regex", "use-dora", "lora-bias", "dora-key", "bias-key"],
+)
+def test_a_lora_the_per_row_forward_cannot_serve_is_refused_cleanly(
+    runtime_server: Any,
+    reference_pipeline: Any,
+    metadata: dict[str, Any] | None,
+    extra_key: str | None,
+    message: str,
+) -> None:
+    """Metadata that gives no scale (a zero rank, an alpha that is text, a pattern that is no
+    regex) once failed as INTERNAL; DoRA and lora_B biases were served without their extra
+    part. Each is INVALID_ARGUMENT naming what is wrong, and nothing is loaded."""
+    weights = lora_weights(reference_pipeline.transformer, {TO_Q: 4}, 3)
+    out_features = weights[TO_Q][1].shape[0]
+    extra = {f"{TO_Q}.{extra_key}": torch.ones(out_features)} if extra_key else {}
+    save_peft_lora(runtime_server.directory, "unservable", weights, metadata, extra)
+    client = runtime_server.client(retry=NO_RETRY)
+    with pytest.raises(grpc.RpcError) as failure:
+        client.load_adapter("unservable")
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in failure.value.details()
+    assert client.server_info().adapters == []
 
 
 @pytest.mark.parametrize(

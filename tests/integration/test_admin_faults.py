@@ -9,32 +9,25 @@ from typing import Any
 import grpc
 import pytest
 from imagegen_client import Adapter, RetryPolicy
-from support import StreamWatcher
+from support import START_TIMEOUT_S, StreamWatcher
 
 NO_RETRY = RetryPolicy(max_attempts=1)
 GIVES_UP_S = 0.5  # the caller's deadline; the change it asked for waits on the engine longer
 
 
-@pytest.fixture
-def adapter_dir(tiny_model: Path, tmp_path: Path) -> Path:
-    directory = tmp_path / "adapters"
-    directory.mkdir()
-    for source in (tiny_model / "adapters").iterdir():
-        (directory / source.name).write_bytes(source.read_bytes())
-    return directory
-
-
 def test_a_load_whose_caller_gave_up_completes_and_the_engine_serves_on(
-    server_factory: Any, adapter_dir: Path
+    server_factory: Any, tiny_model: Path
 ) -> None:
     # The engine is held in its warm-up, so the load waits for it past the caller's deadline.
-    server = server_factory(wait_ready=False, step_budget=0, adapter_dir=str(adapter_dir))
+    server = server_factory(
+        wait_ready=False, step_budget=0, adapter_dir=str(tiny_model / "adapters")
+    )
     client = server.client(retry=NO_RETRY)
     with pytest.raises(grpc.RpcError) as failure:
         client.load_adapter("ink", timeout_s=GIVES_UP_S)
     assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     server.batcher.set_step_budget(None)
-    assert server.run(server.server.wait_ready(), timeout=120)
+    assert server.run(server.server.wait_ready(), timeout=START_TIMEOUT_S)
     # One change at a time: this load begins once the abandoned one has ended, and finds it done.
     client.load_adapter("ink", timeout_s=60)
     assert [(a.name, a.loaded, a.unloading) for a in client.list_adapters() if a.loaded] == [
@@ -45,9 +38,9 @@ def test_a_load_whose_caller_gave_up_completes_and_the_engine_serves_on(
 
 
 def test_an_unload_whose_caller_gave_up_completes_once_its_holder_finishes(
-    server_factory: Any, adapter_dir: Path
+    server_factory: Any, tiny_model: Path
 ) -> None:
-    server = server_factory(adapter_dir=str(adapter_dir))
+    server = server_factory(adapter_dir=str(tiny_model / "adapters"))
     client = server.client(retry=NO_RETRY)
     client.load_adapter("ink")
     server.batcher.set_step_budget(0)

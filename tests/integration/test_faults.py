@@ -3,6 +3,7 @@ server down with it, and if its thread dies nobody hangs."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -123,11 +124,9 @@ async def _call_on_engine(server: Any, command: Any) -> BaseException | None:
 
 
 def test_a_drain_during_start_up_never_reports_the_server_ready(server_factory: Any) -> None:
-    import asyncio
-
     server = server_factory(wait_ready=False, step_budget=0)  # held in its warm-up
     assert server.run(server.server.drain(5))  # nothing was accepted: drained cleanly
-    server.batcher.stop(timeout_s=60)  # the engine thread has ended...
+    server.batcher.stop(timeout_s=60)
+    assert not server.batcher.engine_running  # the engine thread has ended...
     server.run(asyncio.sleep(0))  # ...and what it left for the event loop has run
-    assert not server.batcher.ready
     assert server.metrics()["imagegen_ready"] == 0

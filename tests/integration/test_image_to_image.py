@@ -160,6 +160,23 @@ def test_inpainting_keeps_the_unmasked_region_and_changes_the_masked_one(
     assert distance(inpainted, ~keep) > 2 * distance(inpainted, core)
 
 
+def test_the_least_strength_runs_one_step(server: Any, picture: Image.Image) -> None:
+    # The documented minimum, 1e-6, reaches the server as the float32 9.99999997e-07.
+    watcher = StreamWatcher(
+        server.client(),
+        "faint",
+        seed=1,
+        steps=8,
+        width=64,
+        height=64,
+        init_image=png(picture),
+        strength=1e-6,
+        output_format=NPY,
+    )
+    assert np.isfinite(pixels(watcher.completed().result)).all()
+    assert [e.step for e in watcher.seen if isinstance(e, Step)] == [1]
+
+
 def test_edits_share_batches_with_text_to_image_rows(
     server_factory: Any, picture: Image.Image, mask: Image.Image
 ) -> None:

@@ -1,6 +1,6 @@
-"""Prompt states as the engine keeps them: the pipeline's own states without the LM head, each
-text cut at its own limit, each cached entry holding only its own memory, and rows costed with
-the longest text they can carry."""
+"""Prompt states as the engine keeps them: the pipeline's own states without the LM head, cut
+where the pipeline cuts them, each cached entry holding only its own memory, and rows costed
+with the longest text they can carry."""
 
 from __future__ import annotations
 
@@ -20,9 +20,7 @@ def test_states_equal_the_pipelines_and_no_logits_are_computed(reference_pipelin
     )
     try:
         prompts = ["a fox", "a lighthouse on a cliff at dusk"]
-        states, _ = PromptEncoder(reference_pipeline, 0, 512).encode(
-            prompts, [], CPU, torch.float32
-        )
+        states = PromptEncoder(reference_pipeline, 0, 512).encode(prompts, CPU, torch.float32)
     finally:
         hook.remove()
     assert head_calls == []  # the vocabulary's logits: wasted work and memory
@@ -38,26 +36,22 @@ def test_a_cached_prompt_holds_only_its_own_states(reference_pipeline: Any) -> N
     # keep the whole padded batch alive for as long as it stays in the cache.
     encoder = PromptEncoder(reference_pipeline, cache_size=8, max_tokens=512)
     prompts = ["x", "a fox", "a lighthouse on a cliff at dusk, " * 4]
-    states, _ = encoder.encode(prompts, [], CPU, torch.float32)
-    cached, _ = encoder.encode(prompts, [], CPU, torch.float32)
+    states = encoder.encode(prompts, CPU, torch.float32)
+    cached = encoder.encode(prompts, CPU, torch.float32)
     assert encoder.stats.hits == len(prompts)
     for state, again in zip(states, cached, strict=True):
         assert again is state
         assert state.untyped_storage().nbytes() == state.numel() * state.element_size()
 
 
-def test_prompts_and_negatives_are_cut_at_their_own_limits(reference_pipeline: Any) -> None:
-    count = PromptTokenizer(reference_pipeline).count
+def test_a_text_past_the_limit_is_cut_as_the_pipeline_cuts_it(reference_pipeline: Any) -> None:
     text = "blurry, low quality, watermark, text, jpeg artifacts"
-    prompt_limit = count(text) - 10
-    encoder = PromptEncoder(
-        reference_pipeline, cache_size=8, max_tokens=prompt_limit, max_negative_tokens=512
-    )
-    (prompt,), (negative,) = encoder.encode([text], [text], CPU, torch.float32)
-    assert prompt.shape[0] == prompt_limit
-    assert negative.shape[0] == count(text)
-    assert torch.equal(negative[:prompt_limit], prompt)  # the same text, only not cut short
-    assert encoder.max_tokens == 512
+    limit = PromptTokenizer(reference_pipeline).count(text) - 10
+    (state,) = PromptEncoder(reference_pipeline, 0, limit).encode([text], CPU, torch.float32)
+    expected, _mask = reference_pipeline.encode_prompt(text, device=CPU, max_sequence_length=limit)
+    assert torch.equal(state, expected[0])
+    # Never past the pipeline's own default, whatever the settings allow.
+    assert PromptEncoder(reference_pipeline, 0, 1024).max_tokens == 512
 
 
 def test_a_row_is_costed_with_the_longest_text_it_can_carry(tiny_model: Path) -> None:
