@@ -331,22 +331,28 @@ class Batcher:
                 self._on_failure(error)
 
     def _warm_up(self, engine: EngineLike, request: EngineRequest) -> None:
-        """Runs one request through the engine before serving, honouring the step budget."""
+        """Runs one request through the engine before serving, honouring the step budget.
+
+        Its steps seed the step-time estimate but stay out of the request metrics: no client
+        sent it, and a device's first calls (kernel selection, allocator growth) are outliers.
+        Their time is the `warmup_seconds` gauge instead."""
         group = ("warm-up",)
         if self._stop_requested():  # stopped while the model loaded: no prompt to encode
             return
-        self._observe_stages(engine.add(group, [request]).stage_seconds)
+        started = time.perf_counter()
+        engine.add(group, [request])
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._step_budget != 0 or self._stopping)
                 if self._stopping:
                     return
             result = engine.step(group)
-            self._observe_step(result)
+            self._count_step(result)
             if result.failed:
                 raise RuntimeError("the warm-up batch failed; see the log above")
             if result.finished:
-                return
+                break
+        self._metrics.warmup_seconds.set(time.perf_counter() - started)
 
     def _stop_requested(self) -> bool:
         with self._cond:
@@ -451,16 +457,20 @@ class Batcher:
             self._report_positions()
 
     def _observe_step(self, result: StepResult) -> None:
-        """Step time estimate, metrics and the step budget, after every engine step."""
+        """Step time estimate, the step budget and metrics, after every serving step."""
+        self._count_step(result)
+        self._observe_stages(result.stage_seconds)
+        self._observe_adapters(result.adapter_rows)
+        self._metrics.batch_size.observe(result.batch_size)
+        self._metrics.deferred_rows.inc(result.deferred_rows)
+
+    def _count_step(self, result: StepResult) -> None:
+        """Step time estimate and the step budget, after every engine step (warm-up too)."""
         step_s = result.stage_seconds["denoise_step"]
         if self._step_seconds == 0:
             self._step_seconds = step_s
         else:
             self._step_seconds += STEP_TIME_SMOOTHING * (step_s - self._step_seconds)
-        self._observe_stages(result.stage_seconds)
-        self._observe_adapters(result.adapter_rows)
-        self._metrics.batch_size.observe(result.batch_size)
-        self._metrics.deferred_rows.inc(result.deferred_rows)
         with self._cond:
             if self._step_budget is not None:
                 self._step_budget = max(0, self._step_budget - 1)

@@ -110,6 +110,11 @@ class Metrics:
             "Seconds torch.compile took at start-up (0 when off)",
             registry=registry,
         )
+        self.warmup_seconds = Gauge(
+            "imagegen_warmup_seconds",
+            "Seconds the warm-up batch took at start-up (0 when off); not in the request metrics",
+            registry=registry,
+        )
         self.max_batch_size = Gauge(
             "imagegen_max_batch_size",
             "Largest batch that fits the device at a resolution (start-up memory probe)",

@@ -36,6 +36,7 @@ METRICS = {
     "imagegen_adapter_parameters": "gauge",
     "imagegen_adapter_rows_total": "counter",
     "imagegen_compile_seconds": "gauge",
+    "imagegen_warmup_seconds": "gauge",
     "imagegen_max_batch_size": "gauge",
     "imagegen_ready": "gauge",
 }

@@ -374,7 +374,9 @@ class Step(_message.Message):
     total_steps: _builtins.int
     @_builtins.property
     def previews(self) -> _containers.RepeatedCompositeFieldContainer[Global___Preview]:
-        """one per image, every preview_every_n_steps steps"""
+        """One per image, every preview_every_n_steps steps; none after the last step, whose images
+        come in Completed.
+        """
 
     def __init__(
         self,
