@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import InvalidArgument
 from .types import OutputFormat
 
 PREVIEW_QUALITY = 75
 _PIL_FORMATS = {OutputFormat.PNG: "PNG", OutputFormat.JPEG: "JPEG", OutputFormat.WEBP: "WEBP"}
+_ACCEPTED_FORMATS = {*_PIL_FORMATS.values(), "MPO"}
 
 
 def encode_image(pixels: np.ndarray, output_format: OutputFormat, quality: int) -> bytes:
@@ -34,29 +36,46 @@ def encode_preview(pixels: np.ndarray) -> bytes:
 
 
 def decode_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
-    """Decodes an uploaded PNG, JPEG or WebP, refusing anything larger than `max_pixels`
-    before the pixels are decompressed (decompression bombs).
+    """Decodes an uploaded PNG, JPEG (MPO too: a JPEG with a second picture, as phones write) or
+    WebP, refusing anything larger than `max_pixels` before the pixels are decompressed
+    (decompression bombs). The image comes back upright (EXIF orientation applied, as diffusers'
+    `load_image` does) and at 8 bits per channel.
 
     Raises:
         InvalidArgument: naming `field`, for undecodable or oversized images.
     """
     try:
         image = Image.open(io.BytesIO(data))
-        if image.format not in _PIL_FORMATS.values():
+        if image.format not in _ACCEPTED_FORMATS:
             raise InvalidArgument(
                 field, f"{image.format} images are not accepted; use PNG, JPEG or WebP"
             )
-        width, height = image.size
-        if width * height > max_pixels:
-            raise InvalidArgument(
-                field, f"{width}x{height} = {width * height} pixels; allowed at most {max_pixels}"
-            )
+        _check_pixels(field, *image.size, max_pixels)
         image.load()
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        return ImageOps.exif_transpose(_eight_bit(image))
+    except Image.DecompressionBombError as error:  # Pillow's own limit, far above ours
+        raise InvalidArgument(field, f"{error}; allowed at most {max_pixels} pixels") from error
+    # A cut or corrupted file fails in Pillow's parsers with any of these.
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as error:
         raise InvalidArgument(
             field, f"not a decodable PNG, JPEG or WebP image ({error})"
         ) from error
-    return image
+
+
+def _check_pixels(field: str, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise InvalidArgument(
+            field, f"{width}x{height} = {width * height} pixels; allowed at most {max_pixels}"
+        )
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit greyscale PNGs open as 16/32-bit integer modes, which Pillow's convert clamps at
+    255 instead of scaling: keep their top 8 bits."""
+    if image.mode != "I" and not image.mode.startswith("I;16"):
+        return image
+    values = np.asarray(image).astype(np.int64)
+    return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), mode="L")
 
 
 def resize(image: Image.Image, width: int, height: int, mode: str) -> Image.Image:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +73,11 @@ def run_pipeline(
     return np.asarray(output.images[0], dtype=np.float32)
 
 
-@pytest.mark.parametrize("strength", [0.5, 0.9])
+# 0.6 of 10 steps: the float32 that carries 0.6 (0.60000002) would run 7 steps where diffusers
+# runs 6, unless read back as the decimal sent.
+@pytest.mark.parametrize("strength,steps", [(0.5, 8), (0.9, 8), (0.6, 10)])
 def test_image_to_image_equals_the_diffusers_pipeline(
-    server: Any, img2img: Any, picture: Image.Image, strength: float
+    server: Any, img2img: Any, picture: Image.Image, strength: float, steps: int
 ) -> None:
     result = server.client().generate(
         "a boat on a lake",
@@ -81,11 +85,12 @@ def test_image_to_image_equals_the_diffusers_pipeline(
         strength=strength,
         width=64,
         height=64,
-        steps=8,
+        steps=steps,
         seed=11,
         output_format=NPY,
     )
-    assert_same_image(pixels(result), run_pipeline(img2img, 11, image=picture, strength=strength))
+    expected = run_pipeline(img2img, 11, steps=steps, image=picture, strength=strength)
+    assert_same_image(pixels(result), expected)
 
 
 @pytest.mark.parametrize("strength", [0.5, 0.9])
@@ -270,7 +275,10 @@ def test_cancelling_an_edit_mid_run_leaves_the_others_unchanged(
 
 
 def bad(**fields: Any) -> pb.GenerateRequest:
-    return pb.GenerateRequest(prompt="x", width=64, height=64, num_inference_steps=4, **fields)
+    """A request with `fields` over a valid 64x64 one (a width or height of 0 is unset)."""
+    return pb.GenerateRequest(
+        **{"prompt": "x", "width": 64, "height": 64, "num_inference_steps": 4, **fields}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -288,6 +296,11 @@ def tiny_png(picture: Image.Image) -> bytes:
         ),
         ({"init_image": "gif"}, "init_image", "GIF images are not accepted"),
         ({"init_image": "huge"}, "init_image", "pixels; allowed at most"),
+        # Past Pillow's own decompression-bomb limit: still the server's limit in the message.
+        ({"init_image": "bomb"}, "init_image", "allowed at most 16777216 pixels"),
+        # An upload cut inside a PNG of several IDAT chunks: Pillow raises SyntaxError.
+        ({"init_image": "cut"}, "init_image", "not a decodable PNG, JPEG or WebP image"),
+        ({"init_image": "ok", "mask_image": "cut"}, "mask_image", "not a decodable"),
         ({"init_image": "ok", "mask_image": b"garbage"}, "mask_image", "not a decodable"),
         ({"init_image": "ok", "mask_image": "square"}, "mask_image", "aspect ratio"),
         ({"mask_image": "ok"}, "mask_image", "needs init_image"),
@@ -296,7 +309,18 @@ def tiny_png(picture: Image.Image) -> bytes:
         ({"init_image": "ok", "strength": 0.0}, "strength", "outside [1e-06, 1]"),
         # So small that the schedule's cut would run no step at all.
         ({"init_image": "ok", "strength": 1e-20}, "strength", "outside [1e-06, 1]"),
-        ({"init_image": "tall"}, "height", "[32, 256]"),
+        # No size sent: the output size comes from the image, so the error names the image.
+        (
+            {"init_image": "tall", "width": 0, "height": 0},
+            "init_image",
+            "64x400 gives a 64x400 output, and height: 400 outside [32, 256]",
+        ),
+        (
+            {"init_image": "small", "width": 0, "height": 0},
+            "init_image",
+            "20x20 gives a 16x16 output, and width: 16 outside [32, 256]",
+        ),
+        ({"init_image": "tall", "height": 400}, "height", "400 outside [32, 256]"),
     ],
 )
 def test_bad_init_images_and_masks_are_refused_naming_the_field(
@@ -308,15 +332,15 @@ def test_bad_init_images_and_masks_are_refused_naming_the_field(
         "huge": png(Image.new("RGB", (5000, 4000))),
         "square": png(Image.new("L", (64, 64), 255)),
         "tall": png(Image.new("RGB", (64, 400))),
+        "small": png(Image.new("RGB", (20, 20))),
+        "bomb": _png_header_only(100_000, 100_000),
+        "cut": _cut_inside_second_idat(png(_noise(256, 256))),
     }
     resolved = {
         key: samples.get(value, value) if isinstance(value, str) else value
         for key, value in fields.items()
     }
-    if "width" not in resolved and field == "height":
-        request = pb.GenerateRequest(prompt="x", num_inference_steps=4, **resolved)
-    else:
-        request = bad(**resolved)
+    request = bad(**resolved)
     with (
         grpc.insecure_channel(
             server.target, options=[("grpc.max_send_message_length", 64 << 20)]
@@ -333,3 +357,32 @@ def _encoded(image: Image.Image, image_format: str) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=image_format)
     return buffer.getvalue()
+
+
+def _noise(width: int, height: int) -> Image.Image:
+    values = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(values)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares `width` x `height` RGB pixels and holds almost none."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\0" * 100))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def _cut_inside_second_idat(data: bytes) -> bytes:
+    """`data` (a PNG of several IDAT chunks) cut off just after the second IDAT's length."""
+    first = data.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", data[first : first + 4])
+    second = first + 12 + length
+    assert data[second + 4 : second + 8] == b"IDAT", "the PNG has one IDAT chunk"
+    return data[: second + 4]
