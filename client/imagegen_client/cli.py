@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -35,14 +36,19 @@ INT64 = (-(2**63), 2**63 - 1)  # the seed
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if bool(args.client_cert) != bool(args.client_key):
+        parser.error("--client-cert and --client-key go together (mutual TLS)")
     try:
         with _client(args) as client:
             return int(args.handler(client, args))
     except grpc.RpcError as error:
         print(f"imagegen: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
-    except OSError as error:  # a file (image, mask, certificate, output) it cannot read or write
+    # A file (image, mask, certificate, output) it cannot read or write, or the `cli` extra's
+    # grpcio-health-checking missing for `health`.
+    except (OSError, ImportError) as error:
         print(f"imagegen: {error}", file=sys.stderr)
         return 2
 
@@ -65,17 +71,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ca-cert", help="PEM roots to verify the server (implies --tls)")
     parser.add_argument("--client-cert", help="PEM client certificate for mutual TLS")
     parser.add_argument("--client-key", help="PEM client key for mutual TLS")
-    parser.add_argument("--timeout", type=float, default=None, help="overall deadline in seconds")
+    parser.add_argument(
+        "--timeout", type=_seconds, default=None, help="overall deadline in seconds (> 0)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="generate images from a prompt")
-    generate.add_argument("prompt")
+    generate.add_argument("prompt", type=_text)
     _add_generation_options(generate)
     generate.set_defaults(handler=_generate)
 
     edit = commands.add_parser("edit", help="image-to-image, or inpainting with --mask")
     edit.add_argument("image", type=Path, help="the init image (PNG, JPEG or WebP)")
-    edit.add_argument("prompt")
+    edit.add_argument("prompt", type=_text)
     edit.add_argument(
         "--strength", type=float, default=None, help="[1e-6, 1]; default: the server's"
     )
@@ -88,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     health = commands.add_parser(
         "health", help="print the grpc.health.v1 status; exit 0 if SERVING"
     )
-    health.add_argument("--service", default="")
+    health.add_argument("--service", type=_text, default="")
     health.set_defaults(handler=_health)
     return parser
 
@@ -98,7 +106,7 @@ def _add_generation_options(generate: argparse.ArgumentParser) -> None:
     generate.add_argument(
         "-o", "--output", required=True, type=Path, help="file; with --num-images N, NAME-i.EXT"
     )
-    generate.add_argument("--negative-prompt", default="")
+    generate.add_argument("--negative-prompt", type=_text, default="")
     generate.add_argument(
         "--size", type=_size, default=(0, 0), help="WIDTHxHEIGHT (default: the server's)"
     )
@@ -123,7 +131,7 @@ def _add_generation_options(generate: argparse.ArgumentParser) -> None:
         help="NAME or NAME:SCALE; repeatable",
     )
     generate.add_argument("--priority", type=int32, default=0, help="1 = highest")
-    generate.add_argument("--request-id", default="")
+    generate.add_argument("--request-id", type=_text, default="")
     generate.add_argument(
         "--no-progress", action="store_true", help="no progress bar (plain Generate call)"
     )
@@ -132,7 +140,7 @@ def _add_generation_options(generate: argparse.ArgumentParser) -> None:
 @contextmanager
 def _client(args: argparse.Namespace) -> Iterator[ImageGenClient]:
     tls: TlsConfig | None = None
-    if args.tls or args.ca_cert or args.client_cert:
+    if args.tls or args.ca_cert or args.client_cert or args.client_key:
         tls = TlsConfig.from_files(args.ca_cert, args.client_cert, args.client_key)
     client = ImageGenClient(args.target, tls=tls, token=args.token, timeout_s=args.timeout)
     try:
@@ -269,8 +277,27 @@ def _in_range(value: int, bounds: tuple[int, int]) -> int:
     return value
 
 
+def _text(text: str) -> str:
+    """A string field of the request, which must be UTF-8 (the shell may pass other bytes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid UTF-8") from None
+    return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"seconds must be a number > 0, got {text!r}")
+    return seconds
+
+
 def _adapter(text: str) -> Adapter:
-    name, _, scale = text.partition(":")
+    name, _, scale = _text(text).partition(":")
     try:
         return Adapter(name, float(scale) if scale else 1.0)
     except ValueError:

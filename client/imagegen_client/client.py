@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -30,6 +31,9 @@ from .types import (
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+HEALTH_TIMEOUT_S = 5.0  # a health check's deadline when neither the call nor the client sets one
+# gRPC refuses deadlines much further out (9e9 s fails at once); longer timeouts are cut to this.
+MAX_TIMEOUT_S = 1e8
 T = TypeVar("T")
 
 
@@ -61,6 +65,11 @@ class TlsConfig:
     client_certificate: bytes | None = None  # PEM, for mutual TLS
     client_key: bytes | None = None
     server_name: str | None = None  # overrides the name checked against the server certificate
+
+    def __post_init__(self) -> None:
+        # gRPC aborts the whole process when it gets one of the pair without the other.
+        if (self.client_certificate is None) != (self.client_key is None):
+            raise ValueError("mutual TLS needs both a client certificate and its key")
 
     @classmethod
     def from_files(
@@ -188,8 +197,22 @@ class _ClientBase:
         raise NotImplementedError
 
     def _deadline(self, timeout_s: float | None) -> float | None:
-        timeout = self.timeout_s if timeout_s is None else timeout_s
+        timeout = self._timeout(timeout_s)
         return None if timeout is None else time.monotonic() + timeout
+
+    def _timeout(self, timeout_s: float | None) -> float | None:
+        """The call's timeout, else the client's: infinity means none, and the longest is
+        MAX_TIMEOUT_S."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        if timeout is None or timeout == math.inf:
+            return None
+        if math.isnan(timeout):
+            raise ValueError("timeout_s must be a number of seconds or None, not NaN")
+        return min(timeout, MAX_TIMEOUT_S)
+
+    def _health_timeout(self, timeout_s: float | None) -> float:
+        timeout = self._timeout(timeout_s)
+        return HEALTH_TIMEOUT_S if timeout is None else timeout
 
     @staticmethod
     def _remaining(deadline: float | None) -> float | None:
@@ -284,15 +307,15 @@ class ImageGenClient(_ClientBase):
             timeout_s,
         )
 
-    def health(self, service: str = "", *, timeout_s: float | None = 5.0) -> str:
-        """The grpc.health.v1 status name (SERVING, NOT_SERVING, ...). Needs grpcio-health-checking
-        (the `cli` extra)."""
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+    def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
+        """The grpc.health.v1 status name (SERVING, NOT_SERVING, ...), within `timeout_s`, else
+        the client's timeout, else HEALTH_TIMEOUT_S. Needs grpcio-health-checking (the `cli`
+        extra)."""
+        health_pb2, health_pb2_grpc = _health_modules()
         stub = health_pb2_grpc.HealthStub(self._channel)
         response = stub.Check(
             health_pb2.HealthCheckRequest(service=service),
-            timeout=timeout_s,
+            timeout=self._health_timeout(timeout_s),
             metadata=self._metadata,
         )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
@@ -405,13 +428,12 @@ class AsyncImageGenClient(_ClientBase):
 
         return await self._with_retries(call, timeout_s)
 
-    async def health(self, service: str = "", *, timeout_s: float | None = 5.0) -> str:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+    async def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
+        health_pb2, health_pb2_grpc = _health_modules()
         stub = health_pb2_grpc.HealthStub(self._channel)
         response = await stub.Check(
             health_pb2.HealthCheckRequest(service=service),
-            timeout=timeout_s,
+            timeout=self._health_timeout(timeout_s),
             metadata=self._metadata,
         )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
@@ -471,3 +493,14 @@ def _retry_after_s(error: grpc.RpcError | None) -> float:
             except ValueError:
                 return 0.0
     return 0.0
+
+
+def _health_modules() -> tuple[Any, Any]:
+    """grpc.health.v1's messages and stubs; the base install has no grpcio-health-checking."""
+    try:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+    except ImportError as error:
+        raise ImportError(
+            "health checks need grpcio-health-checking: pip install 'imagegen-serve[cli]'"
+        ) from error
+    return health_pb2, health_pb2_grpc

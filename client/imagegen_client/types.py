@@ -110,6 +110,7 @@ class Preview:
     data: bytes  # small JPEG
     width: int
     height: int
+    mime_type: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +139,13 @@ def event_from_proto(message: pb.ProgressEvent) -> ProgressEvent:
         return Started(request_id, message.started.batch_size, message.started.queued_seconds)
     if kind == "step":
         previews = [
-            Preview(preview.image_index, preview.data, preview.width, preview.height)
+            Preview(
+                preview.image_index,
+                preview.data,
+                preview.width,
+                preview.height,
+                preview.mime_type,
+            )
             for preview in message.step.previews
         ]
         return Step(request_id, message.step.step, message.step.total_steps, previews)

@@ -259,12 +259,13 @@ class Batcher:
         with self._cond:
             return self._cond.wait_for(lambda: not self._handles, timeout_s)
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Stops the engine thread; requests still waiting get UNAVAILABLE."""
+    def stop(self, timeout_s: float = 5.0, reason: str = "server stopping") -> None:
+        """Stops the engine thread, waiting for it up to `timeout_s`; requests still waiting get
+        UNAVAILABLE with `reason`."""
         with self._cond:
             self._stopping = True
             for request_id in list(self._handles):
-                self._fail(request_id, EngineUnavailable("server stopping"))
+                self._fail(request_id, EngineUnavailable(reason))
             self._abandon_commands()
             self._cond.notify_all()
         if self._thread.is_alive():

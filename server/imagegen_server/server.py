@@ -170,6 +170,10 @@ class ImageGenServer:
         await self._health.enter_graceful_shutdown()
         self._batcher.begin_drain()
         finished = await self._batcher.wait_idle(timeout)
+        if not finished:  # what is left stops here, not after the flush below
+            self._batcher.stop(
+                timeout_s=0, reason=f"drain timeout ({timeout:g}s) passed; retry on another replica"
+            )
         # The engine has answered everyone; the RPCs only need to encode and send their images.
         # The whole drain stays within drain_timeout_s + RPC_FLUSH_S.
         await self._grpc.stop(grace=RPC_FLUSH_S)

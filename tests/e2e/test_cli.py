@@ -12,7 +12,7 @@ from PIL import Image
 BIN = Path(sys.executable).parent
 
 
-def imagegen(server: object, *args: str) -> subprocess.CompletedProcess[str]:
+def imagegen(server: object, *args: str | bytes) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "imagegen"), "--target", server.target, *args],  # type: ignore[attr-defined]
         capture_output=True,
@@ -90,6 +90,26 @@ def test_arguments_no_request_can_carry_and_unreadable_files_end_without_a_trace
     result = imagegen(server_process, "edit", str(tmp_path / "absent.png"), "x", "-o", output)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("imagegen: ") and "absent.png" in result.stderr
+
+
+def test_arguments_that_would_crash_the_process_or_the_call_are_refused(
+    server_process: object, tmp_path: Path
+) -> None:
+    output = str(tmp_path / "x.png")
+    not_utf8 = b"caf\xe9"  # the shell passes bytes; a request's strings must be UTF-8
+    for args, complaint in (
+        (("generate", not_utf8, "-o", output), "argument prompt: "),
+        (("generate", "x", "-o", output, "--request-id", not_utf8), "argument --request-id: "),
+        (("generate", "x", "-o", output, "--negative-prompt", not_utf8), "--negative-prompt: "),
+        (("--timeout", "inf", "info"), "argument --timeout: "),
+        (("--timeout", "-1", "info"), "argument --timeout: "),
+        # gRPC aborts the process on half a client key pair; it never gets that far.
+        (("--client-cert", output, "info"), "--client-cert and --client-key go together"),
+        (("--tls", "--client-key", output, "info"), "--client-cert and --client-key go together"),
+    ):
+        result = imagegen(server_process, *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert complaint in result.stderr and "Traceback" not in result.stderr
 
 
 def test_info_and_health(server_process: object) -> None:

@@ -130,3 +130,17 @@ def test_a_drain_during_start_up_never_reports_the_server_ready(server_factory: 
     assert not server.batcher.engine_running  # the engine thread has ended...
     server.run(asyncio.sleep(0))  # ...and what it left for the event loop has run
     assert server.metrics()["imagegen_ready"] == 0
+
+
+def test_requests_left_at_the_drain_timeout_are_answered_then_not_after_the_flush(
+    server_factory: Any,
+) -> None:
+    """The engine is held, so the accepted request cannot finish within the drain's timeout: it
+    gets the drain's UNAVAILABLE, not gRPC's cancellation after the RPC flush grace."""
+    server = server_factory(step_budget=0)
+    watcher = StreamWatcher(server.client(retry=NO_RETRY), "left running", steps=4)
+    watcher.queued()
+    assert not server.run(server.server.drain(0.5))  # False: requests were left
+    error = watcher.error()
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error.details() == "drain timeout (0.5s) passed; retry on another replica"

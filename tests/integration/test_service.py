@@ -140,6 +140,7 @@ def test_stream_sends_queued_started_every_step_then_completed(server: Any) -> N
     preview = steps[1].previews[0]
     decoded = Image.open(__import__("io").BytesIO(preview.data))
     assert decoded.format == "JPEG" and decoded.size == (preview.width, preview.height) == (8, 8)
+    assert preview.mime_type == "image/jpeg"
 
 
 def test_queued_events_report_position_and_estimated_start(server_factory: Any) -> None:

@@ -1,13 +1,17 @@
-"""Client retry policy: which statuses are retried, how long it waits."""
+"""Client retry policy (which statuses are retried, how long it waits), deadlines, TLS and CLI
+arguments: what is decided before any call."""
 
 from __future__ import annotations
 
+import math
+import sys
 from pathlib import Path
 
 import grpc
 import pytest
-from imagegen_client import RetryPolicy
-from imagegen_client.cli import _adapter, _output_paths, _size
+from imagegen_client import ImageGenClient, RetryPolicy, TlsConfig
+from imagegen_client.cli import _adapter, _output_paths, _size, main
+from imagegen_client.client import HEALTH_TIMEOUT_S, MAX_TIMEOUT_S
 
 
 class FakeError(grpc.RpcError):
@@ -47,3 +51,31 @@ def test_cli_argument_parsing() -> None:
     assert _adapter("ink:0.5").name == "ink" and _adapter("ink:0.5").scale == 0.5
     assert _adapter("ink").scale == 1.0
     assert _output_paths(Path("out.png"), 2) == [Path("out-0.png"), Path("out-1.png")]
+
+
+def test_a_client_key_pair_must_be_whole() -> None:
+    """gRPC aborts the process (not an exception) when given half of the pair."""
+    with pytest.raises(ValueError, match="both a client certificate and its key"):
+        TlsConfig(client_certificate=b"cert")
+    with pytest.raises(ValueError, match="both a client certificate and its key"):
+        TlsConfig(client_key=b"key")
+
+
+def test_timeouts_infinite_means_none_huge_is_capped_and_health_has_a_default() -> None:
+    with ImageGenClient("127.0.0.1:1", timeout_s=math.inf) as client:
+        assert client._timeout(None) is None  # gRPC would fail such a deadline at once
+        assert client._timeout(1e12) == MAX_TIMEOUT_S
+        assert client._health_timeout(None) == HEALTH_TIMEOUT_S
+        with pytest.raises(ValueError, match="NaN"):
+            client._timeout(math.nan)
+    with ImageGenClient("127.0.0.1:1", timeout_s=1.5) as client:
+        assert client._health_timeout(None) == 1.5  # the client's timeout, as every call
+        assert client._health_timeout(0.25) == 0.25
+
+
+def test_health_without_the_cli_extra_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "grpc_health.v1", None)  # as if not installed
+    assert main(["--target", "127.0.0.1:1", "health"]) == 2
+    assert "pip install 'imagegen-serve[cli]'" in capsys.readouterr().err
