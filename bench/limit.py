@@ -12,7 +12,7 @@ import itertools
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,8 @@ from .workloads import RequestClass
 
 PROMPT_CACHE_SIZE = 256  # the server's defaults
 MAX_PROMPT_TOKENS = 512
+MEMORY_RESERVE_FRACTION = 0.1
+MAX_DECODE_ROWS = 64  # above any batch size the benchmarks run
 
 
 class BatchTooLarge(RuntimeError):
@@ -75,7 +77,10 @@ class EngineBench:
         dtype: str,
         torch_threads: int,
         attention_backend: str | None = None,
+        decode_sizes: Sequence[tuple[int, int]] = (),
     ) -> None:
+        """On CUDA, the VAE decodes of `decode_sizes` (width, height) are probed as the server
+        probes them, so finished rows decode in as many images per call as fit."""
         import torch
         from imagegen_server.acceleration import configure_device
         from imagegen_server.engine import Engine
@@ -91,6 +96,24 @@ class EngineBench:
         configure_device(self._model.device, self._model.pipeline.transformer, attention_backend)
         self._engine = Engine(self._model, PROMPT_CACHE_SIZE, MAX_PROMPT_TOKENS)
         self._ids = itertools.count()
+        self._decode_budget = None
+        if self._model.device.type == "cuda" and decode_sizes:
+            self._decode_budget = self._probe_decodes(decode_sizes)
+            self._engine.limit_decodes(self._decode_budget, MAX_DECODE_ROWS)
+
+    def _probe_decodes(self, sizes: Sequence[tuple[int, int]]) -> Any:
+        import torch
+        from imagegen_server.memory import MemoryBudget, probe_costs
+
+        engine = self._engine
+        costs = probe_costs(
+            engine.peak_decode_bytes,
+            [(width, height, engine.image_tokens(width, height)) for width, height in sizes],
+            what="decode",
+        )
+        torch.cuda.empty_cache()  # mem_get_info counts cached blocks as used
+        free_bytes, _total = torch.cuda.mem_get_info(self._model.device)
+        return MemoryBudget(free_bytes, MEMORY_RESERVE_FRACTION, (), decode_costs=costs)
 
     @property
     def device(self) -> str:
@@ -131,6 +154,8 @@ class EngineBench:
         transformer = self._model.pipeline.transformer
         runner = TransformerRunner.build(transformer, mode, buckets, scope)  # type: ignore[arg-type]
         self._engine = Engine(self._model, PROMPT_CACHE_SIZE, MAX_PROMPT_TOKENS, runner=runner)
+        if self._decode_budget is not None:
+            self._engine.limit_decodes(self._decode_budget, MAX_DECODE_ROWS)
         return sum(self._engine.precompile(width, height) for width, height in sizes)
 
     def prompt_tokens(self, number: int) -> int:

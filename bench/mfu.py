@@ -160,7 +160,9 @@ def run_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
     if on_cuda:
         torch.cuda.empty_cache()  # the matmuls' operands go back before the model comes
     print(f"matmul peak: {peak.tflops:.3g} TFLOP/s ({peak.size}^3, {peak.dtype})", flush=True)
-    bench = EngineBench(model_dir, str(device), args.dtype, threads, args.attention_backend)
+    bench = EngineBench(
+        model_dir, str(device), args.dtype, threads, args.attention_backend, resolutions
+    )
     model = bench.model
     flops = _count_flops(bench, resolutions)
     results: dict[str, Any] = {

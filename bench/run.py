@@ -159,7 +159,10 @@ def run_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
     _wait_for_quiet_machine()
 
     print("engine alone (the limit):", flush=True)
-    bench = EngineBench(args.model, args.device, args.dtype, args.torch_threads)
+    sizes = {(c.width, c.height) for workload in workloads for c in workload.classes}
+    bench = EngineBench(
+        args.model, args.device, args.dtype, args.torch_threads, decode_sizes=sorted(sizes)
+    )
     device = bench.device
     machine = describe_machine(args.torch_threads, device)
     limit = measure_limit(

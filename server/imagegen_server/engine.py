@@ -17,9 +17,10 @@ drops a request's rows at the boundary, `has_work` tells whether any batch holds
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Collection, Hashable, Sequence
+from collections.abc import Collection, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +32,7 @@ from .decode import Decoder
 from .denoise import Advance, Denoiser, FaultInjection, Row, text_inputs
 from .init_image import InitImageEncoder
 from .lora import LoraBank
+from .memory import MemoryBudget, OutOfMemory
 from .model import LoadedModel
 from .prompts import PromptCacheStats, PromptEncoder
 from .sampling import LatentShape, ScheduleTable, initial_noise
@@ -143,6 +145,7 @@ class Engine:
         self._init_images = InitImageEncoder(
             pipeline, model.device, model.dtype, vae_tiling_min_pixels
         )
+        self._decode_budget: tuple[MemoryBudget, int] | None = None  # None: all at once
 
     @property
     def prompt_stats(self) -> PromptCacheStats:
@@ -179,27 +182,53 @@ class Engine:
 
     @torch.inference_mode()
     def peak_step_bytes(self, width: int, height: int, rows: int) -> int:
-        """CUDA memory a step with the longest text (prompt or negative) and a decode of `rows`
-        rows take above what is allocated now."""
+        """CUDA memory a denoising call of `rows` rows with the longest text (prompt or
+        negative) takes above what is allocated now.
+
+        Raises:
+            memory.OutOfMemory: the call does not fit.
+        """
         device = self.model.device
         shape = self._shape(height, width)
         dim = self.model.pipeline.transformer.config.joint_attention_dim
         text = self._prompts.max_tokens
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        latents = torch.zeros(
-            rows, shape.seq_len, shape.channels * 4, dtype=self.model.dtype, device=device
-        )
-        self.runner(
-            latents,
-            torch.full((rows,), 0.5, dtype=self.model.dtype, device=device),
-            torch.zeros(rows, text, dim, dtype=self.model.dtype, device=device),
-            torch.ones(rows, text, dtype=torch.long, device=device),
-            shape.rope_shape,
-        )
-        self._decoder.images(latents, height, width, [False] * rows)
-        return int(torch.cuda.max_memory_allocated(device) - before)
+        with _peak_memory(device) as peak:
+            latents = torch.zeros(
+                rows, shape.seq_len, shape.channels * 4, dtype=self.model.dtype, device=device
+            )
+            self.runner(
+                latents,
+                torch.full((rows,), 0.5, dtype=self.model.dtype, device=device),
+                torch.zeros(rows, text, dim, dtype=self.model.dtype, device=device),
+                torch.ones(rows, text, dtype=torch.long, device=device),
+                shape.rope_shape,
+            )
+        return peak.bytes
+
+    @torch.inference_mode()
+    def peak_decode_bytes(self, width: int, height: int, rows: int) -> int:
+        """CUDA memory one VAE decode of `rows` images takes above what is allocated now.
+
+        Raises:
+            memory.OutOfMemory: the decode does not fit.
+        """
+        device = self.model.device
+        shape = self._shape(height, width)
+        with _peak_memory(device) as peak:
+            latents = torch.zeros(
+                rows, shape.seq_len, shape.channels * 4, dtype=self.model.dtype, device=device
+            )
+            self._decoder.images(latents, height, width, [False] * rows)
+        return peak.bytes
+
+    def image_tokens(self, width: int, height: int) -> int:
+        """Latent tokens of one image at this size (what its VAE decode memory grows with)."""
+        return self._shape(height, width).seq_len
+
+    def limit_decodes(self, budget: MemoryBudget, cap: int) -> None:
+        """Decodes at most what `budget` fits (and `cap`) in one VAE call. Until this is called
+        (the start-up memory probe does, on CUDA) a batch's finished rows decode together."""
+        self._decode_budget = (budget, cap)
 
     def min_steps(self, width: int, height: int) -> int:
         return self._schedules.min_steps(self._shape(height, width).seq_len)
@@ -458,21 +487,36 @@ class Engine:
         assert batch.latents is not None
         started = time.perf_counter()
         positions = [batch.rows.index(row) for row in rows]
-        try:
-            decoded: list[np.ndarray | None] = list(self._decode_rows(batch, positions))
-        except Exception:
-            log.exception("VAE decode failed for %d rows; decoding them one by one", len(rows))
-            decoded = []
-            for position in positions:
-                try:
-                    decoded += self._decode_rows(batch, [position])
-                except Exception:
-                    log.exception(
-                        "VAE decode failed for request %s", batch.rows[position].request_id
-                    )
-                    decoded.append(None)
+        chunk = self._rows_per_decode(batch.key.width, batch.key.height) or len(positions)
+        decoded: list[np.ndarray | None] = []
+        for start in range(0, len(positions), chunk):
+            decoded += self._decode_chunk(batch, positions[start : start + chunk])
         timings["vae_decode"] = time.perf_counter() - started
         return dict(zip(rows, decoded, strict=True))
+
+    def _rows_per_decode(self, width: int, height: int) -> int | None:
+        if self._decode_budget is None:
+            return None
+        budget, cap = self._decode_budget
+        return budget.max_decode_rows(self.image_tokens(width, height), cap)
+
+    def _decode_chunk(self, batch: _Batch, positions: list[int]) -> list[np.ndarray | None]:
+        """One VAE call for `positions`; on failure, one call per row, so a row fails alone."""
+        try:
+            return list(self._decode_rows(batch, positions))
+        except Exception as error:
+            log.exception("VAE decode failed for %d rows; decoding them one by one", len(positions))
+            out_of_memory = isinstance(error, torch.OutOfMemoryError)
+        if out_of_memory and torch.cuda.is_available():  # once the error freed the call's blocks
+            torch.cuda.empty_cache()
+        decoded: list[np.ndarray | None] = []
+        for position in positions:
+            try:
+                decoded += self._decode_rows(batch, [position])
+            except Exception:
+                log.exception("VAE decode failed for request %s", batch.rows[position].request_id)
+                decoded.append(None)
+        return decoded
 
     def _decode_rows(self, batch: _Batch, positions: list[int]) -> list[np.ndarray]:
         assert batch.latents is not None
@@ -521,3 +565,23 @@ def _count_adapter_rows(rows: list[Row]) -> dict[str, int]:
         for spec in row.adapters:
             counts[spec.name] = counts.get(spec.name, 0) + 1
     return counts
+
+
+@dataclass(slots=True)
+class _Peak:
+    bytes: int = 0
+
+
+@contextlib.contextmanager
+def _peak_memory(device: torch.device) -> Iterator[_Peak]:
+    """The peak CUDA memory the block allocates above what was allocated before it; an
+    out-of-memory error in it becomes memory.OutOfMemory."""
+    peak = _Peak()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    try:
+        yield peak
+    except torch.OutOfMemoryError as error:
+        raise OutOfMemory(str(error)) from error
+    peak.bytes = int(torch.cuda.max_memory_allocated(device) - before)

@@ -1,14 +1,18 @@
 """How many rows fit on the device: a short start-up probe of the model's activation memory.
 
-At start-up (CUDA only) one denoising call and one VAE decode run with two batch sizes at each
-probe resolution (1 and 2 rows, or the two smallest compiled batch sizes when calls are padded to
-them), with the longest prompt allowed; the difference of their peak memory is the cost of one
-more row. With what the device has free, less a reserve, that gives the largest safe batch per
-resolution. Other resolutions scale the per-row cost with their token count (attention kernels
-that never materialise the score matrix keep activations linear in tokens). A batch is judged by
-the call it really makes: CFG doubles its rows, and padding rounds them up to a compiled size.
-The scheduler then never forms a batch above the limit, and out-of-memory back-off remains as a
-second line of defence.
+At start-up (CUDA only) the probe measures, at each probe resolution, the peak memory of one
+denoising call with two batch sizes (1 and 2 rows, or the two smallest compiled batch sizes when
+calls are padded to them), with the longest prompt allowed, and of one VAE decode of 1 and 2
+images. The difference of two peaks is the cost of one more row. The two are measured apart
+because they never hold memory at once (a step's activations are freed before its finished rows
+decode) and because the VAE, not the transformer, is the larger: a 1024x1024 decode of
+Qwen-Image's VAE takes gigabytes per image. With what the device has free, less a reserve, that
+gives the largest safe batch per resolution, and how many finished images one VAE call decodes.
+Other resolutions scale the per-row cost with their token count (attention kernels that never
+materialise the score matrix keep activations linear in tokens; the VAE is linear in pixels). A
+batch is judged by the call it really makes: CFG doubles its rows, and padding rounds them up to
+a compiled size. The scheduler then never forms a batch above the limit, and out-of-memory
+back-off remains as a second line of defence.
 """
 
 from __future__ import annotations
@@ -46,32 +50,67 @@ class RowCost:
 class MemoryBudget:
     free_bytes: int  # free on the device once the model is loaded
     reserve_fraction: float  # kept free for fragmentation and everything not probed
-    costs: tuple[RowCost, ...]  # probed resolutions
+    costs: tuple[RowCost, ...]  # a denoising call, at the probed resolutions
+    decode_costs: tuple[RowCost, ...] = ()  # a VAE decode (tokens = image tokens); () = unknown
 
     def max_rows(self, tokens: int, cap: int) -> int:
         """The most transformer rows that fit at `tokens` tokens per row, at most `cap` and at
         least 1."""
+        return self._fit(self.costs, tokens, cap)
+
+    def max_decode_rows(self, image_tokens: int, cap: int) -> int:
+        """The most images one VAE decode takes at `image_tokens` latent tokens per image, at
+        most `cap` and at least 1; `cap` when the decode was not probed."""
+        return self._fit(self.decode_costs, image_tokens, cap) if self.decode_costs else cap
+
+    def _fit(self, costs: tuple[RowCost, ...], tokens: int, cap: int) -> int:
         budget = self.free_bytes * (1 - self.reserve_fraction)
-        nearest = min(self.costs, key=lambda cost: abs(cost.tokens - tokens))
+        nearest = min(costs, key=lambda cost: abs(cost.tokens - tokens))
         per_row = nearest.per_row_bytes * tokens / nearest.tokens
         return max(1, min(cap, int((budget - nearest.fixed_bytes) // per_row)))
+
+
+class OutOfMemory(Exception):
+    """What a `peak_bytes` probe raises when its call does not fit on the device."""
 
 
 def probe_costs(
     peak_bytes: Callable[[int, int, int], int],
     resolutions: list[tuple[int, int, int]],
     rows: tuple[int, int] = (1, 2),
+    what: str = "step",
 ) -> tuple[RowCost, ...]:
     """Measures `peak_bytes(width, height, rows)` at both row counts for each (width, height,
-    tokens) resolution."""
+    tokens) resolution.
+
+    When the larger count does not fit, the smaller one's whole peak is taken as the cost of each
+    row (no fixed part: the most it can be), so that resolution gets the smaller count.
+
+    Raises:
+        RuntimeError: the smaller count does not fit either; nothing of that size can run.
+    """
     costs = []
     for width, height, tokens in resolutions:
-        fewer, more = (Peak(count, peak_bytes(width, height, count)) for count in rows)
+        try:
+            fewer = Peak(rows[0], peak_bytes(width, height, rows[0]))
+        except OutOfMemory as error:
+            raise RuntimeError(
+                f"memory probe: a {what} of {rows[0]} row(s) at {width}x{height} does not fit on "
+                "this device; lower max_width/max_height, or set vae_tiling_min_pixels"
+            ) from error
+        try:
+            more = Peak(rows[1], peak_bytes(width, height, rows[1]))
+        except OutOfMemory:
+            log.warning(
+                "memory probe %dx%d: a %s of %d rows does not fit", width, height, what, rows[1]
+            )
+            more = Peak(rows[0] + 1, fewer.bytes * (rows[0] + 1) // rows[0])
         cost = RowCost.from_peaks(tokens, fewer, more)
         log.info(
-            "memory probe %dx%d: %.2f GiB per row, %.2f GiB fixed",
+            "memory probe %dx%d %s: %.2f GiB per row, %.2f GiB fixed",
             width,
             height,
+            what,
             cost.per_row_bytes / 2**30,
             cost.fixed_bytes / 2**30,
         )

@@ -68,12 +68,17 @@ class LoadedModel:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device for a `--device` name. A CUDA device always carries its index:
+    `torch.cuda.set_device` refuses a bare "cuda"."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise ValueError(f"device: {name!r} asked for but CUDA is not available")
-    return device
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return torch.device("cuda", index)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

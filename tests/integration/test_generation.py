@@ -166,3 +166,44 @@ def test_a_negative_prompt_keeps_its_tokens_past_the_prompt_limit(
         expected = reference(reference_pipeline, "a fox", 5, negative_prompt=negative, guidance=4.0)
         assert_same_image(images[-1], expected)
     assert float(np.abs(images[0] - images[1]).max()) > 1e-3
+
+
+def test_finished_rows_decode_in_calls_of_the_probed_size_with_the_same_pixels(
+    tiny_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU the memory probe limits how many images one VAE decode takes (a 1024x1024
+    decode costs gigabytes each): five finished rows decode as 2 + 2 + 1, to the same pixels."""
+    from imagegen_server.engine import Engine, EngineRequest
+    from imagegen_server.memory import MemoryBudget, RowCost
+    from imagegen_server.model import load_model
+    from support import engine_params
+
+    engine = Engine(load_model(str(tiny_model)), prompt_cache_size=8, max_prompt_tokens=512)
+    decode = engine._decoder.images
+    calls: list[int] = []
+
+    def counted(latents: torch.Tensor, *args: Any) -> list[np.ndarray]:
+        calls.append(len(latents))
+        return decode(latents, *args)
+
+    monkeypatch.setattr(engine._decoder, "images", counted)
+
+    def run(group: str) -> dict[str, np.ndarray]:
+        requests = [EngineRequest(f"{group}{i}", engine_params(f"r{i}", i)) for i in range(5)]
+        engine.add(group, requests)
+        finished = {}
+        while engine.has_work():
+            finished.update(
+                {f.request_id[1:]: f.images[0].pixels for f in engine.step(group).finished}
+            )
+        return finished
+
+    together = run("a")
+    assert calls == [5]
+    per_image = RowCost(engine.image_tokens(64, 64), fixed_bytes=0, per_row_bytes=1000)
+    engine.limit_decodes(MemoryBudget(2500, 0.0, (), decode_costs=(per_image,)), cap=8)
+    chunked = run("b")
+    assert calls == [5, 2, 2, 1]
+    assert sorted(chunked) == sorted(together)
+    for name, image in chunked.items():
+        assert_same_image(image, together[name])

@@ -7,7 +7,14 @@ from typing import Any
 
 import pytest
 from imagegen_server.acceleration import TransformerRunner
-from imagegen_server.memory import MemoryBudget, Peak, RowCost, images_that_fit, probe_costs
+from imagegen_server.memory import (
+    MemoryBudget,
+    OutOfMemory,
+    Peak,
+    RowCost,
+    images_that_fit,
+    probe_costs,
+)
 
 GIB = 2**30
 
@@ -64,6 +71,43 @@ def test_the_probe_measures_the_calls_padding_really_makes() -> None:
 
     (cost,) = probe_costs(peak, [(1024, 1024, 4096)], rows=(4, 8))
     assert (cost.per_row_bytes, cost.fixed_bytes) == (2 * GIB, 1 * GIB)
+
+
+def test_the_vae_decode_has_its_own_budget() -> None:
+    """A decode holds no step activations, so it gets the whole budget, by its own per-image
+    cost; unprobed, a batch's finished images decode together."""
+    budget = MemoryBudget(
+        free_bytes=20 * GIB,
+        reserve_fraction=0.0,
+        costs=(RowCost(4300, 0, GIB),),
+        decode_costs=(RowCost(4096, GIB, 3 * GIB),),
+    )
+    assert budget.max_rows(4300, cap=64) == 20
+    assert budget.max_decode_rows(4096, cap=64) == 6  # (20 - 1) // 3
+    assert budget.max_decode_rows(4 * 4096, cap=64) == 1  # 12 GiB per image: one at a time
+    assert budget.max_decode_rows(4096, cap=4) == 4
+    unprobed = MemoryBudget(free_bytes=20 * GIB, reserve_fraction=0.0, costs=budget.costs)
+    assert unprobed.max_decode_rows(4096, cap=8) == 8
+
+
+def test_a_probe_that_does_not_fit_twice_counts_its_one_row_peak_per_row() -> None:
+    def peak(width: int, height: int, rows: int) -> int:
+        if rows > 1:
+            raise OutOfMemory("two 2048x2048 decodes")
+        return 14 * GIB
+
+    (cost,) = probe_costs(peak, [(2048, 2048, 16384)], what="decode")
+    assert (cost.per_row_bytes, cost.fixed_bytes) == (14 * GIB, 0)
+    budget = MemoryBudget(26 * GIB, 0.1, (cost,), (cost,))
+    assert budget.max_decode_rows(16384, cap=8) == 1
+
+
+def test_a_probe_whose_single_row_does_not_fit_stops_the_start_naming_the_size() -> None:
+    def peak(width: int, height: int, rows: int) -> int:
+        raise OutOfMemory("out of memory")
+
+    with pytest.raises(RuntimeError, match=r"a decode of 1 row\(s\) at 2048x2048 does not fit"):
+        probe_costs(peak, [(2048, 2048, 16384)], what="decode")
 
 
 def runner(mode: str, buckets: tuple[int, ...] = ()) -> TransformerRunner:
