@@ -99,7 +99,7 @@ class EngineBench:
         self._decode_budget = None
         if self._model.device.type == "cuda" and decode_sizes:
             self._decode_budget = self._probe_decodes(decode_sizes)
-            self._engine.limit_decodes(self._decode_budget, MAX_DECODE_ROWS)
+            self._engine.limit_vae_calls(self._decode_budget, MAX_DECODE_ROWS)
 
     def _probe_decodes(self, sizes: Sequence[tuple[int, int]]) -> Any:
         import torch
@@ -113,7 +113,7 @@ class EngineBench:
         )
         torch.cuda.empty_cache()  # mem_get_info counts cached blocks as used
         free_bytes, _total = torch.cuda.mem_get_info(self._model.device)
-        return MemoryBudget(free_bytes, MEMORY_RESERVE_FRACTION, (), decode_costs=costs)
+        return MemoryBudget(free_bytes, MEMORY_RESERVE_FRACTION, (), {"decode": costs})
 
     @property
     def device(self) -> str:
@@ -155,7 +155,7 @@ class EngineBench:
         runner = TransformerRunner.build(transformer, mode, buckets, scope)  # type: ignore[arg-type]
         self._engine = Engine(self._model, PROMPT_CACHE_SIZE, MAX_PROMPT_TOKENS, runner=runner)
         if self._decode_budget is not None:
-            self._engine.limit_decodes(self._decode_budget, MAX_DECODE_ROWS)
+            self._engine.limit_vae_calls(self._decode_budget, MAX_DECODE_ROWS)
         return sum(self._engine.precompile(width, height) for width, height in sizes)
 
     def prompt_tokens(self, number: int) -> int:

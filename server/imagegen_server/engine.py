@@ -145,7 +145,7 @@ class Engine:
         self._init_images = InitImageEncoder(
             pipeline, model.device, model.dtype, vae_tiling_min_pixels
         )
-        self._decode_budget: tuple[MemoryBudget, int] | None = None  # None: all at once
+        self._vae_budget: tuple[MemoryBudget, int] | None = None  # None: all at once
 
     @property
     def prompt_stats(self) -> PromptCacheStats:
@@ -221,14 +221,27 @@ class Engine:
             self._decoder.images(latents, height, width, [False] * rows)
         return peak.bytes
 
+    @torch.inference_mode()
+    def peak_encode_bytes(self, width: int, height: int, rows: int) -> int:
+        """CUDA memory one VAE encode of `rows` init images takes above what is allocated now.
+
+        Raises:
+            memory.OutOfMemory: the encode does not fit.
+        """
+        with _peak_memory(self.model.device) as peak:
+            pixels = torch.zeros(rows, 3, 1, height, width, dtype=self.model.dtype)
+            self._init_images.posteriors(pixels.to(self.model.device), height, width)
+        return peak.bytes
+
     def image_tokens(self, width: int, height: int) -> int:
         """Latent tokens of one image at this size (what its VAE decode memory grows with)."""
         return self._shape(height, width).seq_len
 
-    def limit_decodes(self, budget: MemoryBudget, cap: int) -> None:
-        """Decodes at most what `budget` fits (and `cap`) in one VAE call. Until this is called
-        (the start-up memory probe does, on CUDA) a batch's finished rows decode together."""
-        self._decode_budget = (budget, cap)
+    def limit_vae_calls(self, budget: MemoryBudget, cap: int) -> None:
+        """Decodes and encodes at most what `budget` fits (and `cap`) in one VAE call. Until
+        this is called (the start-up memory probe does, on CUDA) a batch's finished rows decode
+        together, and the init images of the requests admitted together encode together."""
+        self._vae_budget = (budget, cap)
 
     def min_steps(self, width: int, height: int) -> int:
         return self._schedules.min_steps(self._shape(height, width).seq_len)
@@ -362,16 +375,7 @@ class Engine:
         # One encoder call for both.
         states = self._prompts.encode(prompts + negatives, self.model.device, self.model.dtype)
         negative_states = iter(states[len(prompts) :])
-        with_image = [r for r in requests if r.params.init_image is not None]
-        posteriors = iter(
-            self._init_images.encode(
-                [r.params.init_image for r in with_image if r.params.init_image],
-                with_image[0].params.height,
-                with_image[0].params.width,
-            )
-            if with_image
-            else []
-        )
+        posteriors = iter(self._encode_init_images(requests))
         return [
             (
                 request,
@@ -383,6 +387,21 @@ class Engine:
             )
             for index, request in enumerate(requests)
         ]
+
+    def _encode_init_images(
+        self, requests: Sequence[EngineRequest]
+    ) -> list[DiagonalGaussianDistribution]:
+        """The VAE posteriors of the requests' init images, in as few calls as fit (the
+        requests admitted together share one size)."""
+        images = [r.params.init_image for r in requests if r.params.init_image is not None]
+        if not images:
+            return []
+        width, height = requests[0].params.width, requests[0].params.height
+        chunk = self._rows_per_vae_call("encode", width, height) or len(images)
+        posteriors = []
+        for start in range(0, len(images), chunk):
+            posteriors += self._init_images.encode(images[start : start + chunk], height, width)
+        return posteriors
 
     def _add_rows(
         self, group: Hashable, request: EngineRequest, conditioning: _Conditioning
@@ -487,18 +506,20 @@ class Engine:
         assert batch.latents is not None
         started = time.perf_counter()
         positions = [batch.rows.index(row) for row in rows]
-        chunk = self._rows_per_decode(batch.key.width, batch.key.height) or len(positions)
+        chunk = self._rows_per_vae_call("decode", batch.key.width, batch.key.height)
+        chunk = chunk or len(positions)
         decoded: list[np.ndarray | None] = []
         for start in range(0, len(positions), chunk):
             decoded += self._decode_chunk(batch, positions[start : start + chunk])
         timings["vae_decode"] = time.perf_counter() - started
         return dict(zip(rows, decoded, strict=True))
 
-    def _rows_per_decode(self, width: int, height: int) -> int | None:
-        if self._decode_budget is None:
+    def _rows_per_vae_call(self, kind: str, width: int, height: int) -> int | None:
+        """Images per VAE `kind` call ("decode", "encode") at this size; None = no limit."""
+        if self._vae_budget is None:
             return None
-        budget, cap = self._decode_budget
-        return budget.max_decode_rows(self.image_tokens(width, height), cap)
+        budget, cap = self._vae_budget
+        return budget.max_vae_rows(kind, self.image_tokens(width, height), cap)
 
     def _decode_chunk(self, batch: _Batch, positions: list[int]) -> list[np.ndarray | None]:
         """One VAE call for `positions`; on failure, one call per row, so a row fails alone."""

@@ -2,11 +2,11 @@
 
 Follows diffusers' QwenImageImg2ImgPipeline and QwenImageInpaintPipeline step for step, per row:
 the init image is resized and normalised by the pipeline's own image processor and encoded by
-the VAE (one call for all requests admitted together); each row's generator, seeded with the
-row's seed, first samples the VAE posterior and then draws the noise; the row starts at the first
-sigma of the tail of its schedule that `strength` selects. An inpainting row also keeps its image
-latents, noise and latent-resolution mask, and after every step puts back the known region,
-noised to the next sigma.
+the VAE (one call for all requests admitted together, or as many per call as fit on a GPU);
+each row's generator, seeded with the row's seed, first samples the VAE posterior and then draws
+the noise; the row starts at the first sigma of the tail of its schedule that `strength`
+selects. An inpainting row also keeps its image latents, noise and latent-resolution mask, and
+after every step puts back the known region, noised to the next sigma.
 """
 
 from __future__ import annotations
@@ -72,11 +72,17 @@ class InitImageEncoder:
             ]
         )
         pixels = pixels.to(torch.float32).to(device=self._device, dtype=self._dtype).unsqueeze(2)
+        return self.posteriors(pixels, height, width)
+
+    def posteriors(
+        self, pixels: torch.Tensor, height: int, width: int
+    ) -> list[DiagonalGaussianDistribution]:
+        """One VAE encode of preprocessed [n, 3, 1, height, width] pixels on the device."""
         set_vae_tiling(self._vae, height, width, self._tiling_min_pixels)
         posterior = self._vae.encode(pixels).latent_dist
         return [
             DiagonalGaussianDistribution(posterior.parameters[index : index + 1])
-            for index in range(len(images))
+            for index in range(len(pixels))
         ]
 
     def start(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 log = logging.getLogger(__name__)
@@ -51,17 +51,19 @@ class MemoryBudget:
     free_bytes: int  # free on the device once the model is loaded
     reserve_fraction: float  # kept free for fragmentation and everything not probed
     costs: tuple[RowCost, ...]  # a denoising call, at the probed resolutions
-    decode_costs: tuple[RowCost, ...] = ()  # a VAE decode (tokens = image tokens); () = unknown
+    # VAE calls by kind ("decode", "encode"), tokens = image tokens; a kind left out = unknown
+    vae_costs: dict[str, tuple[RowCost, ...]] = field(default_factory=dict)
 
     def max_rows(self, tokens: int, cap: int) -> int:
         """The most transformer rows that fit at `tokens` tokens per row, at most `cap` and at
         least 1."""
         return self._fit(self.costs, tokens, cap)
 
-    def max_decode_rows(self, image_tokens: int, cap: int) -> int:
-        """The most images one VAE decode takes at `image_tokens` latent tokens per image, at
-        most `cap` and at least 1; `cap` when the decode was not probed."""
-        return self._fit(self.decode_costs, image_tokens, cap) if self.decode_costs else cap
+    def max_vae_rows(self, kind: str, image_tokens: int, cap: int) -> int:
+        """The most images one VAE call of `kind` takes at `image_tokens` latent tokens per
+        image, at most `cap` and at least 1; `cap` when that kind was not probed."""
+        costs = self.vae_costs.get(kind)
+        return self._fit(costs, image_tokens, cap) if costs else cap
 
     def _fit(self, costs: tuple[RowCost, ...], tokens: int, cap: int) -> int:
         budget = self.free_bytes * (1 - self.reserve_fraction)

@@ -121,15 +121,15 @@ def _probe_memory(settings: Settings, setup: EngineSetup, metrics: Metrics) -> N
         [(w, h, engine.tokens_per_row(w, h)) for w, h in sizes],
         engine.runner.probe_rows(),
     )
-    decode_costs = probe_costs(
-        engine.peak_decode_bytes,
-        [(w, h, engine.image_tokens(w, h)) for w, h in sizes],
-        what="decode",
-    )
+    image_sizes = [(w, h, engine.image_tokens(w, h)) for w, h in sizes]
+    vae_costs = {
+        "decode": probe_costs(engine.peak_decode_bytes, image_sizes, what="decode"),
+        "encode": probe_costs(engine.peak_encode_bytes, image_sizes, what="encode"),
+    }
     torch.cuda.empty_cache()  # mem_get_info counts the probes' cached blocks as used
     free_bytes, _total = torch.cuda.mem_get_info(engine.model.device)
-    setup.memory = MemoryBudget(free_bytes, settings.memory_reserve_fraction, costs, decode_costs)
-    engine.limit_decodes(setup.memory, settings.max_batch_size)
+    setup.memory = MemoryBudget(free_bytes, settings.memory_reserve_fraction, costs, vae_costs)
+    engine.limit_vae_calls(setup.memory, settings.max_batch_size)
     for width, height in sizes:
         rows = row_limit(settings, setup, BatchKey(height=height, width=width, cfg=False)) or 0
         setup.probed.append((width, height, rows))

@@ -168,28 +168,49 @@ def test_a_negative_prompt_keeps_its_tokens_past_the_prompt_limit(
     assert float(np.abs(images[0] - images[1]).max()) > 1e-3
 
 
-def test_finished_rows_decode_in_calls_of_the_probed_size_with_the_same_pixels(
+def test_vae_calls_take_as_many_images_as_the_probe_fits_with_the_same_pixels(
     tiny_model: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On a GPU the memory probe limits how many images one VAE decode takes (a 1024x1024
-    decode costs gigabytes each): five finished rows decode as 2 + 2 + 1, to the same pixels."""
+    """On a GPU the memory probe limits how many images one VAE call takes (a 1024x1024 decode
+    costs gigabytes each): five edits admitted together encode as 3 + 2 and their finished rows
+    decode as 2 + 2 + 1, to the same pixels as one call each."""
+    import dataclasses
+
     from imagegen_server.engine import Engine, EngineRequest
     from imagegen_server.memory import MemoryBudget, RowCost
     from imagegen_server.model import load_model
+    from imagegen_server.types import InitImage
     from support import engine_params
 
     engine = Engine(load_model(str(tiny_model)), prompt_cache_size=8, max_prompt_tokens=512)
-    decode = engine._decoder.images
-    calls: list[int] = []
+    calls: dict[str, list[int]] = {"encode": [], "decode": []}
 
-    def counted(latents: torch.Tensor, *args: Any) -> list[np.ndarray]:
-        calls.append(len(latents))
-        return decode(latents, *args)
+    def counted(kind: str, call: Any) -> Any:
+        def counting(tensor: torch.Tensor, *args: Any) -> Any:
+            calls[kind].append(len(tensor))
+            return call(tensor, *args)
 
-    monkeypatch.setattr(engine._decoder, "images", counted)
+        return counting
+
+    monkeypatch.setattr(engine._decoder, "images", counted("decode", engine._decoder.images))
+    monkeypatch.setattr(
+        engine._init_images, "posteriors", counted("encode", engine._init_images.posteriors)
+    )
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8))
 
     def run(group: str) -> dict[str, np.ndarray]:
-        requests = [EngineRequest(f"{group}{i}", engine_params(f"r{i}", i)) for i in range(5)]
+        requests = [
+            EngineRequest(
+                f"{group}{i}",
+                dataclasses.replace(
+                    engine_params(f"r{i}", i),
+                    init_image=InitImage(picture, 0.75, None),
+                    steps=3,  # 0.75 of the 4-step schedule
+                    schedule_steps=4,
+                ),
+            )
+            for i in range(5)
+        ]
         engine.add(group, requests)
         finished = {}
         while engine.has_work():
@@ -199,11 +220,13 @@ def test_finished_rows_decode_in_calls_of_the_probed_size_with_the_same_pixels(
         return finished
 
     together = run("a")
-    assert calls == [5]
+    assert calls == {"encode": [5], "decode": [5]}
     per_image = RowCost(engine.image_tokens(64, 64), fixed_bytes=0, per_row_bytes=1000)
-    engine.limit_decodes(MemoryBudget(2500, 0.0, (), decode_costs=(per_image,)), cap=8)
+    encode_cost = dataclasses.replace(per_image, per_row_bytes=800)
+    budget = MemoryBudget(2500, 0.0, (), {"decode": (per_image,), "encode": (encode_cost,)})
+    engine.limit_vae_calls(budget, cap=8)
     chunked = run("b")
-    assert calls == [5, 2, 2, 1]
+    assert calls == {"encode": [5, 3, 2], "decode": [5, 2, 2, 1]}
     assert sorted(chunked) == sorted(together)
     for name, image in chunked.items():
         assert_same_image(image, together[name])

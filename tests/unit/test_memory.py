@@ -80,14 +80,14 @@ def test_the_vae_decode_has_its_own_budget() -> None:
         free_bytes=20 * GIB,
         reserve_fraction=0.0,
         costs=(RowCost(4300, 0, GIB),),
-        decode_costs=(RowCost(4096, GIB, 3 * GIB),),
+        vae_costs={"decode": (RowCost(4096, GIB, 3 * GIB),)},
     )
     assert budget.max_rows(4300, cap=64) == 20
-    assert budget.max_decode_rows(4096, cap=64) == 6  # (20 - 1) // 3
-    assert budget.max_decode_rows(4 * 4096, cap=64) == 1  # 12 GiB per image: one at a time
-    assert budget.max_decode_rows(4096, cap=4) == 4
+    assert budget.max_vae_rows("decode", 4096, cap=64) == 6  # (20 - 1) // 3
+    assert budget.max_vae_rows("decode", 4 * 4096, cap=64) == 1  # 12 GiB per image: one at a time
+    assert budget.max_vae_rows("decode", 4096, cap=4) == 4
     unprobed = MemoryBudget(free_bytes=20 * GIB, reserve_fraction=0.0, costs=budget.costs)
-    assert unprobed.max_decode_rows(4096, cap=8) == 8
+    assert unprobed.max_vae_rows("decode", 4096, cap=8) == 8
 
 
 def test_a_probe_that_does_not_fit_twice_counts_its_one_row_peak_per_row() -> None:
@@ -98,8 +98,8 @@ def test_a_probe_that_does_not_fit_twice_counts_its_one_row_peak_per_row() -> No
 
     (cost,) = probe_costs(peak, [(2048, 2048, 16384)], what="decode")
     assert (cost.per_row_bytes, cost.fixed_bytes) == (14 * GIB, 0)
-    budget = MemoryBudget(26 * GIB, 0.1, (cost,), (cost,))
-    assert budget.max_decode_rows(16384, cap=8) == 1
+    budget = MemoryBudget(26 * GIB, 0.1, (cost,), {"decode": (cost,)})
+    assert budget.max_vae_rows("decode", 16384, cap=8) == 1
 
 
 def test_a_probe_whose_single_row_does_not_fit_stops_the_start_naming_the_size() -> None:
