@@ -110,7 +110,7 @@ class Preview:
     data: bytes  # small JPEG
     width: int
     height: int
-    mime_type: str
+    mime_type: str = "image/jpeg"
 
 
 @dataclass(frozen=True, slots=True)

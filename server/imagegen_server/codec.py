@@ -6,7 +6,7 @@ import io
 import struct
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .errors import InvalidArgument
 from .types import OutputFormat
@@ -14,6 +14,17 @@ from .types import OutputFormat
 PREVIEW_QUALITY = 75
 _PIL_FORMATS = {OutputFormat.PNG: "PNG", OutputFormat.JPEG: "JPEG", OutputFormat.WEBP: "WEBP"}
 _ACCEPTED_FORMATS = {*_PIL_FORMATS.values(), "MPO"}
+EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> the transpose that shows the image upright (1 = already upright).
+_ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def encode_image(pixels: np.ndarray, output_format: OutputFormat, quality: int) -> bytes:
@@ -52,7 +63,7 @@ def decode_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
             )
         _check_pixels(field, *image.size, max_pixels)
         image.load()
-        return ImageOps.exif_transpose(_eight_bit(image))
+        return _eight_bit(_upright(image))
     except Image.DecompressionBombError as error:  # Pillow's own limit, far above ours
         raise InvalidArgument(field, f"{error}; allowed at most {max_pixels} pixels") from error
     # A cut or corrupted file fails in Pillow's parsers with any of these.
@@ -67,6 +78,20 @@ def _check_pixels(field: str, width: int, height: int, max_pixels: int) -> None:
         raise InvalidArgument(
             field, f"{width}x{height} = {width * height} pixels; allowed at most {max_pixels}"
         )
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image as shown: turned by its EXIF orientation, the EXIF itself left behind.
+
+    Pillow's `ImageOps.exif_transpose` also rewrites the EXIF, which raises on tags whose stored
+    type does not match Pillow's table (common in camera files); the server never sends the
+    EXIF back, so only the orientation is read, and an unreadable one counts as upright."""
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # any malformed EXIF: the pixels are still good
+        return image
+    method = _ORIENTATIONS.get(orientation)
+    return image if method is None else image.transpose(method)
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:

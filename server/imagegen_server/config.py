@@ -174,7 +174,11 @@ class Settings(BaseSettings):
         description="largest request message (init images too), bytes",
     )
     max_init_image_pixels: int = Field(
-        4096 * 4096, ge=1, description="largest init or mask image accepted, width x height"
+        4096 * 4096,
+        ge=1,
+        # Pillow's decompression-bomb threshold: above it Pillow, not this limit, would refuse.
+        le=178_956_970,
+        description="largest init or mask image accepted, width x height",
     )
     default_strength: float = Field(
         0.6, ge=MIN_STRENGTH, le=1, description="image-to-image strength of requests that give none"

@@ -253,7 +253,7 @@ class Engine:
         """Creates the rows of `requests` in batch `group`.
 
         All prompts of the admitted requests go through the text encoder in one call (cached
-        prompts skip it), and all their init images through the VAE encoder in one call; if
+        prompts skip it), and their init images through the VAE encoder in as few calls as fit; if
         that fails, each request is prepared alone and only those that still fail are reported.
         """
         started = time.perf_counter()

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class Peak(NamedTuple):
-    """Peak memory of a step and a decode with `rows` transformer rows."""
+    """Peak memory of one probed call (a denoising step, a VAE decode or encode) of `rows` rows."""
 
     rows: int
     bytes: int
@@ -53,6 +53,9 @@ class MemoryBudget:
     costs: tuple[RowCost, ...]  # a denoising call, at the probed resolutions
     # VAE calls by kind ("decode", "encode"), tokens = image tokens; a kind left out = unknown
     vae_costs: dict[str, tuple[RowCost, ...]] = field(default_factory=dict)
+    # Images of at least this many tokens go through the VAE in tiles (0 = never): far cheaper,
+    # so a size is judged only by probed sizes on its own side of the threshold.
+    vae_tiling_min_tokens: int = 0
 
     def max_rows(self, tokens: int, cap: int) -> int:
         """The most transformer rows that fit at `tokens` tokens per row, at most `cap` and at
@@ -63,13 +66,28 @@ class MemoryBudget:
         """The most images one VAE call of `kind` takes at `image_tokens` latent tokens per
         image, at most `cap` and at least 1; `cap` when that kind was not probed."""
         costs = self.vae_costs.get(kind)
-        return self._fit(costs, image_tokens, cap) if costs else cap
+        if not costs:
+            return cap
+        if self.vae_tiling_min_tokens:
+            tiled = image_tokens >= self.vae_tiling_min_tokens
+            alike = tuple(c for c in costs if (c.tokens >= self.vae_tiling_min_tokens) == tiled)
+            if not alike and not tiled:
+                return 1  # only tiled calls were probed: they say nothing of an untiled one
+            costs = alike or costs  # untiled costs, scaled up, overstate a tiled call: safe
+        return self._fit(costs, image_tokens, cap)
 
     def _fit(self, costs: tuple[RowCost, ...], tokens: int, cap: int) -> int:
         budget = self.free_bytes * (1 - self.reserve_fraction)
         nearest = min(costs, key=lambda cost: abs(cost.tokens - tokens))
         per_row = nearest.per_row_bytes * tokens / nearest.tokens
         return max(1, min(cap, int((budget - nearest.fixed_bytes) // per_row)))
+
+
+_PROBE_HINTS = {
+    "decode": ", or set vae_tiling_min_pixels",
+    "encode": ", or set vae_tiling_min_pixels",
+    "step": ", or lower max_prompt_tokens",
+}
 
 
 class OutOfMemory(Exception):
@@ -85,8 +103,9 @@ def probe_costs(
     """Measures `peak_bytes(width, height, rows)` at both row counts for each (width, height,
     tokens) resolution.
 
-    When the larger count does not fit, the smaller one's whole peak is taken as the cost of each
-    row (no fixed part: the most it can be), so that resolution gets the smaller count.
+    When the larger count does not fit, the smaller count's peak is spread over its rows as the
+    cost of each (no fixed part: the most a row can cost), so that resolution gets the smaller
+    count.
 
     Raises:
         RuntimeError: the smaller count does not fit either; nothing of that size can run.
@@ -98,7 +117,8 @@ def probe_costs(
         except OutOfMemory as error:
             raise RuntimeError(
                 f"memory probe: a {what} of {rows[0]} row(s) at {width}x{height} does not fit on "
-                "this device; lower max_width/max_height, or set vae_tiling_min_pixels"
+                f"this device; serve smaller sizes (max_width/max_height, default_width/"
+                f"default_height, memory_probe_sizes){_PROBE_HINTS.get(what, '')}"
             ) from error
         try:
             more = Peak(rows[1], peak_bytes(width, height, rows[1]))

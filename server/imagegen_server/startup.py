@@ -128,7 +128,14 @@ def _probe_memory(settings: Settings, setup: EngineSetup, metrics: Metrics) -> N
     }
     torch.cuda.empty_cache()  # mem_get_info counts the probes' cached blocks as used
     free_bytes, _total = torch.cuda.mem_get_info(engine.model.device)
-    setup.memory = MemoryBudget(free_bytes, settings.memory_reserve_fraction, costs, vae_costs)
+    pixels_per_token = (engine.model.vae_scale_factor * 2) ** 2  # latents are packed 2x2
+    setup.memory = MemoryBudget(
+        free_bytes,
+        settings.memory_reserve_fraction,
+        costs,
+        vae_costs,
+        vae_tiling_min_tokens=-(-settings.vae_tiling_min_pixels // pixels_per_token),
+    )
     engine.limit_vae_calls(setup.memory, settings.max_batch_size)
     for width, height in sizes:
         rows = row_limit(settings, setup, BatchKey(height=height, width=width, cfg=False)) or 0

@@ -244,15 +244,19 @@ class RequestValidator:
 
     def _edit_size(self, request: pb.GenerateRequest, image: PILImage) -> tuple[int, int]:
         """Edits keep the init image's size (down to the size multiple) unless the request
-        names one; a size that comes from the image is reported on init_image."""
+        names one. What is wrong with a side the client sent is reported on that side; what
+        involves a side taken from the image (that side, or the area) on init_image."""
+        if request.width and request.height:
+            return self._size(request.width, request.height)
+        for name in ("width", "height"):
+            if getattr(request, name):
+                self._side(name, getattr(request, name))
         multiple = self.limits.size_multiple
         width = request.width or image.width // multiple * multiple
         height = request.height or image.height // multiple * multiple
         try:
             return self._size(width, height)
         except InvalidArgument as error:
-            if getattr(request, error.field):  # the client sent the size that is wrong
-                raise
             raise InvalidArgument(
                 "init_image",
                 f"{image.width}x{image.height} gives a {width}x{height} output, and {error}; "
@@ -261,22 +265,29 @@ class RequestValidator:
 
     def _size(self, width: int, height: int) -> tuple[int, int]:
         limits = self.limits
-        for name, value, low, high in (
-            ("width", width, limits.min_width, limits.max_width),
-            ("height", height, limits.min_height, limits.max_height),
-        ):
-            _in_range(name, value, low, high)
-            if value % limits.size_multiple:
-                raise InvalidArgument(
-                    name,
-                    f"{value} is not a multiple of {limits.size_multiple}"
-                    f" (allowed: multiples of {limits.size_multiple} in [{low}, {high}])",
-                )
+        self._side("width", width)
+        self._side("height", height)
         if width * height > limits.max_pixels:
             raise InvalidArgument(
                 "width", f"width x height = {width * height} exceeds max_pixels {limits.max_pixels}"
             )
         return width, height
+
+    def _side(self, name: str, value: int) -> None:
+        """Checks a width or height alone: its range and the size multiple."""
+        limits = self.limits
+        low, high = (
+            (limits.min_width, limits.max_width)
+            if name == "width"
+            else (limits.min_height, limits.max_height)
+        )
+        _in_range(name, value, low, high)
+        if value % limits.size_multiple:
+            raise InvalidArgument(
+                name,
+                f"{value} is not a multiple of {limits.size_multiple}"
+                f" (allowed: multiples of {limits.size_multiple} in [{low}, {high}])",
+            )
 
     def _prompt(
         self, field: str, text: str, max_chars: int, max_tokens: int, min_chars: int

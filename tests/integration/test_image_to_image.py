@@ -321,6 +321,9 @@ def tiny_png(picture: Image.Image) -> bytes:
             "20x20 gives a 16x16 output, and width: 16 outside [32, 256]",
         ),
         ({"init_image": "tall", "height": 400}, "height", "400 outside [32, 256]"),
+        # One side sent: its own faults name it, the other side's name the image.
+        ({"init_image": "tall", "width": 100, "height": 0}, "width", "100 is not a multiple"),
+        ({"init_image": "tall", "width": 64, "height": 0}, "init_image", "height: 400 outside"),
     ],
 )
 def test_bad_init_images_and_masks_are_refused_naming_the_field(

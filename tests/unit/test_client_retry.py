@@ -9,9 +9,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from imagegen.v1 import imagegen_pb2 as pb
 from imagegen_client import ImageGenClient, RetryPolicy, TlsConfig
 from imagegen_client.cli import _adapter, _output_paths, _size, main
 from imagegen_client.client import HEALTH_TIMEOUT_S, MAX_TIMEOUT_S
+from imagegen_client.types import event_from_proto
 
 
 class FakeError(grpc.RpcError):
@@ -79,3 +81,10 @@ def test_health_without_the_cli_extra_says_what_to_install(
     monkeypatch.setitem(sys.modules, "grpc_health.v1", None)  # as if not installed
     assert main(["--target", "127.0.0.1:1", "health"]) == 2
     assert "pip install 'imagegen-serve[cli]'" in capsys.readouterr().err
+
+
+def test_a_preview_keeps_the_media_type_the_server_sent() -> None:
+    message = pb.ProgressEvent(request_id="r", step=pb.Step(step=1, total_steps=4))
+    message.step.previews.add(image_index=0, data=b"x", mime_type="image/webp", width=8, height=8)
+    (preview,) = event_from_proto(message).previews  # type: ignore[union-attr]
+    assert (preview.mime_type, preview.width, preview.data) == ("image/webp", 8, b"x")

@@ -90,6 +90,23 @@ def test_the_vae_decode_has_its_own_budget() -> None:
     assert unprobed.max_vae_rows("decode", 4096, cap=8) == 8
 
 
+def test_a_vae_call_is_judged_by_probed_sizes_on_its_side_of_the_tiling_threshold() -> None:
+    untiled = RowCost(4096, 0, 3 * GIB)  # 1024x1024
+    tiled = RowCost(16384, 0, 2 * GIB)  # 2048x2048 in tiles: cheaper than untiled 1024x1024
+    budget = MemoryBudget(
+        24 * GIB, 0.0, (), {"decode": (untiled, tiled)}, vae_tiling_min_tokens=16384
+    )
+    # 1920x1920 (14400 tokens) is untiled: judged by 1024x1024's cost, not the nearer tiled one.
+    assert budget.max_vae_rows("decode", 14400, cap=8) == 2  # 24 // (3 * 14400 / 4096)
+    assert budget.max_vae_rows("decode", 16384, cap=64) == 12  # 24 // 2
+    only_tiled = MemoryBudget(24 * GIB, 0.0, (), {"decode": (tiled,)}, vae_tiling_min_tokens=16384)
+    assert only_tiled.max_vae_rows("decode", 4096, cap=8) == 1  # nothing known: one at a time
+    only_untiled = MemoryBudget(
+        24 * GIB, 0.0, (), {"decode": (untiled,)}, vae_tiling_min_tokens=16384
+    )
+    assert only_untiled.max_vae_rows("decode", 16384, cap=8) == 2  # overstated: safe
+
+
 def test_a_probe_that_does_not_fit_twice_counts_its_one_row_peak_per_row() -> None:
     def peak(width: int, height: int, rows: int) -> int:
         if rows > 1:
