@@ -43,7 +43,32 @@ def configure_device(
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     if attention_backend:
+        check_backend_takes_masks(attention_backend, device, next(transformer.parameters()).dtype)
         transformer.set_attention_backend(attention_backend)  # type: ignore[operator]
+
+
+def check_backend_takes_masks(backend: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuses a diffusers attention backend that takes no attention mask: Qwen-Image's
+    processor passes one whenever prompts are padded (every call under "buckets", the memory
+    probe, any batch of prompts of different lengths), so such a backend would fail those calls.
+
+    Raises:
+        ValueError: naming the setting, for a backend without masks (flash-attn, native flash,
+            sage...). Other failures of the backend (not available here) propagate as they are.
+    """
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    tokens = torch.zeros(1, 2, 1, 64, dtype=dtype, device=device)  # [batch, tokens, heads, dim]
+    mask = torch.ones(1, 1, 1, 2, dtype=torch.bool, device=device)
+    try:
+        dispatch_attention_fn(tokens, tokens, tokens, attn_mask=mask, backend=backend)
+    except ValueError as error:
+        if "attn_mask" not in str(error):
+            raise
+        raise ValueError(
+            f"attention_backend: {backend!r} takes no attention mask, which Qwen-Image passes for "
+            "padded prompts; use native (PyTorch SDPA), _native_cudnn or _native_efficient"
+        ) from error
 
 
 def host_to_device(
@@ -95,6 +120,12 @@ class TransformerRunner:
         if self.mode != "buckets":
             return rows
         return next((size for size in self.buckets if size >= rows), rows)
+
+    @property
+    def largest_call(self) -> int | None:
+        """The most rows one call may have: the largest compiled batch in "buckets" mode (a
+        larger call would compile while serving); None otherwise."""
+        return max(self.buckets) if self.mode == "buckets" and self.buckets else None
 
     def probe_rows(self) -> tuple[int, int]:
         """Two batch sizes that run as calls of different sizes, for the memory probe (with

@@ -75,7 +75,8 @@ class Settings(BaseSettings):
         "shared by all blocks, fast start-up); model = the whole transformer as one graph",
     )
     attention_backend: str | None = Field(
-        None, description="diffusers attention backend (e.g. flash, _native_cudnn); unset = SDPA"
+        None,
+        description="diffusers attention backend taking masks (e.g. _native_cudnn); unset = SDPA",
     )
     memory_probe: bool = Field(
         True, description="CUDA: measure per-row memory at start-up and cap batches to fit"
@@ -276,10 +277,17 @@ class Settings(BaseSettings):
             )
         if any(size < 1 or size > self.max_batch_size for size in self.preferred_batch_sizes):
             problems.append(f"preferred_batch_sizes must lie in [1, {self.max_batch_size}]")
+        if self.compile == "dynamic" and self.compile_scope == "model":
+            # The whole transformer takes the rows (img_shapes, a list) and the text length as
+            # Python values, so Dynamo specialises on them: a graph per new value while serving.
+            problems.append(
+                "compile=dynamic needs compile_scope=blocks: with scope model every new batch "
+                "size and prompt length compiles while serving"
+            )
         if self.compile == "buckets" and max(self.compile_buckets, default=0) < self.max_batch_size:
             problems.append(
                 f"compile_buckets must reach max_batch_size ({self.max_batch_size});"
-                " CFG batches need twice that"
+                " a CFG image is two rows, so CFG batches hold half the largest bucket in images"
             )
         return problems
 

@@ -163,7 +163,7 @@ class Denoiser:
         if cfg:
             hidden, timesteps = torch.cat([hidden, hidden]), torch.cat([timesteps, timesteps])
             row_adapters += row_adapters  # the unconditional half uses the same adapters
-        with self._adapters.applied(row_adapters, hidden.dtype):
+        with self._adapters.applied(row_adapters):
             output = self._transformer(hidden, timesteps, states, mask, shape.rope_shape)
         if not cfg:
             return output

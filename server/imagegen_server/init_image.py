@@ -35,8 +35,9 @@ class InpaintState:
 
     def blend(self, latents: torch.Tensor, next_sigma: float) -> torch.Tensor:
         """Puts the known region back at `next_sigma` (0 after the last step: the image itself)."""
-        sigma = torch.tensor(next_sigma, dtype=self.image_latents.dtype, device=latents.device)
-        known = sigma * self.noise + (1.0 - sigma) * self.image_latents
+        # A Python float, not a device tensor: no host-to-device copy (which waits for the
+        # device) per row per step, and no rounding of sigma to a bfloat16 model's dtype.
+        known = next_sigma * self.noise + (1.0 - next_sigma) * self.image_latents
         return (1 - self.mask) * known + self.mask * latents
 
 

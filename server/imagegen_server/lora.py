@@ -61,7 +61,7 @@ class _Active:
 
     layers: dict[str, _Pair]
     rows: torch.Tensor  # long [n] row indices with a non-zero scale
-    scales: torch.Tensor  # [n] in the activation dtype
+    scales: torch.Tensor  # [n] float32, multiplied into the delta in place (one rounding)
 
 
 @dataclass(slots=True)
@@ -146,9 +146,7 @@ class LoraBank:
         return self.parameters()
 
     @contextlib.contextmanager
-    def applied(
-        self, row_adapters: Sequence[tuple[AdapterSpec, ...]], dtype: torch.dtype
-    ) -> Iterator[None]:
+    def applied(self, row_adapters: Sequence[tuple[AdapterSpec, ...]]) -> Iterator[None]:
         """Activates each row's adapters for one transformer call over `row_adapters` rows."""
         by_name: dict[str, tuple[list[int], list[float]]] = {}
         for row, specs in enumerate(row_adapters):
@@ -163,7 +161,9 @@ class LoraBank:
             _Active(
                 layers=self._adapters[name],
                 rows=host_to_device(rows, torch.long, device),
-                scales=host_to_device(scales, dtype, device),
+                # float32: a bfloat16 scale would round 0.7 to 0.699 before the multiply;
+                # PEFT multiplies by the Python float (one rounding, to the delta's dtype).
+                scales=host_to_device(scales, torch.float32, device),
             )
             for name, (rows, scales) in by_name.items()
         ]

@@ -94,14 +94,17 @@ def build_engine(
 
 
 def row_limit(settings: Settings, setup: EngineSetup, key: BatchKey) -> int | None:
-    """Most images per step for `key` that fit the device; None = no memory bound known."""
-    if setup.memory is None:
-        return None
+    """Most images per step for `key` that fit the device and, in "buckets" mode, the largest
+    compiled batch (a CFG image is two rows); None = no bound known."""
     runner = setup.engine.runner
-    fitting_rows = setup.memory.max_rows(
-        setup.engine.tokens_per_row(key.width, key.height),
-        cap=runner.bucket(2 * settings.max_batch_size),
-    )
+    fitting_rows = runner.largest_call
+    if setup.memory is not None:
+        fitting_rows = setup.memory.max_rows(
+            setup.engine.tokens_per_row(key.width, key.height),
+            cap=fitting_rows or runner.bucket(2 * settings.max_batch_size),
+        )
+    if fitting_rows is None:
+        return None
     return images_that_fit(
         fitting_rows, settings.max_batch_size, 2 if key.cfg else 1, runner.bucket
     )

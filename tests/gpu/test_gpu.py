@@ -13,6 +13,9 @@ from imagegen_client import OutputFormat
 from support import pixels
 
 BIN = Path(sys.executable).parent
+# Drawing the 20 B-parameter stand-in, the start-up probe and compiling run in a test's fixture
+# set-up, which the suite's 300 s per-test timeout would cut; a GPU command may run 600 s.
+pytestmark = pytest.mark.timeout(600)
 GPU = {
     "device": "cuda",
     "dtype": "bfloat16",

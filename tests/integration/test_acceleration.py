@@ -117,6 +117,9 @@ def test_adapters_never_make_the_compiled_transformer_compile_while_serving(
     compiled = server_factory(compile="buckets", compile_buckets=[4], **settings)
     graphs = counters["stats"]["unique_graphs"]
     images = adapter_batch_images(compiled)
+    # Then no adapter at all, at a text bucket the warm-up did not use (512 tokens): after the
+    # adapters-active variant, the wrapped layers run as frames of their own.
+    compiled.client().generate("a fox in the snow " * 11, seed=2, steps=2)
     # The variant with adapters active was compiled at start-up, and the adapters' deltas run
     # outside the graphs: no mix of adapters, ranks or rows is a new graph.
     assert counters["stats"]["unique_graphs"] == graphs
@@ -164,6 +167,10 @@ def test_the_full_size_model_is_refused_on_cpu(tmp_path: Path) -> None:
             "compile_buckets must reach max_batch_size",
         ),
         ({"memory_reserve_fraction": 1.5}, "memory_reserve_fraction"),
+        (
+            {"compile": "dynamic", "compile_scope": "model"},
+            "compile=dynamic needs compile_scope=blocks",
+        ),
     ],
 )
 def test_acceleration_settings_are_checked(overrides: dict[str, Any], message: str) -> None:

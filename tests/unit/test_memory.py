@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from imagegen_server.acceleration import TransformerRunner
+from imagegen_server.config import Settings
 from imagegen_server.memory import (
     MemoryBudget,
     OutOfMemory,
@@ -15,6 +17,8 @@ from imagegen_server.memory import (
     images_that_fit,
     probe_costs,
 )
+from imagegen_server.startup import row_limit
+from imagegen_server.types import BatchKey
 
 GIB = 2**30
 
@@ -128,7 +132,7 @@ def test_a_probe_whose_single_row_does_not_fit_stops_the_start_naming_the_size()
 
 
 def runner(mode: str, buckets: tuple[int, ...] = ()) -> TransformerRunner:
-    return TransformerRunner(call=lambda **_: None, mode=mode, buckets=buckets)  # type: ignore[arg-type]
+    return TransformerRunner(call=lambda **_: None, mode=mode, buckets=buckets)
 
 
 @pytest.mark.parametrize(
@@ -178,3 +182,18 @@ def test_a_row_is_costed_with_the_longest_prompt_as_it_runs(
     )
     image_tokens = (64 // (2 * loaded_model.vae_scale_factor)) ** 2  # 2x2 patches of latents
     assert engine.tokens_per_row(64, 64) == image_tokens + text
+
+
+def test_buckets_mode_holds_a_cfg_batch_to_half_the_largest_compiled_batch() -> None:
+    """A CFG image is two rows: 5 CFG images would be a 10-row call, above the largest bucket
+    (8), which nothing pads and which would compile while serving."""
+    settings = Settings(
+        model="m", compile="buckets", compile_buckets=[1, 2, 4, 8], max_batch_size=8
+    )
+    compiled: Any = SimpleNamespace(
+        memory=None, engine=SimpleNamespace(runner=runner("buckets", (1, 2, 4, 8)))
+    )
+    assert row_limit(settings, compiled, BatchKey(height=64, width=64, cfg=True)) == 4
+    assert row_limit(settings, compiled, BatchKey(height=64, width=64, cfg=False)) == 8
+    eager: Any = SimpleNamespace(memory=None, engine=SimpleNamespace(runner=runner("off")))
+    assert row_limit(settings, eager, BatchKey(height=64, width=64, cfg=True)) is None
