@@ -2,12 +2,13 @@
 
 At start-up (CUDA only) the probe measures, at each probe resolution, the peak memory of one
 denoising call with two batch sizes (1 and 2 rows, or the two smallest compiled batch sizes when
-calls are padded to them), with the longest prompt allowed, and of one VAE decode of 1 and 2
-images. The difference of two peaks is the cost of one more row. The two are measured apart
-because they never hold memory at once (a step's activations are freed before its finished rows
-decode) and because the VAE, not the transformer, is the larger: a 1024x1024 decode of
-Qwen-Image's VAE takes gigabytes per image. With what the device has free, less a reserve, that
-gives the largest safe batch per resolution, and how many finished images one VAE call decodes.
+calls are padded to them), with the longest prompt allowed, and of one VAE decode and one VAE
+encode of 1 and 2 images. The difference of two peaks is the cost of one more row. The three are
+measured apart because they never hold memory at once (a step's activations are freed before its
+finished rows decode; init images encode before their rows' first step) and because the VAE, not
+the transformer, is the larger: a 1024x1024 decode of Qwen-Image's VAE takes gigabytes per
+image. With what the device has free, less a reserve, that gives the largest safe batch per
+resolution, and how many images one VAE call decodes or encodes.
 Other resolutions scale the per-row cost with their token count (attention kernels that never
 materialise the score matrix keep activations linear in tokens; the VAE is linear in pixels). A
 batch is judged by the call it really makes: CFG doubles its rows, and padding rounds them up to
