@@ -102,18 +102,12 @@ class EngineBench:
             self._engine.limit_vae_calls(self._decode_budget, MAX_DECODE_ROWS)
 
     def _probe_decodes(self, sizes: Sequence[tuple[int, int]]) -> Any:
-        import torch
-        from imagegen_server.memory import MemoryBudget, probe_costs
+        """The server's VAE decode probe (`imagegen_server.startup`), without the step's."""
+        from imagegen_server.memory import MemoryBudget
+        from imagegen_server.startup import free_device_bytes, probe_vae_costs
 
-        engine = self._engine
-        costs = probe_costs(
-            engine.peak_decode_bytes,
-            [(width, height, engine.image_tokens(width, height)) for width, height in sizes],
-            what="decode",
-        )
-        torch.cuda.empty_cache()  # mem_get_info counts cached blocks as used
-        free_bytes, _total = torch.cuda.mem_get_info(self._model.device)
-        return MemoryBudget(free_bytes, MEMORY_RESERVE_FRACTION, (), {"decode": costs})
+        costs = probe_vae_costs(self._engine, list(sizes), ("decode",))
+        return MemoryBudget(free_device_bytes(self._engine), MEMORY_RESERVE_FRACTION, (), costs)
 
     @property
     def device(self) -> str:

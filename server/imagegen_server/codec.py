@@ -6,7 +6,7 @@ import io
 import struct
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image
 
 from .errors import InvalidArgument
 from .types import OutputFormat
@@ -14,7 +14,6 @@ from .types import OutputFormat
 PREVIEW_QUALITY = 75
 _PIL_FORMATS = {OutputFormat.PNG: "PNG", OutputFormat.JPEG: "JPEG", OutputFormat.WEBP: "WEBP"}
 _ACCEPTED_FORMATS = {*_PIL_FORMATS.values(), "MPO"}
-EXIF_ORIENTATION = 0x0112
 # EXIF orientation -> the transpose that shows the image upright (1 = already upright).
 _ORIENTATIONS = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -61,23 +60,20 @@ def decode_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
             raise InvalidArgument(
                 field, f"{image.format} images are not accepted; use PNG, JPEG or WebP"
             )
-        _check_pixels(field, *image.size, max_pixels)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise InvalidArgument(
+                field, f"{width}x{height} = {width * height} pixels; allowed at most {max_pixels}"
+            )
         image.load()
         return _eight_bit(_upright(image))
-    except Image.DecompressionBombError as error:  # Pillow's own limit, far above ours
+    except Image.DecompressionBombError as error:  # Pillow's own limit, above ours
         raise InvalidArgument(field, f"{error}; allowed at most {max_pixels} pixels") from error
     # A cut or corrupted file fails in Pillow's parsers with any of these.
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as error:
         raise InvalidArgument(
             field, f"not a decodable PNG, JPEG or WebP image ({error})"
         ) from error
-
-
-def _check_pixels(field: str, width: int, height: int, max_pixels: int) -> None:
-    if width * height > max_pixels:
-        raise InvalidArgument(
-            field, f"{width}x{height} = {width * height} pixels; allowed at most {max_pixels}"
-        )
 
 
 def _upright(image: Image.Image) -> Image.Image:
@@ -87,7 +83,7 @@ def _upright(image: Image.Image) -> Image.Image:
     type does not match Pillow's table (common in camera files); the server never sends the
     EXIF back, so only the orientation is read, and an unreadable one counts as upright."""
     try:
-        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
     except Exception:  # any malformed EXIF: the pixels are still good
         return image
     method = _ORIENTATIONS.get(orientation)

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+from PIL import Image
 from pydantic import Field, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -178,7 +179,7 @@ class Settings(BaseSettings):
         4096 * 4096,
         ge=1,
         # Pillow's decompression-bomb threshold: above it Pillow, not this limit, would refuse.
-        le=178_956_970,
+        le=Image.MAX_IMAGE_PIXELS,
         description="largest init or mask image accepted, width x height",
     )
     default_strength: float = Field(

@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Collection, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +40,8 @@ from .sampling import LatentShape, ScheduleTable, initial_noise
 from .types import BatchKey, GeneratedImage, GenerationParams, Preview
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -401,11 +404,12 @@ class Engine:
         if not images:
             return []
         width, height = requests[0].params.width, requests[0].params.height
-        chunk = self._rows_per_vae_call("encode", width, height) or len(images)
-        posteriors = []
-        for start in range(0, len(images), chunk):
-            posteriors += self._init_images.encode(images[start : start + chunk], height, width)
-        return posteriors
+        chunk = self._rows_per_vae_call("encode", width, height)
+        return [
+            posterior
+            for part in _chunks(images, chunk)
+            for posterior in self._init_images.encode(part, height, width)
+        ]
 
     def _add_rows(
         self, group: Hashable, request: EngineRequest, conditioning: _Conditioning
@@ -511,10 +515,11 @@ class Engine:
         started = time.perf_counter()
         positions = [batch.rows.index(row) for row in rows]
         chunk = self._rows_per_vae_call("decode", batch.key.width, batch.key.height)
-        chunk = chunk or len(positions)
-        decoded: list[np.ndarray | None] = []
-        for start in range(0, len(positions), chunk):
-            decoded += self._decode_chunk(batch, positions[start : start + chunk])
+        decoded = [
+            pixels
+            for part in _chunks(positions, chunk)
+            for pixels in self._decode_chunk(batch, part)
+        ]
         timings["vae_decode"] = time.perf_counter() - started
         return dict(zip(rows, decoded, strict=True))
 
@@ -590,6 +595,13 @@ def _count_adapter_rows(rows: list[Row]) -> dict[str, int]:
         for spec in row.adapters:
             counts[spec.name] = counts.get(spec.name, 0) + 1
     return counts
+
+
+def _chunks(items: list[T], size: int | None) -> Iterator[list[T]]:
+    """`items` in consecutive pieces of at most `size` (None: all in one)."""
+    step = size or len(items)
+    for start in range(0, len(items), step):
+        yield items[start : start + step]
 
 
 @dataclass(slots=True)

@@ -13,7 +13,7 @@ from .adapters import AdapterDirectory, AdapterFile
 from .config import Settings
 from .denoise import FaultInjection
 from .engine import Engine
-from .memory import MemoryBudget, images_that_fit, probe_costs
+from .memory import MemoryBudget, RowCost, images_that_fit, probe_costs
 from .metrics import Metrics
 from .model import load_model
 from .prompts import PromptTokenizer
@@ -124,19 +124,12 @@ def _probe_memory(settings: Settings, setup: EngineSetup, metrics: Metrics) -> N
         [(w, h, engine.tokens_per_row(w, h)) for w, h in sizes],
         engine.runner.probe_rows(),
     )
-    image_sizes = [(w, h, engine.image_tokens(w, h)) for w, h in sizes]
-    vae_costs = {
-        "decode": probe_costs(engine.peak_decode_bytes, image_sizes, what="decode"),
-        "encode": probe_costs(engine.peak_encode_bytes, image_sizes, what="encode"),
-    }
-    torch.cuda.empty_cache()  # mem_get_info counts the probes' cached blocks as used
-    free_bytes, _total = torch.cuda.mem_get_info(engine.model.device)
     pixels_per_token = (engine.model.vae_scale_factor * 2) ** 2  # latents are packed 2x2
     setup.memory = MemoryBudget(
-        free_bytes,
+        free_device_bytes(engine),
         settings.memory_reserve_fraction,
         costs,
-        vae_costs,
+        probe_vae_costs(engine, sizes, ("decode", "encode")),
         vae_tiling_min_tokens=-(-settings.vae_tiling_min_pixels // pixels_per_token),
     )
     engine.limit_vae_calls(setup.memory, settings.max_batch_size)
@@ -144,6 +137,23 @@ def _probe_memory(settings: Settings, setup: EngineSetup, metrics: Metrics) -> N
         rows = row_limit(settings, setup, BatchKey(height=height, width=width, cfg=False)) or 0
         setup.probed.append((width, height, rows))
         metrics.max_batch_size.labels(resolution=f"{width}x{height}").set(rows)
+
+
+def probe_vae_costs(
+    engine: Engine, sizes: list[tuple[int, int]], kinds: tuple[str, ...]
+) -> dict[str, tuple[RowCost, ...]]:
+    """What VAE calls of each kind ("decode", "encode") cost per image at each (width, height)."""
+    image_sizes = [(w, h, engine.image_tokens(w, h)) for w, h in sizes]
+    peaks = {"decode": engine.peak_decode_bytes, "encode": engine.peak_encode_bytes}
+    return {kind: probe_costs(peaks[kind], image_sizes, what=kind) for kind in kinds}
+
+
+def free_device_bytes(engine: Engine) -> int:
+    """Memory free on the engine's CUDA device, once the probes' cached blocks are released
+    (`mem_get_info` counts them as used)."""
+    torch.cuda.empty_cache()
+    free_bytes, _total = torch.cuda.mem_get_info(engine.model.device)
+    return int(free_bytes)
 
 
 def _parse_size(text: str) -> tuple[int, int]:
