@@ -42,6 +42,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: install tools lint
 	PATH="$(CURDIR)/.tools/bin:$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)

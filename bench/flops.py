@@ -44,7 +44,7 @@ def transformer_step_flops(
     """FLOPs of one transformer call of `rows` rows at `width` x `height`, as PyTorch counts
     them (multiply-adds count 2); `config` is the transformer's (`transformer.config`)."""
     from diffusers import QwenImageTransformer2DModel
-    from imagegen_server.sampling import LatentShape
+    from imagegen_server.engine.sampling import LatentShape
     from torch.utils.flop_counter import FlopCounterMode
 
     shape = LatentShape.for_image(height, width, int(config["in_channels"]) // 4, vae_scale_factor)

@@ -1,6 +1,6 @@
 """The limit: the engine alone, no server, no gRPC, at each batch size.
 
-It drives `imagegen_server.engine.Engine` exactly as the batcher does (`add` a batch of requests,
+It drives the server's `Engine` exactly as the batcher does (`add` a batch of requests,
 `step` until they finish) in this process, one batch at a time. A batch's time runs from `add`
 (text encoding) to its decoded images; PNG encoding and the RPC are left out on purpose: they are
 part of the serving overhead the servers are measured against.
@@ -82,9 +82,9 @@ class EngineBench:
         """On CUDA, the VAE decodes of `decode_sizes` (width, height) are probed as the server
         probes them, so finished rows decode in as many images per call as fit."""
         import torch
-        from imagegen_server.acceleration import configure_device
-        from imagegen_server.engine import Engine
-        from imagegen_server.model import load_model
+        from imagegen_server.engine.acceleration import configure_device
+        from imagegen_server.engine.engine import Engine
+        from imagegen_server.engine.model import load_model
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -102,9 +102,9 @@ class EngineBench:
             self._engine.limit_vae_calls(self._decode_budget, MAX_DECODE_ROWS)
 
     def _probe_decodes(self, sizes: Sequence[tuple[int, int]]) -> Any:
-        """The server's VAE decode probe (`imagegen_server.startup`), without the step's."""
-        from imagegen_server.memory import MemoryBudget
-        from imagegen_server.startup import free_device_bytes, probe_vae_costs
+        """The server's VAE decode probe (`imagegen_server.engine.startup`), without the step's."""
+        from imagegen_server.engine.memory import MemoryBudget
+        from imagegen_server.engine.startup import free_device_bytes, probe_vae_costs
 
         costs = probe_vae_costs(self._engine, list(sizes), ("decode",))
         return MemoryBudget(free_device_bytes(self._engine), MEMORY_RESERVE_FRACTION, (), costs)
@@ -127,7 +127,7 @@ class EngineBench:
 
     @property
     def model(self) -> Any:
-        """The loaded model (`imagegen_server.model.LoadedModel`)."""
+        """The loaded model (`imagegen_server.engine.model.LoadedModel`)."""
         return self._model
 
     def compile(
@@ -141,8 +141,8 @@ class EngineBench:
         scope: measure eager (mode "off") and the "model" scope first.
         """
         import torch
-        from imagegen_server.acceleration import TransformerRunner
-        from imagegen_server.engine import Engine
+        from imagegen_server.engine.acceleration import TransformerRunner
+        from imagegen_server.engine.engine import Engine
 
         torch._dynamo.reset()
         transformer = self._model.pipeline.transformer
@@ -154,13 +154,13 @@ class EngineBench:
 
     def prompt_tokens(self, number: int) -> int:
         """Text tokens the transformer sees for request `number`'s prompt."""
-        from imagegen_server.prompts import PromptTokenizer
+        from imagegen_server.engine.prompts import PromptTokenizer
 
         return PromptTokenizer(self._model.pipeline).count(_prompt(number))
 
     def run_batch(self, cls: RequestClass, batch_size: int) -> BatchTiming:
         """Runs `batch_size` requests of `cls` (distinct prompts and seeds) to completion."""
-        from imagegen_server.engine import EngineRequest
+        from imagegen_server.base.engine_api import EngineRequest
 
         requests = [
             EngineRequest(str(n), self._params(cls, n)) for n in self._batch_ids(batch_size)
@@ -219,7 +219,7 @@ class EngineBench:
 
     @staticmethod
     def _params(request_class: RequestClass, number: int) -> Any:
-        from imagegen_server.types import GenerationParams, OutputFormat
+        from imagegen_server.base.types import GenerationParams, OutputFormat
 
         return GenerationParams(
             request_id=str(number),

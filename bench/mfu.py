@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
     import torch
-    from imagegen_server.model import resolve_device, resolve_dtype
+    from imagegen_server.engine.model import resolve_device, resolve_dtype
 
     started = time.monotonic()
     device = resolve_device(args.device)
@@ -205,7 +205,7 @@ def run_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
 def _count_flops(bench: EngineBench, resolutions: list[tuple[int, int]]) -> list[dict[str, Any]]:
     """Transformer FLOPs per image and step at each resolution, for the bench's prompts."""
-    from imagegen_server.sampling import LatentShape
+    from imagegen_server.engine.sampling import LatentShape
 
     model = bench.model
     config = model.pipeline.transformer.config

@@ -31,7 +31,7 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
-from imagegen_server.model import load_model
+from imagegen_server.engine.model import load_model
 from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 
 log = logging.getLogger("naive_server")

@@ -142,7 +142,7 @@ def ensure_model(directory: Path, preset: str = "bench") -> None:
     """Writes `preset` of the random-weight model to `directory` if it is missing."""
     if (directory / "model_index.json").exists():
         return
-    from imagegen_server.tiny_model import write_tiny_model
+    from imagegen_server.engine.tiny_model import write_tiny_model
 
     print(f"writing the {preset} preset model to {directory}", flush=True)
     write_tiny_model(directory, preset=preset)
@@ -150,7 +150,7 @@ def ensure_model(directory: Path, preset: str = "bench") -> None:
 
 def describe_model(directory: Path) -> str:
     """The report's words for the model in `directory`."""
-    from imagegen_server.tiny_model import RANDOM_WEIGHTS_FILE
+    from imagegen_server.engine.tiny_model import RANDOM_WEIGHTS_FILE
 
     marker = directory / RANDOM_WEIGHTS_FILE
     if marker.is_file():

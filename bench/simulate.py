@@ -1,6 +1,6 @@
 """The real scheduler on a simulated engine: what row selection does on other cost curves.
 
-`python -m bench.simulate` drives imagegen_server.scheduler.Scheduler (pure Python) with a fake
+`python -m bench.simulate` drives the server's `Scheduler` (pure Python) with a fake
 clock: Poisson arrivals of a mix of step counts, one batch key, and a step that takes what a
 cost curve says for its rows (with +-10% noise). It compares request-level batching, step-level
 batching stepping every row (`--row-selection all`) and step-level batching with cost-aware row
@@ -29,8 +29,8 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from imagegen_server.row_selection import CostLine
-from imagegen_server.scheduler import QueueEntry, Scheduler, SchedulerConfig
+from imagegen_server.batching.row_selection import CostLine
+from imagegen_server.batching.scheduler import QueueEntry, Scheduler, SchedulerConfig
 
 from .stats import percentile
 

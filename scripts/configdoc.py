@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from imagegen_server.config import Settings
+from imagegen_server.base.config import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 OUTPUT = REPO / "docs/configuration.md"
@@ -52,7 +52,7 @@ LIMIT_SETTINGS = (
 )
 HEADER = """# Configuration reference
 
-Generated from `imagegen_server.config.Settings` by `make docs`; do not edit by hand.
+Generated from `imagegen_server.base.config.Settings` by `make docs`; do not edit by hand.
 
 Every setting is a flag of `imagegen-server serve` (`--kebab-case`), an environment variable
 (`IMAGEGEN_UPPER_SNAKE`) and a key of the YAML file named by `--config` / `IMAGEGEN_CONFIG`.

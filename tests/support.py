@@ -47,7 +47,7 @@ PIXEL_TOLERANCE = 1e-5
 class RunningServer:
     """An ImageGenServer on its own event loop in a background thread."""
 
-    server: Any  # imagegen_server.server.ImageGenServer
+    server: Any  # imagegen_server.api.server.ImageGenServer
     loop: asyncio.AbstractEventLoop
     thread: threading.Thread
     clients: list[ImageGenClient] = field(default_factory=list)
@@ -96,8 +96,8 @@ def start_server(
     With `wait_ready=False` the budget applies from the start, warm-up included, so `0` keeps the
     server NOT_SERVING until the test releases it.
     """
-    from imagegen_server.config import load_settings
-    from imagegen_server.server import ImageGenServer
+    from imagegen_server.api.server import ImageGenServer
+    from imagegen_server.base.config import load_settings
 
     settings = load_settings(model=str(model_dir), **{**TEST_SETTINGS, **overrides})
     loop = asyncio.new_event_loop()
@@ -212,7 +212,7 @@ def assert_same_image(
 def engine_params(request_id: str, seed: int = 0, num_images: int = 1) -> Any:
     """A valid `GenerationParams` at the test size (64x64, 4 steps) for driving the engine or
     the batcher directly; NPY output keeps the pixels exact."""
-    from imagegen_server.types import GenerationParams, OutputFormat
+    from imagegen_server.base.types import GenerationParams, OutputFormat
 
     return GenerationParams(
         request_id=request_id,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import add_settings_arguments, load_settings
+from .base.config import add_settings_arguments, load_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger(__name__).info("settings: %s", settings.model_dump_json())
-    from .server import serve  # torch and diffusers load only when serving
+    from .api.server import serve  # torch and diffusers load only when serving
 
     return asyncio.run(serve(settings))
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 def _tiny_model(directory: Path, preset: str, seed: int, weights_at_load: bool) -> int:
     import torch
 
-    from .tiny_model import WEIGHTS_AT_LOAD, write_tiny_model
+    from .engine.tiny_model import WEIGHTS_AT_LOAD, write_tiny_model
 
     if preset == "full" and not torch.cuda.is_available():
         print(

@@ -213,7 +213,7 @@ def test_server_accepts_the_config(
 ) -> None:
     # The server's own settings class (pydantic, unknown keys forbidden), as `serve --config`
     # loads the file; it imports without torch.
-    from imagegen_server.config import load_settings
+    from imagegen_server.base.config import load_settings
 
     for name in [n for n in os.environ if n.startswith("IMAGEGEN_")]:
         monkeypatch.delenv(name)

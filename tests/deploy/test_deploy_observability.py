@@ -75,7 +75,7 @@ ALL_EXPRS = {
 
 def test_contract_lists_exactly_the_server_metrics() -> None:
     # The server's own metric declarations (prometheus-client only, no torch).
-    from imagegen_server.metrics import Metrics
+    from imagegen_server.base.metrics import Metrics
     from prometheus_client import generate_latest
 
     exposition = generate_latest(Metrics().registry).decode()

@@ -174,7 +174,7 @@ def test_the_full_size_model_is_refused_on_cpu(tmp_path: Path) -> None:
     ],
 )
 def test_acceleration_settings_are_checked(overrides: dict[str, Any], message: str) -> None:
-    from imagegen_server.config import load_settings
+    from imagegen_server.base.config import load_settings
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError, match=message):

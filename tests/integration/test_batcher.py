@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from imagegen_server.batcher import Batcher, RequestHandle
-from imagegen_server.engine import Engine
-from imagegen_server.errors import EngineUnavailable, InvalidArgument
-from imagegen_server.metrics import Metrics
-from imagegen_server.model import load_model
-from imagegen_server.scheduler import Scheduler, SchedulerConfig
-from imagegen_server.types import BatchKey, CompletedEvent, Event, FailedEvent, StepEvent
+from imagegen_server.base.errors import EngineUnavailable, InvalidArgument
+from imagegen_server.base.metrics import Metrics
+from imagegen_server.base.types import BatchKey, CompletedEvent, Event, FailedEvent, StepEvent
+from imagegen_server.batching.batcher import Batcher, RequestHandle
+from imagegen_server.batching.scheduler import Scheduler, SchedulerConfig
+from imagegen_server.engine.engine import Engine
+from imagegen_server.engine.model import load_model
 from support import engine_params
 
 TIMEOUT_S = 60.0

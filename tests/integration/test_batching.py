@@ -128,7 +128,7 @@ def test_request_level_batching_makes_the_short_request_wait(server_factory: Any
 def test_cost_aware_selection_runs_a_short_request_ahead_with_the_same_pixels(
     server_factory: Any,
 ) -> None:
-    from imagegen_server.types import BatchKey
+    from imagegen_server.base.types import BatchKey
 
     server = server_factory(step_budget=0, row_selection="cost")
     for rows in (1, 2, 4, 8):  # step times as a large model's: every row costs alike

@@ -12,8 +12,9 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from imagegen_client import OutputFormat, RetryPolicy
-from imagegen_server.engine import Engine, EngineRequest
-from imagegen_server.model import load_model
+from imagegen_server.base.engine_api import EngineRequest
+from imagegen_server.engine.engine import Engine
+from imagegen_server.engine.model import load_model
 from support import StreamWatcher, assert_same_image, engine_params, pixels
 
 NPY = OutputFormat.NPY

@@ -146,7 +146,7 @@ def test_a_negative_prompt_keeps_its_tokens_past_the_prompt_limit(
 ) -> None:
     """Negative prompts are validated against max_negative_prompt_tokens, not
     max_prompt_tokens: two that differ only past the prompt's limit give their own images."""
-    from imagegen_server.prompts import PromptTokenizer
+    from imagegen_server.engine.prompts import PromptTokenizer
 
     count = PromptTokenizer(reference_pipeline).count
     prompt_limit = count("a fox") + 4
@@ -176,10 +176,11 @@ def test_vae_calls_take_as_many_images_as_the_probe_fits_with_the_same_pixels(
     decode as 2 + 2 + 1, to the same pixels as one call each."""
     import dataclasses
 
-    from imagegen_server.engine import Engine, EngineRequest
-    from imagegen_server.memory import MemoryBudget, RowCost
-    from imagegen_server.model import load_model
-    from imagegen_server.types import InitImage
+    from imagegen_server.base.engine_api import EngineRequest
+    from imagegen_server.base.types import InitImage
+    from imagegen_server.engine.engine import Engine
+    from imagegen_server.engine.memory import MemoryBudget, RowCost
+    from imagegen_server.engine.model import load_model
     from support import engine_params
 
     engine = Engine(load_model(str(tiny_model)), prompt_cache_size=8, max_prompt_tokens=512)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import QwenImagePipeline
 from imagegen_client import OutputFormat
-from imagegen_server.model import lightning_scheduler
+from imagegen_server.engine.model import lightning_scheduler
 from support import assert_same_image, pixels
 from test_generation import reference
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from imagegen_server.prompts import PromptEncoder, PromptTokenizer
+from imagegen_server.engine.prompts import PromptEncoder, PromptTokenizer
 
 CPU = torch.device("cpu")
 
@@ -55,8 +55,8 @@ def test_a_text_past_the_limit_is_cut_as_the_pipeline_cuts_it(reference_pipeline
 
 
 def test_a_row_is_costed_with_the_longest_text_it_can_carry(tiny_model: Path) -> None:
-    from imagegen_server.engine import Engine
-    from imagegen_server.model import load_model
+    from imagegen_server.engine.engine import Engine
+    from imagegen_server.engine.model import load_model
 
     model = load_model(str(tiny_model))
     image_tokens = (64 // (2 * model.vae_scale_factor)) ** 2  # 2x2 patches of latents

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from imagegen_server.acceleration import check_backend_takes_masks
+from imagegen_server.engine.acceleration import check_backend_takes_masks
 
 
 @pytest.mark.parametrize("backend", ["flash", "_native_flash", "_flash_3", "sage"])

@@ -6,8 +6,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from imagegen_server.auth import Guard, RateLimiter, Role, TokenAuthenticator
-from imagegen_server.errors import PermissionDenied, RateLimited, Unauthenticated
+from imagegen_server.api.auth import Guard, RateLimiter, Role, TokenAuthenticator
+from imagegen_server.base.errors import PermissionDenied, RateLimited, Unauthenticated
 
 CLIENT_TOKEN = "c" * 20
 ADMIN_TOKEN = "a" * 24

@@ -87,8 +87,8 @@ def test_the_report_counts_padding_once_per_block_and_names_what_cannot_run() ->
 
 def test_the_engine_benchs_prompts_all_have_one_length(tiny_model: Path) -> None:
     """So no call of the MFU sweep is padded, whatever numbers its requests get."""
-    from imagegen_server.model import load_model
-    from imagegen_server.prompts import PromptTokenizer
+    from imagegen_server.engine.model import load_model
+    from imagegen_server.engine.prompts import PromptTokenizer
 
     from bench.limit import _prompt
 

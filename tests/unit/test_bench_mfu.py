@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root holds bench/
 
-from imagegen_server.tiny_model import PRESETS, transformer_config
+from imagegen_server.engine.tiny_model import PRESETS, transformer_config
 
 from bench.flops import transformer_step_flops
 from bench.mfu import main as mfu_main

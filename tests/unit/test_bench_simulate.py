@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from imagegen_server.row_selection import CostLine
+from imagegen_server.batching.row_selection import CostLine
 
 from bench.simulate import CURVES, main, simulate, simulate_closed
 

@@ -7,7 +7,7 @@ import struct
 
 import numpy as np
 import pytest
-from imagegen_server.codec import decode_image
+from imagegen_server.api.codec import decode_image
 from PIL import Image, ImageOps
 
 MAX_PIXELS = 4096 * 4096

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 import pytest
-from imagegen_server.config import add_settings_arguments, load_settings
+from imagegen_server.base.config import add_settings_arguments, load_settings
 from pydantic import ValidationError
 
 
@@ -96,7 +96,7 @@ def test_a_config_file_that_is_not_yaml_is_reported_without_a_traceback(
 
 
 def test_the_largest_response_stays_within_one_grpc_message() -> None:
-    from imagegen_server.transport import max_response_bytes
+    from imagegen_server.api.transport import max_response_bytes
 
     assert max_response_bytes(load_settings(model="m")) < 2**31  # the defaults: 4 x 2048^2
     huge = load_settings(model="m", max_num_images=8, max_batch_size=8, max_pixels=16384**2)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from imagegen_server.tiny_model import (
+from imagegen_server.engine.tiny_model import (
     PRESETS,
     RANDOM_WEIGHTS_FILE,
     build_pipeline,

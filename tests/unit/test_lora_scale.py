@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from imagegen_server.lora import LoraBank
-from imagegen_server.types import AdapterSpec
+from imagegen_server.base.types import AdapterSpec
+from imagegen_server.engine.lora import LoraBank
 from safetensors.torch import save_file
 from torch import nn
 

@@ -7,9 +7,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from imagegen_server.acceleration import TransformerRunner
-from imagegen_server.config import Settings
-from imagegen_server.memory import (
+from imagegen_server.base.config import Settings
+from imagegen_server.base.types import BatchKey
+from imagegen_server.engine.acceleration import TransformerRunner
+from imagegen_server.engine.memory import (
     MemoryBudget,
     OutOfMemory,
     Peak,
@@ -17,8 +18,7 @@ from imagegen_server.memory import (
     images_that_fit,
     probe_costs,
 )
-from imagegen_server.startup import row_limit
-from imagegen_server.types import BatchKey
+from imagegen_server.engine.startup import row_limit
 
 GIB = 2**30
 
@@ -164,7 +164,7 @@ def test_a_batch_fits_by_the_call_it_makes() -> None:
 
 @pytest.fixture(scope="module")
 def loaded_model(tiny_model: Path) -> Any:
-    from imagegen_server.model import load_model
+    from imagegen_server.engine.model import load_model
 
     return load_model(str(tiny_model))
 
@@ -175,7 +175,7 @@ def test_a_row_is_costed_with_the_longest_prompt_as_it_runs(
 ) -> None:
     # The probe once ran with 128 text tokens while prompts may have 300 (512 once padded to
     # a compiled length): it underrated every row's activations.
-    from imagegen_server.engine import Engine
+    from imagegen_server.engine.engine import Engine
 
     engine = Engine(
         loaded_model, prompt_cache_size=1, max_prompt_tokens=300, runner=runner(mode, (1, 2))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from imagegen_server.model import resolve_device
+from imagegen_server.engine.model import resolve_device
 
 
 def test_a_cuda_device_always_carries_the_index_set_device_needs(

@@ -7,7 +7,7 @@ import itertools
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from imagegen_server.row_selection import (
+from imagegen_server.batching.row_selection import (
     COST_SAMPLES,
     MIN_SPAN_S,
     PAUSE_S,
@@ -19,7 +19,7 @@ from imagegen_server.row_selection import (
     StepCosts,
     rows_to_step,
 )
-from imagegen_server.scheduler import QueueEntry, Scheduler, SchedulerConfig
+from imagegen_server.batching.scheduler import QueueEntry, Scheduler, SchedulerConfig
 
 LINEAR = CostLine(fixed_s=0.0, per_row_s=1.0)  # a large DiT at 1024x1024: rows cost alike
 FLAT = CostLine(fixed_s=1.0, per_row_s=0.0)  # a GPU with room to spare: rows are free
@@ -250,7 +250,7 @@ def test_a_short_request_runs_ahead_of_long_ones_on_a_linear_curve(
     long_ones = [request(8) for _ in range(3)]
     short = request(2)
     start(scheduler, *long_ones, short)
-    with caplog.at_level("DEBUG", logger="imagegen_server.scheduler"):
+    with caplog.at_level("DEBUG", logger="imagegen_server.batching.scheduler"):
         assert run_step(scheduler, 0.1) == [short.request_id]
     assert "1 of 4 requests step: 0.000 s + 0.100 s per row" in caplog.text  # and why
     assert run_step(scheduler, 0.2) == [short.request_id]

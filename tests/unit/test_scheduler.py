@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from imagegen_server.errors import QueueFull
-from imagegen_server.scheduler import QueueEntry, Scheduler, SchedulerConfig
+from imagegen_server.base.errors import QueueFull
+from imagegen_server.batching.scheduler import QueueEntry, Scheduler, SchedulerConfig
 
 _ids = itertools.count()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from imagegen_server.prompts import pad_embeddings
+from imagegen_server.engine.prompts import pad_embeddings
 
 
 def test_prompts_of_one_length_need_no_mask() -> None:

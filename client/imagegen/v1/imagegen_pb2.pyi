@@ -494,6 +494,7 @@ class Limits(_message.Message):
     MIN_STEPS_FIELD_NUMBER: _builtins.int
     MAX_INIT_IMAGE_PIXELS_FIELD_NUMBER: _builtins.int
     DEFAULT_STRENGTH_FIELD_NUMBER: _builtins.int
+    DEFAULT_OUTPUT_QUALITY_FIELD_NUMBER: _builtins.int
     size_multiple: _builtins.int
     min_width: _builtins.int
     max_width: _builtins.int
@@ -524,6 +525,8 @@ class Limits(_message.Message):
     """2 when the model's scheduler cannot make a 1-step schedule"""
     max_init_image_pixels: _builtins.int
     default_strength: _builtins.float
+    default_output_quality: _builtins.int
+    """JPEG/WebP quality when output_quality is 0"""
     @_builtins.property
     def output_formats(self) -> _containers.RepeatedScalarFieldContainer[Global___OutputFormat.ValueType]: ...
     def __init__(
@@ -559,10 +562,11 @@ class Limits(_message.Message):
         min_steps: _builtins.int = ...,
         max_init_image_pixels: _builtins.int = ...,
         default_strength: _builtins.float = ...,
+        default_output_quality: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_height", b"default_height", "default_priority", b"default_priority", "default_steps", b"default_steps", "default_strength", b"default_strength", "default_width", b"default_width", "max_adapter_scale", b"max_adapter_scale", "max_adapters_per_request", b"max_adapters_per_request", "max_guidance_scale", b"max_guidance_scale", "max_height", b"max_height", "max_init_image_pixels", b"max_init_image_pixels", "max_negative_prompt_chars", b"max_negative_prompt_chars", "max_negative_prompt_tokens", b"max_negative_prompt_tokens", "max_num_images", b"max_num_images", "max_pixels", b"max_pixels", "max_prompt_chars", b"max_prompt_chars", "max_prompt_tokens", b"max_prompt_tokens", "max_request_bytes", b"max_request_bytes", "max_seed", b"max_seed", "max_steps", b"max_steps", "max_width", b"max_width", "min_adapter_scale", b"min_adapter_scale", "min_guidance_scale", b"min_guidance_scale", "min_height", b"min_height", "min_preview_every_n_steps", b"min_preview_every_n_steps", "min_seed", b"min_seed", "min_steps", b"min_steps", "min_width", b"min_width", "output_formats", b"output_formats", "priority_levels", b"priority_levels", "size_multiple", b"size_multiple"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_height", b"default_height", "default_output_quality", b"default_output_quality", "default_priority", b"default_priority", "default_steps", b"default_steps", "default_strength", b"default_strength", "default_width", b"default_width", "max_adapter_scale", b"max_adapter_scale", "max_adapters_per_request", b"max_adapters_per_request", "max_guidance_scale", b"max_guidance_scale", "max_height", b"max_height", "max_init_image_pixels", b"max_init_image_pixels", "max_negative_prompt_chars", b"max_negative_prompt_chars", "max_negative_prompt_tokens", b"max_negative_prompt_tokens", "max_num_images", b"max_num_images", "max_pixels", b"max_pixels", "max_prompt_chars", b"max_prompt_chars", "max_prompt_tokens", b"max_prompt_tokens", "max_request_bytes", b"max_request_bytes", "max_seed", b"max_seed", "max_steps", b"max_steps", "max_width", b"max_width", "min_adapter_scale", b"min_adapter_scale", "min_guidance_scale", b"min_guidance_scale", "min_height", b"min_height", "min_preview_every_n_steps", b"min_preview_every_n_steps", "min_seed", b"min_seed", "min_steps", b"min_steps", "min_width", b"min_width", "output_formats", b"output_formats", "priority_levels", b"priority_levels", "size_multiple", b"size_multiple"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,46 +1,30 @@
-"""The adapter registry: which adapter files exist, which are loaded, who is using them.
+"""The adapter registry: which adapters are loaded and who is using them.
 
-Adapters live as `<name>.safetensors` in one directory. Names are checked (no path separators,
-no traversal, no file outside the directory). At most `max_loaded` are loaded; loading one more
-evicts the least recently used adapter that no queued or running request holds. Requests hold
-their adapters from acceptance to their last status, so an adapter in use is never evicted, and
-an unload waits for its holders to finish. All methods run on the event loop; the weights
-themselves are loaded and dropped on the engine thread, through `run_on_engine`.
+At most `max_loaded` are loaded; loading one more evicts the least recently used adapter that no
+queued or running request holds. Requests hold their adapters from acceptance to their last
+status, so an adapter in use is never evicted, and an unload waits for its holders to finish.
+All methods run on the event loop; the weights themselves are loaded and dropped on the engine
+thread, through `run_on_engine`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
-from safetensors import safe_open
-
-from .errors import InvalidArgument, NotFound, RateLimited
-from .metrics import Metrics
-from .types import AdapterSpec
+from ..base.adapter_files import AdapterDirectory, AdapterFile
+from ..base.errors import InvalidArgument, NotFound, RateLimited
+from ..base.metrics import Metrics
+from ..base.types import AdapterSpec
 
 T = TypeVar("T")
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-SUFFIX = ".safetensors"
 # An eviction cannot free room while every loaded adapter is in use: the caller retries later.
 BUSY_RETRY_S = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class AdapterFile:
-    name: str
-    path: Path
-    format: str  # "kohya" or "peft"
-    rank: int
-    parameters: int
-    size_bytes: int
 
 
 @dataclass(slots=True)
@@ -49,68 +33,6 @@ class _Loaded:
     holders: int = 0  # queued or running requests that named it
     unloading: asyncio.Event | None = None  # set once the last holder is gone
     last_used: float = field(default_factory=time.monotonic)
-
-
-class AdapterDirectory:
-    """The files an adapter name may refer to."""
-
-    def __init__(self, directory: Path | None) -> None:
-        self._directory = directory.resolve() if directory is not None else None
-
-    def resolve(self, name: str) -> Path:
-        """The file for `name`.
-
-        Raises:
-            InvalidArgument: the name is malformed or points outside the directory.
-            NotFound: no such adapter file (or no adapter directory configured).
-        """
-        if not NAME_PATTERN.fullmatch(name) or name.endswith(SUFFIX):
-            raise InvalidArgument(
-                "name", f"{name!r} is not an adapter name (1-64 of [A-Za-z0-9._-], no extension)"
-            )
-        if self._directory is None:
-            raise NotFound(f"name: no adapter directory is configured; {name!r} cannot be loaded")
-        path = (self._directory / f"{name}{SUFFIX}").resolve()
-        if path.parent != self._directory:  # a symlink leading out of the directory
-            raise InvalidArgument("name", f"{name!r} resolves outside the adapter directory")
-        if not path.is_file():
-            raise NotFound(f"name: no adapter {name!r} in the adapter directory")
-        return path
-
-    def describe(self, name: str) -> AdapterFile:
-        """Reads only the file's header: format, rank and size, without loading weights.
-
-        Raises:
-            InvalidArgument: the file is not a safetensors LoRA file.
-        """
-        path = self.resolve(name)
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                keys = list(handle.keys())
-                downs = [
-                    key for key in keys if key.endswith((".lora_down.weight", ".lora_A.weight"))
-                ]
-                rank = handle.get_slice(downs[0]).get_shape()[0] if downs else 0
-                parameters = sum(_numel(handle.get_slice(key).get_shape()) for key in keys)
-        except Exception as error:
-            raise InvalidArgument(
-                "name", f"{name!r} is not a readable safetensors file: {error}"
-            ) from error
-        if not downs:
-            raise InvalidArgument("name", f"{name!r} has no lora_down/lora_A weights")
-        kohya = any(key.endswith(".lora_down.weight") for key in keys)
-        return AdapterFile(
-            name, path, "kohya" if kohya else "peft", rank, parameters, path.stat().st_size
-        )
-
-    def names(self) -> list[str]:
-        if self._directory is None or not self._directory.is_dir():
-            return []
-        return sorted(
-            path.name.removesuffix(SUFFIX)
-            for path in self._directory.glob(f"*{SUFFIX}")
-            if NAME_PATTERN.fullmatch(path.name.removesuffix(SUFFIX))
-        )
 
 
 class AdapterRegistry:
@@ -234,10 +156,3 @@ class AdapterRegistry:
         self._metrics.adapter_parameters.set(parameters)
         del self._loaded[name]
         self._metrics.loaded_adapters.set(len(self._loaded))
-
-
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count

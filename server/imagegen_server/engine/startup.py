@@ -3,29 +3,32 @@ compile, probe memory, load preloaded adapters, and derive the request limits.""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from ..base.adapter_files import AdapterDirectory, AdapterFile
+from ..base.config import Settings
+from ..base.limits import RequestLimits
+from ..base.metrics import Metrics
+from ..base.types import BatchKey, ModelDescription
 from .acceleration import TransformerRunner, configure_device
-from .adapters import AdapterDirectory, AdapterFile
-from .config import Settings
 from .denoise import FaultInjection
 from .engine import Engine
 from .memory import MemoryBudget, RowCost, images_that_fit, probe_costs
-from .metrics import Metrics
 from .model import load_model
 from .prompts import PromptTokenizer
-from .service import ModelDescription
-from .types import BatchKey
-from .validation import RequestLimits, RequestValidator
 
 
 @dataclass(slots=True)
 class EngineSetup:
+    """What start-up learned. The engine thread builds it; the API edge reads it once, on the
+    event loop, after the warm-up (`api.server`)."""
+
     engine: Engine
-    validator: RequestValidator
+    limits: RequestLimits  # what a request may ask for on this model
+    count_tokens: Callable[[str], int]  # a prompt's tokens as the text encoder sees them
     description: ModelDescription
     preloaded: list[AdapterFile] = field(default_factory=list)
     preloaded_parameters: int = 0
@@ -36,7 +39,6 @@ class EngineSetup:
 def build_engine(
     settings: Settings,
     adapters: AdapterDirectory,
-    selectable_adapters: Callable[[], Collection[str]],
     metrics: Metrics,
 ) -> EngineSetup:
     """Everything the server needs from the model; raises on any misconfiguration."""
@@ -70,12 +72,10 @@ def build_engine(
     metrics.compile_seconds.set(engine.precompile(settings.default_width, settings.default_height))
     min_steps = engine.min_steps(settings.default_width, settings.default_height)
     # Fails fast, with the setting's name, if the limits do not suit this model.
-    limits = RequestLimits.from_settings(settings, model.size_multiple, min_steps)
     setup = EngineSetup(
         engine=engine,
-        validator=RequestValidator(
-            limits, PromptTokenizer(model.pipeline).count, selectable_adapters
-        ),
+        limits=RequestLimits.from_settings(settings, model.size_multiple, min_steps),
+        count_tokens=PromptTokenizer(model.pipeline).count,
         description=ModelDescription(
             name=settings.model,
             device=str(model.device),

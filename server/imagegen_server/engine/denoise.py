@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..base.types import AdapterSpec
 from .acceleration import TransformerRunner, host_to_device
 from .init_image import InpaintState
 from .lora import LoraBank
 from .prompts import pad_embeddings
 from .sampling import LatentShape, SigmaSchedule
-from .types import AdapterSpec
 
 
 @dataclass(slots=True, eq=False)

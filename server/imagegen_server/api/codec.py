@@ -8,8 +8,8 @@ import struct
 import numpy as np
 from PIL import ExifTags, Image
 
-from .errors import InvalidArgument
-from .types import OutputFormat
+from ..base.errors import InvalidArgument
+from ..base.types import OutputFormat
 
 PREVIEW_QUALITY = 75
 _PIL_FORMATS = {OutputFormat.PNG: "PNG", OutputFormat.JPEG: "JPEG", OutputFormat.WEBP: "WEBP"}

@@ -8,7 +8,8 @@ import grpc
 from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 
-from .adapters import AdapterFile, AdapterRegistry
+from ..base.adapter_files import AdapterFile
+from .adapters import AdapterRegistry
 
 if TYPE_CHECKING:  # generic only in grpc-stubs, not at run time
     Context = grpc.aio.ServicerContext[Any, Any]

@@ -19,12 +19,12 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-from .engine import AddResult, EngineRequest, StepResult
-from .errors import (
+from ..base.engine_api import AddResult, EngineLike, EngineRequest, PromptCacheStats, StepResult
+from ..base.errors import (
     DeadlineExceeded,
     Draining,
     EngineUnavailable,
@@ -33,10 +33,8 @@ from .errors import (
     InvalidArgument,
     Shed,
 )
-from .metrics import Metrics
-from .prompts import PromptCacheStats
-from .scheduler import Expired, QueueEntry, Scheduler, StepPlan
-from .types import (
+from ..base.metrics import Metrics
+from ..base.types import (
     BatchKey,
     CompletedEvent,
     Event,
@@ -47,6 +45,7 @@ from .types import (
     StartedEvent,
     StepEvent,
 )
+from .scheduler import Expired, QueueEntry, Scheduler, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +53,6 @@ T = TypeVar("T")
 
 # Weight of the newest step time in the running estimate used for queue ETAs.
 STEP_TIME_SMOOTHING = 0.2
-
-
-class EngineLike(Protocol):
-    """What the batcher needs from the engine (see engine.Engine for the call order)."""
-
-    @property
-    def prompt_stats(self) -> PromptCacheStats: ...
-
-    def add(self, group: Hashable, requests: Sequence[EngineRequest]) -> AddResult: ...
-
-    def step(self, group: Hashable, only: Collection[str] | None = None) -> StepResult: ...
-
-    def cancel(self, request_id: str) -> bool: ...
-
-    def has_work(self, group: Hashable | None = None) -> bool: ...
 
 
 @dataclass(slots=True)

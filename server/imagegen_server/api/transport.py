@@ -6,8 +6,8 @@ from typing import Any
 
 import grpc
 
+from ..base.config import MAX_MESSAGE_BYTES, Settings
 from .auth import Guard, RateLimiter, Role, TokenAuthenticator
-from .config import MAX_MESSAGE_BYTES, Settings
 
 # Room for the protobuf framing around the pixels.
 MESSAGE_OVERHEAD_BYTES = 1 << 20

@@ -12,18 +12,12 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from diffusers import QwenImagePipeline
 
-from .config import MAX_TEXT_TOKENS
-
-
-@dataclass(slots=True)
-class PromptCacheStats:
-    hits: int = 0
-    misses: int = 0  # prompts that went through the text encoder
+from ..base.config import MAX_TEXT_TOKENS
+from ..base.engine_api import PromptCacheStats
 
 
 class PromptTokenizer:

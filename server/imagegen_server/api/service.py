@@ -8,46 +8,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 
-from . import __version__
-from .adapters import AdapterRegistry
-from .admin import adapter_message
-from .batcher import Batcher, RequestHandle
-from .codec import encode_image, encode_preview
-from .errors import EngineUnavailable
-from .metrics import Metrics
-from .types import (
+from .. import __version__
+from ..base.errors import EngineUnavailable
+from ..base.metrics import Metrics
+from ..base.types import (
     CompletedEvent,
     FailedEvent,
     GenerationParams,
+    ModelDescription,
     QueuedEvent,
     StartedEvent,
     StepEvent,
 )
+from ..batching.batcher import Batcher, RequestHandle
+from .adapters import AdapterRegistry
+from .admin import adapter_message
+from .codec import encode_image, encode_preview
 from .validation import OUTPUT_FORMATS, RequestValidator
 
 if TYPE_CHECKING:  # generic only in grpc-stubs, not at run time
     Context = grpc.aio.ServicerContext[Any, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class ModelDescription:
-    """Static facts about the loaded model, for GetServerInfo."""
-
-    name: str
-    device: str
-    dtype: str
-    scheduler_preset: str
-    fused_adapters: tuple[str, ...]
 
 
 class ImageGenerationService(pb_grpc.ImageGenerationServicer):
@@ -68,13 +58,17 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
         self._validator: RequestValidator | None = None
         self._model: ModelDescription | None = None
 
-    def set_model(self, validator: RequestValidator, model: ModelDescription) -> None:
+    def set_model(
+        self,
+        validator: RequestValidator,
+        model: ModelDescription,
+        batch_limits: list[tuple[int, int, int]],
+    ) -> None:
+        """What start-up learned, once, on the event loop: the validator, the model's facts and
+        the memory probe's largest batch per (width, height)."""
         self._validator = validator
         self._model = model
-
-    def set_batch_limits(self, limits: list[tuple[int, int, int]]) -> None:
-        """The memory probe's largest batch per (width, height), for GetServerInfo."""
-        for width, height, rows in limits:
+        for width, height, rows in batch_limits:
             self._batching.batch_limits.add(width=width, height=height, max_batch_size=rows)
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
@@ -233,37 +227,8 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
 
     def _limits_message(self) -> pb.Limits:
         assert self._validator is not None
-        limits = self._validator.limits
         return pb.Limits(
-            size_multiple=limits.size_multiple,
-            min_width=limits.min_width,
-            max_width=limits.max_width,
-            min_height=limits.min_height,
-            max_height=limits.max_height,
-            max_pixels=limits.max_pixels,
-            default_width=limits.default_width,
-            default_height=limits.default_height,
-            min_steps=limits.min_steps,
-            max_init_image_pixels=limits.max_init_image_pixels,
-            default_strength=limits.default_strength,
-            max_steps=limits.max_steps,
-            default_steps=limits.default_steps,
-            max_num_images=limits.max_num_images,
-            max_prompt_chars=limits.max_prompt_chars,
-            max_prompt_tokens=limits.max_prompt_tokens,
-            max_negative_prompt_chars=limits.max_negative_prompt_chars,
-            max_negative_prompt_tokens=limits.max_negative_prompt_tokens,
-            min_guidance_scale=limits.min_guidance_scale,
-            max_guidance_scale=limits.max_guidance_scale,
-            min_seed=limits.min_seed,
-            max_seed=limits.max_seed,
-            max_adapters_per_request=limits.max_adapters_per_request,
-            min_adapter_scale=limits.min_adapter_scale,
-            max_adapter_scale=limits.max_adapter_scale,
-            min_preview_every_n_steps=limits.min_preview_every_n_steps,
-            max_request_bytes=limits.max_request_bytes,
-            priority_levels=limits.priority_levels,
-            default_priority=limits.default_priority,
+            **dataclasses.asdict(self._validator.limits),
             output_formats=sorted(
                 {value for value in OUTPUT_FORMATS if value != pb.OUTPUT_FORMAT_UNSPECIFIED}
             ),

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from ..base.errors import ImageGenError, InvalidArgument
+from ..base.metrics import Metrics
 from .auth import Guard
-from .errors import ImageGenError, InvalidArgument
-from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -137,17 +137,23 @@ def _status_of(error: BaseException, context: Context) -> grpc.StatusCode:
         code: grpc.StatusCode = context.code()
         return code
     if isinstance(error, ImageGenError):
-        return error.code
+        return grpc_status(error)
     return grpc.StatusCode.INTERNAL
 
 
 async def _abort_if_ours(error: BaseException, context: Context) -> None:
     """Ends the RPC with the mapped status (abort raises); leaves cancellation and aborts be."""
     if isinstance(error, ImageGenError):
-        await context.abort(error.code, error.message, trailing_metadata=_trailers(error))
+        await context.abort(grpc_status(error), error.message, trailing_metadata=_trailers(error))
     if isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
         log.error("unhandled error in RPC", exc_info=error)
         await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+
+def grpc_status(error: ImageGenError) -> grpc.StatusCode:
+    """The gRPC status of a typed error (its `Status` has the same name)."""
+    code: grpc.StatusCode = grpc.StatusCode[error.status.name]
+    return code
 
 
 def _trailers(error: ImageGenError) -> tuple[tuple[str, str], ...]:

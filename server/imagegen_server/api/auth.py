@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import PermissionDenied, RateLimited, Unauthenticated
+from ..base.errors import PermissionDenied, RateLimited, Unauthenticated
 
 # Placeholder values shipped in example Secrets; a server refuses to start with one.
 PLACEHOLDER_MARKERS = ("replace-me", "changeme", "example")

@@ -38,8 +38,8 @@ from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 from torch import nn
 
+from ..base.types import AdapterSpec
 from .acceleration import host_to_device
-from .types import AdapterSpec
 
 TRANSFORMER_PREFIX = "transformer."
 # LoRA variants refused at load (see the module docstring), by state-dict key part and by PEFT

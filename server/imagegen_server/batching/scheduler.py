@@ -27,7 +27,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .errors import QueueFull
+from ..base.errors import QueueFull
 from .row_selection import BusyShare, Candidate, CostLine, RecentRate, StepCosts, rows_to_step
 
 log = logging.getLogger(__name__)

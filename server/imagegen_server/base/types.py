@@ -39,6 +39,17 @@ _MIME_TYPES = {
 
 
 @dataclass(frozen=True, slots=True)
+class ModelDescription:
+    """Static facts about the loaded model, for GetServerInfo."""
+
+    name: str
+    device: str
+    dtype: str
+    scheduler_preset: str
+    fused_adapters: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class AdapterSpec:
     name: str  # adapter name in the registry
     scale: float  # multiplier of the adapter's delta; 0 = no effect

@@ -17,10 +17,11 @@ import numpy as np
 from imagegen.v1 import imagegen_pb2 as pb
 from PIL.Image import Image as PILImage
 
+from ..base.config import MIN_STRENGTH
+from ..base.errors import InvalidArgument, NotFound
+from ..base.limits import RequestLimits
+from ..base.types import AdapterSpec, GenerationParams, InitImage, OutputFormat, strength_steps
 from .codec import decode_image, resize
-from .config import MIN_STRENGTH, Settings
-from .errors import InvalidArgument, NotFound
-from .types import AdapterSpec, GenerationParams, InitImage, OutputFormat, strength_steps
 
 OUTPUT_FORMATS = {
     pb.OUTPUT_FORMAT_UNSPECIFIED: OutputFormat.PNG,
@@ -42,95 +43,6 @@ class DecodedImages:
     mask: PILImage | None  # L, width x height
     width: int
     height: int
-
-
-@dataclass(frozen=True, slots=True)
-class RequestLimits:
-    """The ranges a request must respect; GetServerInfo reports them."""
-
-    size_multiple: int
-    min_width: int
-    max_width: int
-    min_height: int
-    max_height: int
-    max_pixels: int
-    default_width: int
-    default_height: int
-    min_steps: int
-    max_steps: int
-    default_steps: int
-    max_num_images: int
-    max_prompt_chars: int
-    max_prompt_tokens: int
-    max_negative_prompt_chars: int
-    max_negative_prompt_tokens: int
-    min_guidance_scale: float
-    max_guidance_scale: float
-    min_seed: int
-    max_seed: int
-    max_adapters_per_request: int
-    min_adapter_scale: float
-    max_adapter_scale: float
-    min_preview_every_n_steps: int
-    max_request_bytes: int
-    max_init_image_pixels: int
-    default_strength: float
-    priority_levels: int
-    default_priority: int
-    default_output_quality: int
-
-    @classmethod
-    def from_settings(cls, settings: Settings, size_multiple: int, min_steps: int) -> RequestLimits:
-        """Combines the configured limits with the model's size multiple and step minimum.
-
-        Raises:
-            ValueError: a configured size is not a multiple of the model's size multiple.
-        """
-        for name in (
-            "min_width",
-            "max_width",
-            "min_height",
-            "max_height",
-            "default_width",
-            "default_height",
-        ):
-            if getattr(settings, name) % size_multiple:
-                raise ValueError(
-                    f"{name} ({getattr(settings, name)}) must be a multiple of {size_multiple}"
-                    " for this model"
-                )
-        return cls(
-            size_multiple=size_multiple,
-            min_width=settings.min_width,
-            max_width=settings.max_width,
-            min_height=settings.min_height,
-            max_height=settings.max_height,
-            max_pixels=settings.max_pixels,
-            default_width=settings.default_width,
-            default_height=settings.default_height,
-            min_steps=min_steps,
-            max_steps=settings.max_steps,
-            default_steps=settings.resolved_default_steps,
-            max_num_images=settings.max_num_images,
-            max_prompt_chars=settings.max_prompt_chars,
-            max_prompt_tokens=settings.max_prompt_tokens,
-            max_negative_prompt_chars=settings.max_negative_prompt_chars,
-            max_negative_prompt_tokens=settings.max_negative_prompt_tokens,
-            min_guidance_scale=settings.min_guidance_scale,
-            max_guidance_scale=settings.max_guidance_scale,
-            min_seed=settings.min_seed,
-            max_seed=settings.max_seed,
-            max_adapters_per_request=settings.max_adapters_per_request,
-            min_adapter_scale=settings.min_adapter_scale,
-            max_adapter_scale=settings.max_adapter_scale,
-            min_preview_every_n_steps=settings.min_preview_every_n_steps,
-            max_request_bytes=settings.max_request_bytes,
-            max_init_image_pixels=settings.max_init_image_pixels,
-            default_strength=settings.default_strength,
-            priority_levels=settings.priority_levels,
-            default_priority=settings.default_priority,
-            default_output_quality=settings.default_output_quality,
-        )
 
 
 class RequestValidator:

@@ -23,18 +23,20 @@ from grpc_reflection.v1alpha import reflection
 from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 
-from .adapters import AdapterDirectory, AdapterRegistry
+from ..base.adapter_files import AdapterDirectory
+from ..base.config import Settings
+from ..base.engine_api import EngineLike, EngineRequest
+from ..base.metrics import Metrics
+from ..base.types import BatchKey, GenerationParams, OutputFormat
+from ..batching.batcher import Batcher
+from ..batching.scheduler import Scheduler, SchedulerConfig
+from ..engine.startup import EngineSetup, build_engine, row_limit
+from .adapters import AdapterRegistry
 from .admin import AdapterAdminService
-from .batcher import Batcher, EngineLike
-from .config import Settings
-from .engine import EngineRequest
 from .interceptors import StatusInterceptor
-from .metrics import Metrics
-from .scheduler import Scheduler, SchedulerConfig
 from .service import ImageGenerationService
-from .startup import EngineSetup, build_engine, row_limit
 from .transport import EXCLUSIVE_PORT, build_guard, server_credentials, server_options
-from .types import BatchKey, GenerationParams, OutputFormat
+from .validation import RequestValidator
 
 log = logging.getLogger(__name__)
 
@@ -195,13 +197,10 @@ class ImageGenServer:
     # --- engine thread callbacks ---
 
     def _build_engine(self) -> EngineLike:
-        setup = build_engine(
-            self.settings, self._adapters.directory, self._adapters.selectable, self.metrics
-        )
-        self._setup = setup
-        self._service.set_model(setup.validator, setup.description)
-        self._service.set_batch_limits(setup.probed)
-        return setup.engine
+        # Stored for the event loop, which reads it once the engine is ready (_mark_serving); the
+        # engine thread never touches the servicer.
+        self._setup = build_engine(self.settings, self._adapters.directory, self.metrics)
+        return self._setup.engine
 
     def _row_limit(self, key: BatchKey) -> int | None:
         return row_limit(self.settings, self._setup, key) if self._setup is not None else None
@@ -213,8 +212,11 @@ class ImageGenServer:
     async def _mark_serving(self) -> None:
         if not self._batcher.ready:  # a drain began meanwhile: never SERVING
             return
-        assert self._setup is not None
-        self._adapters.adopt(self._setup.preloaded, self._setup.preloaded_parameters)
+        setup = self._setup
+        assert setup is not None
+        validator = RequestValidator(setup.limits, setup.count_tokens, self._adapters.selectable)
+        self._service.set_model(validator, setup.description, setup.probed)
+        self._adapters.adopt(setup.preloaded, setup.preloaded_parameters)
         for service in HEALTH_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.metrics.ready.set(1)

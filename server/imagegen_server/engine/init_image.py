@@ -20,9 +20,9 @@ from diffusers import QwenImagePipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from ..base.types import InitImage
 from .decode import set_vae_tiling
 from .sampling import LatentShape, SigmaSchedule, initial_noise, normalize, pack
-from .types import InitImage
 
 
 @dataclass(frozen=True, slots=True)

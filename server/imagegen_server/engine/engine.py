@@ -28,6 +28,15 @@ import numpy as np
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from ..base.engine_api import (
+    AddResult,
+    EngineRequest,
+    FinishedRequest,
+    PromptCacheStats,
+    RequestProgress,
+    StepResult,
+)
+from ..base.types import BatchKey, GeneratedImage, GenerationParams, Preview
 from .acceleration import TransformerRunner
 from .decode import Decoder
 from .denoise import Advance, Denoiser, FaultInjection, Row, text_inputs
@@ -35,52 +44,12 @@ from .init_image import InitImageEncoder
 from .lora import LoraBank
 from .memory import MemoryBudget, OutOfMemory
 from .model import LoadedModel
-from .prompts import PromptCacheStats, PromptEncoder
+from .prompts import PromptEncoder
 from .sampling import LatentShape, ScheduleTable, initial_noise
-from .types import BatchKey, GeneratedImage, GenerationParams, Preview
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass(slots=True)
-class EngineRequest:
-    request_id: str
-    params: GenerationParams
-
-
-@dataclass(slots=True)
-class RequestProgress:
-    request_id: str
-    step: int  # steps done, 1..total_steps
-    total_steps: int
-    previews: list[Preview] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class FinishedRequest:
-    request_id: str
-    images: list[GeneratedImage]
-
-
-@dataclass(slots=True)
-class AddResult:
-    stage_seconds: dict[str, float]
-    failed: list[str] = field(default_factory=list)  # requests whose prompts could not be encoded
-
-
-@dataclass(slots=True)
-class StepResult:
-    key: BatchKey
-    batch_size: int  # rows in this step's transformer call (CFG not counted twice)
-    deferred_rows: int  # rows of the batch that sat this step out
-    progress: list[RequestProgress]
-    finished: list[FinishedRequest]
-    stage_seconds: dict[str, float]  # denoise_step / vae_decode / preview
-    adapter_rows: dict[str, int] = field(default_factory=dict)  # rows that used each adapter
-    failed: list[str] = field(default_factory=list)  # requests lost to a model error
-    out_of_memory_rows: int | None = None  # after out-of-memory: the largest call that fit
 
 
 @dataclass(frozen=True, slots=True, eq=False)
