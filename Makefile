@@ -43,6 +43,8 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/buf lint
+	scripts/buf-breaking.sh $(BIN)/buf
 
 test: install tools lint
 	PATH="$(CURDIR)/.tools/bin:$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -56,13 +58,13 @@ docs: install
 # The batching benchmark (under 15 min on 2 cores), the adapter benchmark (about 6 min) and the
 # engine against the hardware peak (MFU; made for a GPU, where it uses the full-size model).
 bench: install
-	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench batching $(BENCH_ARGS)
 
 bench-adapters: install
-	$(BIN)/python -m bench.adapters $(BENCH_ARGS)
+	$(BIN)/python -m bench adapters $(BENCH_ARGS)
 
 bench-mfu: install
-	$(BIN)/python -m bench.mfu $(BENCH_ARGS)
+	$(BIN)/python -m bench mfu $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .tools .pytest_cache .mypy_cache .ruff_cache

@@ -102,9 +102,9 @@ class EngineBench:
             self._engine.limit_vae_calls(self._decode_budget, MAX_DECODE_ROWS)
 
     def _probe_decodes(self, sizes: Sequence[tuple[int, int]]) -> Any:
-        """The server's VAE decode probe (`imagegen_server.engine.startup`), without the step's."""
+        """The server's VAE decode probe (`imagegen_server.engine.probes`), without the step's."""
         from imagegen_server.engine.memory import MemoryBudget
-        from imagegen_server.engine.startup import free_device_bytes, probe_vae_costs
+        from imagegen_server.engine.probes import free_device_bytes, probe_vae_costs
 
         costs = probe_vae_costs(self._engine, list(sizes), ("decode",))
         return MemoryBudget(free_device_bytes(self._engine), MEMORY_RESERVE_FRACTION, (), costs)
@@ -143,6 +143,7 @@ class EngineBench:
         import torch
         from imagegen_server.engine.acceleration import TransformerRunner
         from imagegen_server.engine.engine import Engine
+        from imagegen_server.engine.probes import precompile
 
         torch._dynamo.reset()
         transformer = self._model.pipeline.transformer
@@ -150,7 +151,7 @@ class EngineBench:
         self._engine = Engine(self._model, PROMPT_CACHE_SIZE, MAX_PROMPT_TOKENS, runner=runner)
         if self._decode_budget is not None:
             self._engine.limit_vae_calls(self._decode_budget, MAX_DECODE_ROWS)
-        return sum(self._engine.precompile(width, height) for width, height in sizes)
+        return sum(precompile(self._engine, width, height) for width, height in sizes)
 
     def prompt_tokens(self, number: int) -> int:
         """Text tokens the transformer sees for request `number`'s prompt."""

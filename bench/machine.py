@@ -12,6 +12,7 @@ import datetime
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import psutil
 # Other processes using more than this many cores during a run make its numbers suspect: torch's
 # OpenMP threads stall whenever one of them loses its core (a step can take 10x longer).
 BUSY_CORES = 0.25
+QUIET_WINDOW_S = 1.0  # the CPU use of other processes is measured over windows this long
 
 
 def describe_machine(torch_threads: int, device: str) -> dict[str, Any]:
@@ -102,6 +104,26 @@ class CpuMeter:
                 continue
             total += times.user + times.system
         return total
+
+
+def wait_for_quiet(
+    pids: list[int],
+    max_background: float,
+    timeout_s: float,
+    on_busy: Callable[[float], object] = lambda background: None,
+) -> float:
+    """Measures what processes other than `pids` use, one QUIET_WINDOW_S at a time, until it is
+    at most `max_background` cores or `timeout_s` has passed (`on_busy` hears each busy window);
+    returns the last window's background cores."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        meter = CpuMeter(pids)
+        meter.start()
+        time.sleep(QUIET_WINDOW_S)
+        background = meter.stop().background
+        if background <= max_background or time.monotonic() > deadline:
+            return background
+        on_busy(background)
 
 
 def _machine_busy() -> tuple[float, float]:

@@ -1,8 +1,8 @@
 """`make bench-mfu`: the engine against the hardware limit, by batch size and compile setting.
 
-    python -m bench.mfu                  # CUDA: the full-size stand-in, 1024x1024 and 1328x1328
-    python -m bench.mfu --quick          # a smoke check of every part
-    python -m bench.mfu --settings eager,buckets --batch-sizes 1,4,8 --resolutions 1024x1024
+    python -m bench mfu                  # CUDA: the full-size stand-in, 1024x1024 and 1328x1328
+    python -m bench mfu --quick          # a smoke check of every part
+    python -m bench mfu --settings eager,buckets --batch-sizes 1,4,8 --resolutions 1024x1024
 
 First the card's peak: the best rate of large square matmuls in the engine's dtype. Then the
 FLOPs of one transformer call per image at each resolution, counted by PyTorch, and the
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -32,12 +31,20 @@ from pathlib import Path
 from typing import Any
 
 from . import attention
+from .cli import add_engine_arguments, add_quick_argument, ints, resolutions, subset_of
 from .flops import measure_matmul_peak, transformer_step_flops
 from .limit import BatchTooLarge, EngineBench, measure_quietly
 from .machine import describe_machine
-from .report import add_output_arguments, read_json, replace_block, resolve_outputs, write_json
+from .output import (
+    add_output_arguments,
+    read_json,
+    resolve_outputs,
+    results_header,
+    write_block,
+    write_json,
+)
 from .servers import DEFAULT_MODEL, ensure_model
-from .workloads import RequestClass, parse_ints, resolutions_arg
+from .workloads import RequestClass
 
 MFU_TARGET = 0.6  # of the measured peak, in the denoising loop
 
@@ -65,36 +72,34 @@ SETTINGS = {
 }
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.mfu",
-        description=__doc__,
-        formatter_class=argparse.RawTextHelpFormatter,
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_quick_argument(parser, "fewer, shorter points")
+    add_engine_arguments(
+        parser,
+        None,
+        "model directory (default: .cache/full-model on CUDA, written with --preset full; "
+        ".cache/bench-model on CPU)",
+        threads_default=None,
     )
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter points")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA) | float32 | bfloat16")
-    parser.add_argument(
-        "--model",
-        type=Path,
-        help="model directory (default: .cache/full-model on CUDA, written "
-        "with --preset full; .cache/bench-model on CPU)",
-    )
-    parser.add_argument("--torch-threads", type=int, help="torch CPU threads (default 2 on CPU)")
     parser.add_argument("--attention-backend", help="diffusers attention backend; unset = SDPA")
     parser.add_argument(
         "--resolutions",
-        type=resolutions_arg,
+        type=resolutions,
         help="WIDTHxHEIGHT list (CUDA: 1024x1024,1328x1328; CPU: 256x256)",
     )
     parser.add_argument("--steps", type=int, help="steps per request (default 8; quick 4)")
-    parser.add_argument("--batch-sizes", help="engine batch sizes (default 1..8; quick 1,2)")
+    parser.add_argument(
+        "--batch-sizes", type=ints, help="engine batch sizes (default 1..8; quick 1,2)"
+    )
     parser.add_argument(
         "--settings",
+        type=subset_of(list(SETTINGS)),
         help=f"compile settings, from {','.join(SETTINGS)} (default eager,buckets,dynamic; "
         "quick eager,dynamic)",
     )
-    parser.add_argument("--compile-buckets", default="1,2,4,8", help="buckets' batch sizes")
+    parser.add_argument(
+        "--compile-buckets", type=ints, default="1,2,4,8", help="buckets' batch sizes"
+    )
     parser.add_argument("--min-batches", type=int, help="measured batches per point (default 2)")
     parser.add_argument(
         "--no-attention",
@@ -102,37 +107,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="skip the attention kernels (no mask against a text-padding mask, by backend); "
         "a run split into several needs them once",
     )
-    add_output_arguments(parser)
-    parser.add_argument(
-        "--report-only",
-        type=Path,
-        nargs="+",
-        metavar="JSON",
-        help="only redo the markdown from JSON files; several (say, one run per compile "
-        "setting, each inside a time limit) are merged into one report",
+    add_output_arguments(
+        parser,
+        "only redo the markdown from JSON files; several (say, one run per compile setting, "
+        "each inside a time limit) are merged into one report",
+        several=True,
     )
-    args = parser.parse_args(argv)
-    args.settings = _settings(
-        args.settings or ("eager,dynamic" if args.quick else "eager,buckets,dynamic"), parser
-    )
-    args.compile_buckets = parse_ints(args.compile_buckets)
-    args.batch_sizes = parse_ints(args.batch_sizes or ("1,2" if args.quick else "1,2,3,4,5,6,7,8"))
-    args.steps = args.steps or (4 if args.quick else 8)
-    args.min_batches = args.min_batches or (1 if args.quick else 2)
-    resolve_outputs(args)
-    return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    _fill_defaults(args)
     if args.report_only:
         update_markdown(merge_runs([read_json(path) for path in args.report_only]), args.markdown)
         return 0
     # Cold compile times need an empty inductor cache; a caller's own directory is respected.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-mfu-"))
-    command = f"python -m bench.mfu {' '.join(argv)}" if argv else "make bench-mfu"
-    results = run_bench(args, command)
+    results = run_bench(args)
     update_markdown(results, args.markdown)
     for target in results["targets"]:
         print(target["line"])
@@ -140,7 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
+def _fill_defaults(args: argparse.Namespace) -> None:
+    """The defaults that depend on --quick."""
+    names = args.settings or (
+        ["eager", "dynamic"] if args.quick else ["eager", "buckets", "dynamic"]
+    )
+    args.settings = [SETTINGS[name] for name in names]
+    args.batch_sizes = args.batch_sizes or ([1, 2] if args.quick else [1, 2, 3, 4, 5, 6, 7, 8])
+    args.steps = args.steps or (4 if args.quick else 8)
+    args.min_batches = args.min_batches or (1 if args.quick else 2)
+    resolve_outputs(args)
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from imagegen_server.engine.model import resolve_device, resolve_dtype
 
@@ -166,10 +168,7 @@ def run_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
     model = bench.model
     flops = _count_flops(bench, resolutions)
     results: dict[str, Any] = {
-        "schema": 1,
-        "command": command,
-        "quick": args.quick,
-        "machine": describe_machine(threads, str(model.device)),
+        **results_header(args, describe_machine(threads, str(model.device))),
         "model": {
             "directory": str(model_dir),
             "dtype": str(model.dtype).removeprefix("torch."),
@@ -387,12 +386,7 @@ def results_path(out: Path, results: dict[str, Any]) -> Path:
 
 
 def update_markdown(results: dict[str, Any], markdown: Path) -> None:
-    kind = _kind(results)
-    begin = (
-        f"<!-- bench-mfu:{kind}:begin (generated by `make bench-mfu`; edits inside are "
-        "overwritten) -->"
-    )
-    replace_block(markdown, begin, f"<!-- bench-mfu:{kind}:end -->", summary_lines(results))
+    write_block(markdown, f"bench-mfu:{_kind(results)}", "bench-mfu", summary_lines(results))
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
@@ -485,15 +479,3 @@ def _quiet(line: str) -> None:
 
 def _kind(results: dict[str, Any]) -> str:
     return "cuda" if str(results["machine"]["device"]).startswith("cuda") else "cpu"
-
-
-def _settings(text: str, parser: argparse.ArgumentParser) -> list[CompileSetting]:
-    chosen = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [name for name in chosen if name not in SETTINGS]
-    if unknown:
-        parser.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
-    return [setting for name, setting in SETTINGS.items() if name in chosen]
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

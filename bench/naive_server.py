@@ -7,7 +7,7 @@ grpc.health.v1 after a warm-up call, and exports the few metrics the bench reads
 client cancelled while queued is skipped; one already running finishes (the pipeline cannot stop
 mid-call).
 
-    python -m bench.naive_server --model .cache/bench-model --port 0 --metrics-port 0
+    python -m bench naive-server --model .cache/bench-model --port 0 --metrics-port 0
 """
 
 from __future__ import annotations
@@ -261,8 +261,7 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.naive_server", description=__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="diffusers-format Qwen-Image directory")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 = any free port")
@@ -276,12 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--default-width", type=int, default=256)
     parser.add_argument("--default-height", type=int, default=256)
     parser.add_argument("--default-steps", type=int, default=8)
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     return asyncio.run(serve(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

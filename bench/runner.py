@@ -24,15 +24,20 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import plan as plans
+from .launch import Metrics, ServerProcess
 from .limit import EngineBench, LimitResult, adjacent_latency, adjacent_throughput
 from .loads import LoadGenerator
-from .machine import BUSY_CORES, CpuMeter, CpuUse
+from .machine import BUSY_CORES, wait_for_quiet
+from .output import fmt
 from .servers import (
+    Drive,
+    Measured,
     ServerOptions,
-    ServerProcess,
+    measure,
     rotated,
-    rows_per_step,
     server_command,
+    start_server,
+    wait_idle,
 )
 from .stats import RequestRecord, closed_loop_stats, open_loop_stats, records_table
 from .targets import MIX_TARGET_FRACTION
@@ -214,13 +219,11 @@ class Runner:
         load point on each, the systems taking turns to go first."""
         runs = []
         with contextlib.ExitStack() as stack:
-            servers = {}
+            servers: dict[str, ServerProcess] = {}
             for system in systems:  # one at a time: each loads the model on every core
                 print(f"{system}: starting the server", flush=True)
                 command = server_command(self._options, system)
-                servers[system] = stack.enter_context(ServerProcess(system, command))
-                servers[system].start()
-                await servers[system].wait_serving()
+                servers[system] = stack.enter_context(await start_server(system, command))
             generators = {
                 system: LoadGenerator(server.target, run_name=system)
                 for system, server in servers.items()
@@ -282,12 +285,8 @@ class Runner:
         )
         pick = self._picker(workload, f"closed-{clients}")
 
-        stopped = run_plan.load.duration_s
-
-        async def drive() -> Any:
-            nonlocal stopped
-            records, stopped = await generator.closed_loop(run_plan.load, pick)
-            return records
+        async def drive(_before: Metrics) -> tuple[list[RequestRecord], float]:
+            return await generator.closed_loop(run_plan.load, pick)
 
         # The saturation target compares this run with the engine alone timed around it.
         check = (
@@ -298,15 +297,15 @@ class Runner:
         )
         before = self._engine_batches(workload) if check else []
         estimate = plans.estimate_closed_s(run_plan)
-        records, cpu, rows, wall, attempts = await self._measure_quietly(server, drive, estimate)
+        measured, attempts = await self._measure_quietly(server, drive, estimate)
         after = self._engine_batches(workload) if check else []
-        stats = closed_loop_stats(records, clients, run_plan.warm_s, stopped)
-        run = self._run_dict(system, workload, "closed", stats, records, cpu, rows, wall, attempts)
+        stats = closed_loop_stats(measured.records, clients, run_plan.warm_s, measured.end_s)
+        run = self._run_dict(system, workload, "closed", stats, measured, attempts)
         run.update(
             clients=clients,
             warm_s=run_plan.warm_s,
             planned_s=round(run_plan.load.duration_s, 2),
-            duration_s=round(stopped, 3),
+            duration_s=round(measured.end_s, 3),
         )
         if check:
             best = self._limit.best_batch_size
@@ -330,7 +329,7 @@ class Runner:
         """Alternates one engine-alone request (in this process) and one request to the idle
         server, `--light-load-pairs` times: the light-load target's comparison, immune to the
         machine's drift (each pair is taken within two seconds, in alternating order)."""
-        await server.wait_idle()
+        await wait_idle(server)
         cls = workload.classes[0]
         engine_s: list[float] = []
         server_s: list[float] = []
@@ -370,76 +369,48 @@ class Runner:
         run_plan = self._open_plan(system, workload, fraction, self._sizing)
         pick = self._picker(workload, f"open-{fraction}")
         seed = self._seed(workload, f"arrivals-{fraction}")
-        arrivals_end = 0.0
 
-        async def drive() -> Any:
-            nonlocal arrivals_end
-            records, arrivals_end = await generator.open_loop(run_plan.load, pick, seed)
-            return records
+        async def drive(_before: Metrics) -> tuple[list[RequestRecord], float]:
+            return await generator.open_loop(run_plan.load, pick, seed)
 
         estimate = plans.estimate_open_s(run_plan, self.expected_ips(system, workload))
-        records, cpu, rows, wall, attempts = await self._measure_quietly(server, drive, estimate)
-        stats = open_loop_stats(records, run_plan.warm_s, arrivals_end)
-        run = self._run_dict(system, workload, "open", stats, records, cpu, rows, wall, attempts)
+        measured, attempts = await self._measure_quietly(server, drive, estimate)
+        stats = open_loop_stats(measured.records, run_plan.warm_s, measured.end_s)
+        run = self._run_dict(system, workload, "open", stats, measured, attempts)
         run.update(
             fraction=fraction,
             offered_ips=run_plan.load.rate_ips,
             arrivals=run_plan.load.arrivals,
             warm_s=run_plan.warm_s,
-            arrivals_end_s=round(arrivals_end, 3),
+            arrivals_end_s=round(measured.end_s, 3),
             drain_cap_s=run_plan.load.drain_cap_s,
         )
         self._report(run, f"{fraction:.0%} load")
         return run
 
     async def _measure_quietly(
-        self, server: ServerProcess, drive: Callable[[], Any], estimate_s: float
-    ) -> tuple[Any, CpuUse, float | None, float, int]:
-        """`_measure`, repeated while other processes disturb it and the time budget allows."""
+        self, server: ServerProcess, drive: Drive, estimate_s: float
+    ) -> tuple[Measured, int]:
+        """`measure`, repeated while other processes disturb it and the time budget allows;
+        returns the last measurement and the attempts it took."""
         attempts = 0
         while True:
             attempts += 1
-            records, cpu, rows, wall = await self._measure(server, drive)
+            measured = await measure(server, drive)
             self._remaining_s -= estimate_s if attempts == 1 else 0.0
             elapsed = time.monotonic() - self._started
             fits = elapsed + self._remaining_s + estimate_s + QUIET_WAIT_S < self._budget_s
-            if cpu.background <= BUSY_CORES or self._retries_left == 0 or not fits:
-                return records, cpu, rows, wall, attempts
+            background = measured.cpu.background
+            if background <= BUSY_CORES or self._retries_left == 0 or not fits:
+                return measured, attempts
             self._retries_left -= 1
             print(
-                f"    other processes used {cpu.background:.2f} cores meanwhile: running it again",
+                f"    other processes used {background:.2f} cores meanwhile: running it again",
                 flush=True,
             )
-            await self._wait_quiet(server)
-
-    async def _wait_quiet(self, server: ServerProcess) -> None:
-        """Waits (up to QUIET_WAIT_S) until other processes leave the CPU alone for a second."""
-        assert server.pid is not None
-        deadline = time.monotonic() + QUIET_WAIT_S
-        while time.monotonic() < deadline:
-            meter = CpuMeter([os.getpid(), server.pid])
-            meter.start()
-            await asyncio.sleep(1.0)
-            if meter.stop().background <= BUSY_CORES / 2:
-                return
-
-    async def _measure(
-        self, server: ServerProcess, drive: Callable[[], Any]
-    ) -> tuple[Any, CpuUse, float | None, float]:
-        """Runs `drive` on an idle server with the CPU meter and the metrics around it."""
-        loop = asyncio.get_running_loop()
-        if not await server.wait_idle():
-            print(f"  warning: {server.name} server still busy before the run", flush=True)
-        assert server.pid is not None
-        meter = CpuMeter([os.getpid(), server.pid])
-        before = await loop.run_in_executor(None, server.metrics)
-        meter.start()
-        started = time.monotonic()
-        records = await drive()
-        wall = time.monotonic() - started
-        cpu = meter.stop()
-        after = await loop.run_in_executor(None, server.metrics)
-        return records, cpu, rows_per_step(before, after), wall
+            # Until other processes leave the CPU alone for a window.
+            pids = [os.getpid(), server.process.pid]
+            await asyncio.to_thread(wait_for_quiet, pids, BUSY_CORES / 2, QUIET_WAIT_S)
 
     def _run_dict(
         self,
@@ -447,10 +418,7 @@ class Runner:
         workload: Workload,
         kind: str,
         stats: Any,
-        records: list[RequestRecord],
-        cpu: Any,
-        rows: float | None,
-        wall: float,
+        measured: Measured,
         attempts: int,
     ) -> dict[str, Any]:
         return {
@@ -461,11 +429,11 @@ class Runner:
             "fraction": None,
             "limit_ips": self.limit_of(workload),
             "stats": stats.to_dict(),
-            "rows_per_step": rows,
-            "cpu": dataclasses.asdict(cpu),
-            "wall_s": round(wall, 2),
+            "rows_per_step": measured.rows_per_step,
+            "cpu": dataclasses.asdict(measured.cpu),
+            "wall_s": round(measured.wall_s, 2),
             "attempts": attempts,
-            "records": records_table(records),
+            "records": records_table(measured.records),
         }
 
     def _report(self, run: dict[str, Any], level: str) -> None:
@@ -479,7 +447,7 @@ class Runner:
             f"  [{self._done:2}/{self._total}] {elapsed / 60:4.1f} min  {run['system']:7} "
             f"{run['workload']:6} {level:11}: {stats['throughput_ips']:.3f} img/s "
             f"({stats['throughput_ips'] / run['limit_ips']:.2f} x limit), "
-            f"p50 {_s(latency['p50'])} p95 {_s(latency['p95'])} p99 {_s(latency['p99'])}, "
+            f"p50 {fmt(latency['p50'])} p95 {fmt(latency['p95'])} p99 {fmt(latency['p99'])} s, "
             f"n={latency['count']}"
             + (f", {unfinished} unfinished" if unfinished else "")
             + (f", {failed} failed" if failed else "")
@@ -500,9 +468,5 @@ async def _wait_idle(servers: Iterable[ServerProcess]) -> None:
     """Waits for every server to finish what the last run left (a run measures one server;
     the others must not be working meanwhile)."""
     for server in servers:
-        if not await server.wait_idle():
+        if not await wait_idle(server):
             print(f"  warning: {server.name} server still busy before the run", flush=True)
-
-
-def _s(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}s"

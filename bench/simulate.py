@@ -1,6 +1,6 @@
 """The real scheduler on a simulated engine: what row selection does on other cost curves.
 
-`python -m bench.simulate` drives the server's `Scheduler` (pure Python) with a fake
+`python -m bench simulate` drives the server's `Scheduler` (pure Python) with a fake
 clock: Poisson arrivals of a mix of step counts, one batch key, and a step that takes what a
 cost curve says for its rows (with +-10% noise). It compares request-level batching, step-level
 batching stepping every row (`--row-selection all`) and step-level batching with cost-aware row
@@ -25,13 +25,17 @@ import bisect
 import itertools
 import random
 import statistics
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from imagegen_server.base.request import Request
+from imagegen_server.base.types import GenerationParams, OutputFormat
+from imagegen_server.batching.plan import StepOutcome, StepPlan
 from imagegen_server.batching.row_selection import CostLine
-from imagegen_server.batching.scheduler import QueueEntry, Scheduler, SchedulerConfig
+from imagegen_server.batching.scheduler import Scheduler, SchedulerConfig
 
+from .cli import floats, ints, subset_of
+from .cli import main as bench_main
 from .stats import percentile
 
 CURVES = {
@@ -75,7 +79,7 @@ def simulate(
     limit = max_batch_size / (curve(max_batch_size) * statistics.mean(mix_steps))
     arrivals = _arrivals(rng, requests, load * limit, mix_steps)
     finished, rows_stepped = _drive(
-        _scheduler(policy, max_batch_size), curve, rng, arrivals, lambda entry, now: None
+        _scheduler(policy, max_batch_size), curve, rng, arrivals, lambda request, now: None
     )
     return _outcome(finished, mix_steps, rows_stepped)
 
@@ -96,10 +100,10 @@ def simulate_closed(
     rng = random.Random(seed)
     counter = itertools.count()
 
-    def request(at: float) -> QueueEntry:
-        return QueueEntry(f"r{next(counter)}", KEY, rows=1, steps=steps, priority=1, arrival=at)
+    def request(at: float) -> Request:
+        return _request(f"r{next(counter)}", steps, at)
 
-    def next_request(entry: QueueEntry, now: float) -> QueueEntry | None:
+    def next_request(finished: Request, now: float) -> Request | None:
         sent = now + TURNAROUND_S * rng.uniform(0.5, 1.5)
         return request(sent) if sent < duration_s else None
 
@@ -107,7 +111,7 @@ def simulate_closed(
     finished, rows_stepped = _drive(
         _scheduler(policy, max_batch_size), curve, rng, first, next_request
     )
-    in_run = [latency for entry, latency in finished if entry.arrival + latency <= duration_s]
+    in_run = [latency for request, latency in finished if request.arrival + latency <= duration_s]
     return ClosedOutcome(
         throughput_ips=len(in_run) / duration_s,
         mean_s=statistics.mean(in_run),
@@ -131,21 +135,21 @@ def _drive(
     scheduler: Scheduler,
     curve: CostLine,
     rng: random.Random,
-    arrivals: list[QueueEntry],
-    on_finish: Callable[[QueueEntry, float], QueueEntry | None],
-) -> tuple[list[tuple[QueueEntry, float]], list[int]]:
+    arrivals: list[Request],
+    on_finish: Callable[[Request, float], Request | None],
+) -> tuple[list[tuple[Request, float]], list[int]]:
     """Runs the scheduler on a fake clock until every request is done; `on_finish` may send a
     new request when one finishes. Returns (request, latency) in finishing order, and the rows
     of every step."""
-    pending = sorted(arrivals, key=lambda entry: entry.arrival)
-    finished: list[tuple[QueueEntry, float]] = []
+    pending = sorted(arrivals, key=lambda request: request.arrival)
+    finished: list[tuple[Request, float]] = []
     rows_stepped: list[int] = []
     now = 0.0
     while pending or scheduler.has_work():
         while pending and pending[0].arrival <= now:
-            entry = pending.pop(0)
-            scheduler.add(entry, entry.arrival)
-        plan = scheduler.schedule(now)
+            request = pending.pop(0)
+            scheduler.add(request, request.arrival)
+        plan = scheduler.plan(now)
         if plan.group is None:
             wake = [plan.wake_at] if plan.wake_at is not None else []
             upcoming = [pending[0].arrival] if pending else []
@@ -153,28 +157,36 @@ def _drive(
                 raise RuntimeError("the scheduler holds work but plans nothing")
             now = max(now, min(upcoming + wake))
             continue
-        members = scheduler.running_in(plan.group)
-        rows = sum(e.rows for e in members if plan.stepped is None or e.request_id in plan.stepped)
-        seconds = curve(rows) * rng.uniform(1 - NOISE, 1 + NOISE)
-        now += seconds
-        rows_stepped.append(rows)
-        scheduler.step_done(plan.group, plan.stepped)
-        scheduler.observe_step(plan.group, rows, seconds)
-        for entry in members:
-            if entry.steps_done == entry.steps:
-                scheduler.finish(entry.request_id)
-                finished.append((entry, now - entry.arrival))
-                follow_up = on_finish(entry, now)
-                if follow_up is not None:
-                    bisect.insort(pending, follow_up, key=lambda queued: queued.arrival)
+        outcome = _fake_step(scheduler, plan, curve, rng)
+        now += outcome.seconds
+        rows_stepped.append(outcome.rows)
+        for request in scheduler.update(plan, outcome, now).finished:
+            finished.append((request, now - request.arrival))
+            follow_up = on_finish(request, now)
+            if follow_up is not None:
+                bisect.insort(pending, follow_up, key=lambda queued: queued.arrival)
     return finished, rows_stepped
 
 
+def _fake_step(
+    scheduler: Scheduler, plan: StepPlan, curve: CostLine, rng: random.Random
+) -> StepOutcome:
+    """What an engine on `curve` reports for `plan`'s step."""
+    stepping = scheduler.stepping(plan)
+    rows = sum(request.rows for request in stepping)
+    return StepOutcome(
+        rows=rows,
+        seconds=curve(rows) * rng.uniform(1 - NOISE, 1 + NOISE),
+        stepped=plan.stepped,
+        finished=[request.ticket for request in stepping if request.remaining_steps == 1],
+    )
+
+
 def _outcome(
-    finished: list[tuple[QueueEntry, float]], mix_steps: Sequence[int], rows_stepped: list[int]
+    finished: list[tuple[Request, float]], mix_steps: Sequence[int], rows_stepped: list[int]
 ) -> Outcome:
     everyone = [latency for _, latency in finished]
-    shortest = [latency for entry, latency in finished if entry.steps == min(mix_steps)]
+    shortest = [latency for request, latency in finished if request.steps == min(mix_steps)]
     return Outcome(
         short_p95_s=_p95(shortest),
         mean_s=statistics.mean(everyone),
@@ -185,13 +197,31 @@ def _outcome(
 
 def _arrivals(
     rng: random.Random, count: int, rate: float, mix_steps: Sequence[int]
-) -> list[QueueEntry]:
-    entries, at = [], 0.0
+) -> list[Request]:
+    requests, at = [], 0.0
     for index in range(count):
         at += rng.expovariate(rate)
         steps = rng.choice(list(mix_steps))
-        entries.append(QueueEntry(f"r{index}", KEY, rows=1, steps=steps, priority=1, arrival=at))
-    return entries
+        requests.append(_request(f"r{index}", steps, at))
+    return requests
+
+
+def _request(ticket: str, steps: int, at: float) -> Request:
+    """A one-image request of `steps` steps arriving at `at` (the scheduler reads no more)."""
+    params = GenerationParams(
+        request_id=ticket,
+        prompt="",
+        negative_prompt="",
+        width=1024,
+        height=1024,
+        steps=steps,
+        guidance_scale=1.0,
+        seed=0,
+        num_images=1,
+        output_format=OutputFormat.PNG,
+        output_quality=90,
+    )
+    return Request(ticket, params, KEY, arrival=at)
 
 
 def _p95(values: list[float]) -> float:
@@ -244,36 +274,37 @@ def closed_table(
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.simulate", description=__doc__)
-    parser.add_argument("--curves", default=",".join(CURVES), help="subset of cpu,linear,flat")
-    parser.add_argument("--loads", default="0.3,0.5,0.8,0.95", help="fractions of the limit")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--curves",
+        type=subset_of(list(CURVES)),
+        default=",".join(CURVES),
+        help="subset of cpu,linear,flat",
+    )
+    parser.add_argument(
+        "--loads", type=floats, default="0.3,0.5,0.8,0.95", help="fractions of the limit"
+    )
     parser.add_argument("--requests", type=int, default=3000, help="arrivals per simulation")
     parser.add_argument(
-        "--closed-clients", default="4,8", help="closed loops from a cold start; empty = none"
+        "--closed-clients",
+        type=ints,
+        default="4,8",
+        help="closed loops from a cold start; empty = none",
     )
     parser.add_argument(
-        "--closed-seconds", default="10,30,120", help="how long each closed loop runs"
+        "--closed-seconds", type=floats, default="10,30,120", help="how long each closed loop runs"
     )
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    curves = _names(args.curves, parser)
-    loads = [float(value) for value in args.loads.split(",")]
-    print("\n".join(table(curves, loads, args.requests, args.seed)))
-    clients = [int(value) for value in args.closed_clients.split(",") if value]
-    if clients:
-        durations = [float(value) for value in args.closed_seconds.split(",")]
-        print()
-        print("\n".join(closed_table(curves, clients, durations, args.seed)))
+
+
+def run(args: argparse.Namespace) -> int:
+    print("\n".join(table(args.curves, args.loads, args.requests, args.seed)))
+    if args.closed_clients:
+        lines = closed_table(args.curves, args.closed_clients, args.closed_seconds, args.seed)
+        print("\n" + "\n".join(lines))
     return 0
 
 
-def _names(value: str, parser: argparse.ArgumentParser) -> list[str]:
-    names = [name for name in value.split(",") if name]
-    if not names or any(name not in CURVES for name in names):
-        parser.error(f"--curves: choose from {','.join(CURVES)}")
-    return names
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench simulate ARGV`, for callers that run this command alone."""
+    return bench_main(["simulate", *(argv or [])])

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .output import fmt
+
 SATURATED_MIN_RATIO = 0.9  # step-level throughput at the most clients / limit
 # The GPU path's target: there the server's CPU work (gRPC, PNG) overlaps the device's, and the
 # card's speed holds steady, so the bar is higher than on this 2-core CPU.
@@ -68,7 +70,7 @@ def _saturated(results: dict[str, Any]) -> TargetResult:
     at_max = next((p for p in limit["sweep"] if p["batch_size"] == max_batch), None)
     figures = (
         f"{throughput:.3f} img/s vs limit {limit['limit_ips']:.3f} img/s (engine alone, batch "
-        f"{limit['best_batch_size']}); server ran {_fmt(run['rows_per_step'], '.2f')} rows/step"
+        f"{limit['best_batch_size']}); server ran {fmt(run['rows_per_step'])} rows/step"
     )
     # The engine timed again right before and after the run shows how far the machine's speed
     # moved since the sweep: the ratio is uncertain by about that much.
@@ -149,19 +151,15 @@ def _short_requests(results: dict[str, Any]) -> TargetResult:
     step_queue = step["stats"]["queue_mean_by_steps"].get(str(short))
     request_queue = request["stats"]["queue_mean_by_steps"].get(str(short))
     figures = (
-        f"{short}-step p95 {_fmt(step_p95, '.2f')} s (step) vs {_fmt(request_p95, '.2f')} s "
-        f"(request); mean queue time {_fmt(step_queue, '.2f')} s vs "
-        f"{_fmt(request_queue, '.2f')} s; "
-        f"rows/step {_fmt(step['rows_per_step'], '.2f')} vs {_fmt(request['rows_per_step'], '.2f')}"
+        f"{short}-step p95 {fmt(step_p95)} s (step) vs {fmt(request_p95)} s "
+        f"(request); mean queue time {fmt(step_queue)} s vs "
+        f"{fmt(request_queue)} s; "
+        f"rows/step {fmt(step['rows_per_step'])} vs {fmt(request['rows_per_step'])}"
     )
     passed = None if value is None else value <= SHORT_P95_MAX_RATIO
     return TargetResult(
         "short requests on the mix", goal, value, SHORT_P95_MAX_RATIO, passed, figures
     )
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
 
 
 def _fmt_ms(seconds: float | None) -> str:

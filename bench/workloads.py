@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import random
 from dataclasses import dataclass
 
@@ -55,19 +54,6 @@ def parse_resolution(text: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def resolution_arg(text: str) -> tuple[int, int]:
-    """argparse `type=` for one WIDTHxHEIGHT: a bad value is a usage error naming the option."""
-    try:
-        return parse_resolution(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def resolutions_arg(text: str) -> list[tuple[int, int]]:
-    """argparse `type=` for comma-separated WIDTHxHEIGHT values."""
-    return [resolution_arg(part) for part in text.split(",") if part.strip()]
-
-
 def single_workload(resolution: tuple[int, int], steps: int) -> Workload:
     width, height = resolution
     return Workload("single", (RequestClass(width, height, steps),))
@@ -79,8 +65,3 @@ def mix_workload(resolutions: list[tuple[int, int]], step_counts: list[int]) -> 
         RequestClass(width, height, steps) for width, height in resolutions for steps in step_counts
     )
     return Workload("mix", classes)
-
-
-def parse_ints(text: str) -> list[int]:
-    """`1,2,4` -> [1, 2, 4]."""
-    return [int(part) for part in text.split(",") if part.strip()]

@@ -12,8 +12,9 @@
 #   ShellCheck  Debian's `shellcheck` package: lints this script.
 #   checkov     checkov from PyPI, in its own virtual environment (.tools/checkov): its pins
 #               (networkx < 2.7, packaging 23) clash with torch's and the project's.
-# No kustomize: Debian's kubectl (1.20) predates the `patches` field, so tests/deploy render
-# the overlays with their own renderer (tests/deploy/kustomize_lite.py).
+# Not installed here: kubectl. tests/deploy render the overlays with the system's
+# `kubectl kustomize`, which must be kustomize v5 (kubectl 1.27 or later; Debian's kubectl 1.20
+# is too old); they skip without it, and .ci/run refuses to start without it.
 #
 # Environment: PYTHON (default python3) creates checkov's virtual environment.
 set -euo pipefail

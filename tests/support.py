@@ -39,7 +39,7 @@ EVENT_TIMEOUT_S = 60.0
 # A bound on start-up, not a timing: compiling the transformer takes over a minute on a busy
 # 2-core CI machine.
 START_TIMEOUT_S = 600.0
-# The determinism contract (DESIGN.md): max abs pixel difference in [0, 1].
+# The determinism contract (docs/architecture.md, "Determinism"): max abs pixel difference.
 PIXEL_TOLERANCE = 1e-5
 
 
@@ -209,9 +209,11 @@ def assert_same_image(
     assert difference <= tolerance, f"max pixel difference {difference:.2e} > {tolerance:.0e}"
 
 
-def engine_params(request_id: str, seed: int = 0, num_images: int = 1) -> Any:
-    """A valid `GenerationParams` at the test size (64x64, 4 steps) for driving the engine or
-    the batcher directly; NPY output keeps the pixels exact."""
+def engine_params(
+    request_id: str, seed: int = 0, num_images: int = 1, steps: int = 4, priority: int = 1
+) -> Any:
+    """A valid `GenerationParams` at the test size (64x64, 4 steps by default) for driving the
+    engine or the batcher directly; NPY output keeps the pixels exact."""
     from imagegen_server.base.types import GenerationParams, OutputFormat
 
     return GenerationParams(
@@ -220,10 +222,28 @@ def engine_params(request_id: str, seed: int = 0, num_images: int = 1) -> Any:
         negative_prompt="",
         width=64,
         height=64,
-        steps=4,
+        steps=steps,
         guidance_scale=1.0,
         seed=seed,
         num_images=num_images,
         output_format=OutputFormat.NPY,
         output_quality=90,
+        priority=priority,
     )
+
+
+def scheduled_request(
+    ticket: str,
+    key: Any = "A",
+    at: float = 0.0,
+    steps: int = 4,
+    rows: int = 1,
+    priority: int = 1,
+    deadline: float | None = None,
+) -> Any:
+    """A `Request` for driving the scheduler directly: `ticket` doubles as the client's id, and
+    `key` is any hashable (the scheduler only compares keys)."""
+    from imagegen_server.base.request import Request
+
+    params = engine_params(ticket, num_images=rows, steps=steps, priority=priority)
+    return Request(ticket, params, key, arrival=at, deadline=deadline)

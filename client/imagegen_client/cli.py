@@ -8,6 +8,7 @@ imagegen health
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 
 from .client import DEFAULT_TARGET, ImageGenClient, TlsConfig
 from .types import Adapter, Completed, GenerationResult, OutputFormat, Queued, Started, Step
@@ -242,8 +242,11 @@ class _PlainProgress:
 
 
 def _info(client: ImageGenClient, args: argparse.Namespace) -> int:
+    """Prints ServerInfo as JSON with its field names; output formats by their --format names."""
     info = client.server_info()
-    print(json.dumps(MessageToDict(info, always_print_fields_with_no_presence=True), indent=2))
+    fields = dataclasses.asdict(info)
+    fields["limits"]["output_formats"] = [fmt.name.lower() for fmt in info.limits.output_formats]
+    print(json.dumps(fields, indent=2))
     return 0
 
 

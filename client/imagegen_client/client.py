@@ -2,18 +2,19 @@
 
 Both retry UNAVAILABLE (queue full, draining replica, connection refused) with exponential
 backoff and full jitter within the call's overall timeout, send a bearer token when given, and
-can use TLS or mutual TLS. Only grpcio and protobuf are needed.
+can use TLS or mutual TLS. Every call returns the dataclasses of `types`, never protobuf. Only
+grpcio and protobuf are needed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,11 +22,13 @@ import grpc
 from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 
+from .request import build_request
+from .retry import RetryPolicy
 from .types import (
-    Adapter,
+    AdapterInfo,
     GenerationResult,
-    OutputFormat,
     ProgressEvent,
+    ServerInfo,
     event_from_proto,
 )
 
@@ -35,26 +38,8 @@ HEALTH_TIMEOUT_S = 5.0  # a health check's deadline when neither the call nor th
 # gRPC refuses deadlines much further out (9e9 s fails at once); longer timeouts are cut to this.
 MAX_TIMEOUT_S = 1e8
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    max_attempts: int = 5  # 1 = no retries
-    initial_backoff_s: float = 0.1
-    max_backoff_s: float = 5.0
-    multiplier: float = 2.0
-    retryable: frozenset[grpc.StatusCode] = field(
-        default_factory=lambda: frozenset({grpc.StatusCode.UNAVAILABLE})
-    )
-
-    def backoff_s(self, attempt: int, error: grpc.RpcError | None = None) -> float:
-        """Sleep before retry number `attempt` (1-based): full jitter, at least the server's
-        `retry-after-ms` hint when it sent one."""
-        ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
-        return max(random.uniform(0, ceiling), _retry_after_s(error))
-
-    def should_retry(self, error: grpc.RpcError, attempt: int) -> bool:
-        return attempt < self.max_attempts and error.code() in self.retryable
+Request = TypeVar("Request")
+Response = TypeVar("Response")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,57 +75,6 @@ class TlsConfig:
             private_key=self.client_key,
             certificate_chain=self.client_certificate,
         )
-
-
-def build_request(
-    prompt: str,
-    *,
-    negative_prompt: str = "",
-    width: int = 0,
-    height: int = 0,
-    steps: int = 0,
-    guidance_scale: float | None = None,
-    seed: int | None = None,
-    num_images: int = 1,
-    output_format: OutputFormat = OutputFormat.PNG,
-    output_quality: int = 0,
-    adapters: Sequence[Adapter] = (),
-    priority: int = 0,
-    request_id: str = "",
-    preview_every_n_steps: int = 0,
-    init_image: bytes | str | Path | None = None,
-    strength: float | None = None,
-    mask_image: bytes | str | Path | None = None,
-) -> pb.GenerateRequest:
-    """A GenerateRequest; 0 means "the server's default" for sizes, steps, quality, priority.
-
-    `init_image` (bytes or a file path) turns it into image-to-image with `strength`, and
-    `mask_image` (white = regenerate) into inpainting.
-    """
-    request = pb.GenerateRequest(
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        width=width,
-        height=height,
-        num_inference_steps=steps,
-        num_images=num_images,
-        output_format=int(output_format),  # type: ignore[arg-type]
-        output_quality=output_quality,
-        priority=priority,
-        request_id=request_id,
-        preview_every_n_steps=preview_every_n_steps,
-        init_image=_image_bytes(init_image),
-        mask_image=_image_bytes(mask_image),
-    )
-    if strength is not None:
-        request.strength = strength
-    if guidance_scale is not None:
-        request.guidance_scale = guidance_scale
-    if seed is not None:
-        request.seed = seed
-    for adapter in adapters:
-        request.adapters.add(name=adapter.name, scale=adapter.scale)
-    return request
 
 
 class _ClientBase:
@@ -214,21 +148,15 @@ class _ClientBase:
         timeout = self._timeout(timeout_s)
         return HEALTH_TIMEOUT_S if timeout is None else timeout
 
-    @staticmethod
-    def _remaining(deadline: float | None) -> float | None:
-        return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-    def _retry_wait(
-        self, error: grpc.RpcError, attempt: int, deadline: float | None
-    ) -> float | None:
-        """Seconds to wait before retrying after `error`, or None to give up: not retryable, no
-        attempts left, or a wait that would outlast the call's deadline (the caller then gets
-        the server's status, not a DEADLINE_EXCEEDED of the client's own making)."""
-        if not self.retry.should_retry(error, attempt):
-            return None
-        wait = self.retry.backoff_s(attempt, error)
-        remaining = self._remaining(deadline)
-        return None if remaining is not None and wait >= remaining else wait
+    def _health_check(self, channel: Any, service: str, timeout_s: float | None) -> Any:
+        """Starts a grpc.health.v1 check on `channel` (not retried): the response, or its
+        awaitable on an asyncio channel."""
+        health_pb2, health_pb2_grpc = _health_modules()
+        return health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service),
+            timeout=self._health_timeout(timeout_s),
+            metadata=self._metadata,
+        )
 
 
 class ImageGenClient(_ClientBase):
@@ -240,10 +168,7 @@ class ImageGenClient(_ClientBase):
         credentials: grpc.ChannelCredentials | None,
         options: list[tuple[str, Any]],
     ) -> None:
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._channel: grpc.Channel = _open_channel(grpc, target, credentials, options)
         self._stub = pb_grpc.ImageGenerationStub(self._channel)
         self._admin = pb_grpc.AdapterAdminStub(self._channel)
 
@@ -265,95 +190,78 @@ class ImageGenClient(_ClientBase):
             grpc.RpcError: the final status (INVALID_ARGUMENT names the field at fault).
         """
         request = build_request(prompt, **options)
-        return self._with_retries(
-            lambda t: GenerationResult.from_proto(
-                self._stub.Generate(request, timeout=t, metadata=self._metadata)
-            ),
-            timeout_s,
-        )
+        return self._unary(self._stub.Generate, request, GenerationResult.from_proto, timeout_s)
 
     def stream(
         self, prompt: str, *, timeout_s: float | None = None, **options: Any
     ) -> Iterator[ProgressEvent]:
-        """Yields queued / started / step / completed events. Retries UNAVAILABLE only before the
-        first event arrived, so nothing is seen twice."""
+        """Yields queued / started / step / completed events. Retries only until the first event
+        arrived, so nothing is seen twice."""
         request = build_request(prompt, **options)
-        deadline = self._deadline(timeout_s)
-        attempt = 0
-        while True:
-            attempt += 1
-            call = self._stub.StreamProgress(
-                request, timeout=self._remaining(deadline), metadata=self._metadata
-            )
-            received = False
-            try:
-                for message in call:
-                    received = True
-                    yield event_from_proto(message)
-                return
-            except grpc.RpcError as error:
-                wait = None if received else self._retry_wait(error, attempt, deadline)
-                if wait is None:
-                    raise
-                time.sleep(wait)
-            finally:
-                call.cancel()  # type: ignore[no-untyped-call]
 
-    def server_info(self, *, timeout_s: float | None = None) -> pb.ServerInfo:
-        return self._with_retries(
-            lambda t: self._stub.GetServerInfo(
-                pb.GetServerInfoRequest(), timeout=t, metadata=self._metadata
-            ),
-            timeout_s,
-        )
+        def start(
+            timeout: float | None,
+        ) -> tuple[grpc.CallIterator[pb.ProgressEvent], Iterator[pb.ProgressEvent]]:
+            call = self._stub.StreamProgress(request, timeout=timeout, metadata=self._metadata)
+            messages = iter(call)
+            first = next(messages, None)
+            return call, itertools.chain([] if first is None else [first], messages)
+
+        call, messages = self._with_retries(start, timeout_s)
+        try:
+            for message in messages:
+                yield event_from_proto(message)
+        finally:
+            call.cancel()  # type: ignore[no-untyped-call]
+
+    def server_info(self, *, timeout_s: float | None = None) -> ServerInfo:
+        """The model, its request limits, the batching policy and the loaded adapters."""
+        request = pb.GetServerInfoRequest()
+        return self._unary(self._stub.GetServerInfo, request, ServerInfo.from_proto, timeout_s)
 
     def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         """The grpc.health.v1 status name (SERVING, NOT_SERVING, ...), within `timeout_s`, else
         the client's timeout, else HEALTH_TIMEOUT_S. Needs grpcio-health-checking (the `cli`
         extra)."""
-        health_pb2, health_pb2_grpc = _health_modules()
-        stub = health_pb2_grpc.HealthStub(self._channel)
-        response = stub.Check(
-            health_pb2.HealthCheckRequest(service=service),
-            timeout=self._health_timeout(timeout_s),
-            metadata=self._metadata,
-        )
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+        return _status_name(self._health_check(self._channel, service, timeout_s))
 
-    def load_adapter(self, name: str, *, timeout_s: float | None = None) -> pb.AdapterInfo:
-        return self._with_retries(
-            lambda t: self._admin.LoadAdapter(
-                pb.LoadAdapterRequest(name=name), timeout=t, metadata=self._metadata
-            ),
-            timeout_s,
-        )
+    def load_adapter(self, name: str, *, timeout_s: float | None = None) -> AdapterInfo:
+        """Loads `<name>.safetensors` from the server's adapter directory (admin role)."""
+        request = pb.LoadAdapterRequest(name=name)
+        return self._unary(self._admin.LoadAdapter, request, AdapterInfo.from_proto, timeout_s)
 
     def unload_adapter(self, name: str, *, timeout_s: float | None = None) -> None:
-        self._with_retries(
-            lambda t: self._admin.UnloadAdapter(
-                pb.UnloadAdapterRequest(name=name), timeout=t, metadata=self._metadata
-            ),
+        """Unloads an adapter once the requests holding it finished (admin role)."""
+        request = pb.UnloadAdapterRequest(name=name)
+        self._unary(self._admin.UnloadAdapter, request, _nothing, timeout_s)
+
+    def list_adapters(self, *, timeout_s: float | None = None) -> list[AdapterInfo]:
+        """Every adapter in the server's adapter directory, loaded or not (admin role)."""
+        request = pb.ListAdaptersRequest()
+        return self._unary(self._admin.ListAdapters, request, _adapter_list, timeout_s)
+
+    def _unary(
+        self,
+        rpc: grpc.UnaryUnaryMultiCallable[Request, Response],
+        request: Request,
+        convert: Callable[[Response], T],
+        timeout_s: float | None,
+    ) -> T:
+        return self._with_retries(
+            lambda timeout: convert(rpc(request, timeout=timeout, metadata=self._metadata)),
             timeout_s,
         )
 
-    def list_adapters(self, *, timeout_s: float | None = None) -> list[pb.AdapterInfo]:
-        response = self._with_retries(
-            lambda t: self._admin.ListAdapters(
-                pb.ListAdaptersRequest(), timeout=t, metadata=self._metadata
-            ),
-            timeout_s,
-        )
-        return list(response.adapters)
-
-    def _with_retries(self, call: Callable[[float | None], T], timeout_s: float | None) -> T:
+    def _with_retries(self, attempt: Callable[[float | None], T], timeout_s: float | None) -> T:
+        """Runs `attempt(timeout)` until it succeeds or `self.retry` gives up (see RetryPolicy)."""
         deadline = self._deadline(timeout_s)
-        attempt = 0
+        attempts = 0
         while True:
-            attempt += 1
+            attempts += 1
             try:
-                return call(self._remaining(deadline))
+                return attempt(_remaining(deadline))
             except grpc.RpcError as error:
-                wait = self._retry_wait(error, attempt, deadline)
+                wait = self.retry.wait_s(error, attempts, _remaining(deadline))
                 if wait is None:
                     raise
                 time.sleep(wait)
@@ -368,10 +276,7 @@ class AsyncImageGenClient(_ClientBase):
         credentials: grpc.ChannelCredentials | None,
         options: list[tuple[str, Any]],
     ) -> None:
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+        self._channel: grpc.aio.Channel = _open_channel(grpc.aio, target, credentials, options)
         self._stub = pb_grpc.ImageGenerationStub(self._channel)
         self._admin = pb_grpc.AdapterAdminStub(self._channel)
 
@@ -388,111 +293,117 @@ class AsyncImageGenClient(_ClientBase):
         self, prompt: str, *, timeout_s: float | None = None, **options: Any
     ) -> GenerationResult:
         request = build_request(prompt, **options)
-
-        async def call(timeout: float | None) -> GenerationResult:
-            response = await self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
-            return GenerationResult.from_proto(response)
-
-        return await self._with_retries(call, timeout_s)
+        return await self._unary(
+            self._stub.Generate, request, GenerationResult.from_proto, timeout_s
+        )
 
     async def stream(
         self, prompt: str, *, timeout_s: float | None = None, **options: Any
     ) -> AsyncIterator[ProgressEvent]:
         request = build_request(prompt, **options)
-        deadline = self._deadline(timeout_s)
-        attempt = 0
-        while True:
-            attempt += 1
-            call = self._stub.StreamProgress(
-                request, timeout=self._remaining(deadline), metadata=self._metadata
-            )
-            received = False
-            try:
-                async for message in call:
-                    received = True
-                    yield event_from_proto(message)
-                return
-            except grpc.RpcError as error:
-                wait = None if received else self._retry_wait(error, attempt, deadline)
-                if wait is None:
-                    raise
-                await asyncio.sleep(wait)
-            finally:
-                call.cancel()
 
-    async def server_info(self, *, timeout_s: float | None = None) -> pb.ServerInfo:
-        async def call(timeout: float | None) -> pb.ServerInfo:
-            return await self._stub.GetServerInfo(
-                pb.GetServerInfoRequest(), timeout=timeout, metadata=self._metadata
-            )
+        async def start(
+            timeout: float | None,
+        ) -> tuple[grpc.aio.UnaryStreamCall[Any, Any], AsyncIterator[pb.ProgressEvent]]:
+            call = self._stub.StreamProgress(request, timeout=timeout, metadata=self._metadata)
+            messages = aiter(call)
+            return call, _prepend(await anext(messages, None), messages)
 
-        return await self._with_retries(call, timeout_s)
+        call, messages = await self._with_retries(start, timeout_s)
+        try:
+            async for message in messages:
+                yield event_from_proto(message)
+        finally:
+            call.cancel()
+
+    async def server_info(self, *, timeout_s: float | None = None) -> ServerInfo:
+        request = pb.GetServerInfoRequest()
+        return await self._unary(
+            self._stub.GetServerInfo, request, ServerInfo.from_proto, timeout_s
+        )
 
     async def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
-        health_pb2, health_pb2_grpc = _health_modules()
-        stub = health_pb2_grpc.HealthStub(self._channel)
-        response = await stub.Check(
-            health_pb2.HealthCheckRequest(service=service),
-            timeout=self._health_timeout(timeout_s),
-            metadata=self._metadata,
+        return _status_name(await self._health_check(self._channel, service, timeout_s))
+
+    async def load_adapter(self, name: str, *, timeout_s: float | None = None) -> AdapterInfo:
+        request = pb.LoadAdapterRequest(name=name)
+        return await self._unary(
+            self._admin.LoadAdapter, request, AdapterInfo.from_proto, timeout_s
         )
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
-
-    async def load_adapter(self, name: str, *, timeout_s: float | None = None) -> pb.AdapterInfo:
-        async def call(timeout: float | None) -> pb.AdapterInfo:
-            request = pb.LoadAdapterRequest(name=name)
-            return await self._admin.LoadAdapter(request, timeout=timeout, metadata=self._metadata)
-
-        return await self._with_retries(call, timeout_s)
 
     async def unload_adapter(self, name: str, *, timeout_s: float | None = None) -> None:
-        async def call(timeout: float | None) -> None:
-            request = pb.UnloadAdapterRequest(name=name)
-            await self._admin.UnloadAdapter(request, timeout=timeout, metadata=self._metadata)
+        request = pb.UnloadAdapterRequest(name=name)
+        await self._unary(self._admin.UnloadAdapter, request, _nothing, timeout_s)
 
-        await self._with_retries(call, timeout_s)
+    async def list_adapters(self, *, timeout_s: float | None = None) -> list[AdapterInfo]:
+        request = pb.ListAdaptersRequest()
+        return await self._unary(self._admin.ListAdapters, request, _adapter_list, timeout_s)
 
-    async def list_adapters(self, *, timeout_s: float | None = None) -> list[pb.AdapterInfo]:
-        async def call(timeout: float | None) -> list[pb.AdapterInfo]:
-            response = await self._admin.ListAdapters(
-                pb.ListAdaptersRequest(), timeout=timeout, metadata=self._metadata
-            )
-            return list(response.adapters)
+    async def _unary(
+        self,
+        rpc: grpc.aio.UnaryUnaryMultiCallable[Request, Response],
+        request: Request,
+        convert: Callable[[Response], T],
+        timeout_s: float | None,
+    ) -> T:
+        async def attempt(timeout: float | None) -> T:
+            return convert(await rpc(request, timeout=timeout, metadata=self._metadata))
 
-        return await self._with_retries(call, timeout_s)
+        return await self._with_retries(attempt, timeout_s)
 
     async def _with_retries(
-        self, call: Callable[[float | None], Awaitable[T]], timeout_s: float | None
+        self, attempt: Callable[[float | None], Awaitable[T]], timeout_s: float | None
     ) -> T:
+        """Awaits `attempt(timeout)` until it succeeds or `self.retry` gives up."""
         deadline = self._deadline(timeout_s)
-        attempt = 0
+        attempts = 0
         while True:
-            attempt += 1
+            attempts += 1
             try:
-                return await call(self._remaining(deadline))
+                return await attempt(_remaining(deadline))
             except grpc.RpcError as error:
-                wait = self._retry_wait(error, attempt, deadline)
+                wait = self.retry.wait_s(error, attempts, _remaining(deadline))
                 if wait is None:
                     raise
                 await asyncio.sleep(wait)
 
 
-def _image_bytes(source: bytes | str | Path | None) -> bytes:
-    if source is None:
-        return b""
-    return source if isinstance(source, bytes) else Path(source).read_bytes()
+def _open_channel(
+    channels: Any,
+    target: str,
+    credentials: grpc.ChannelCredentials | None,
+    options: list[tuple[str, Any]],
+) -> Any:
+    """A channel from `channels`, the `grpc` (blocking) or `grpc.aio` module: the two share
+    these functions but no type."""
+    if credentials is None:
+        return channels.insecure_channel(target, options=options)
+    return channels.secure_channel(target, credentials, options=options)
 
 
-def _retry_after_s(error: grpc.RpcError | None) -> float:
-    """The server's `retry-after-ms` trailer (sent with RESOURCE_EXHAUSTED), in seconds."""
-    trailers: Any = getattr(error, "trailing_metadata", lambda: None)()
-    for key, value in trailers or ():
-        if key == "retry-after-ms":
-            try:
-                return int(value) / 1000
-            except ValueError:
-                return 0.0
-    return 0.0
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _nothing(response: object) -> None:
+    return None
+
+
+def _adapter_list(response: pb.ListAdaptersResponse) -> list[AdapterInfo]:
+    return [AdapterInfo.from_proto(adapter) for adapter in response.adapters]
+
+
+async def _prepend(first: T | None, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    """`first` (unless None), then the rest."""
+    if first is not None:
+        yield first
+    async for item in rest:
+        yield item
+
+
+def _status_name(response: Any) -> str:
+    health_pb2, _ = _health_modules()
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
 
 def _health_modules() -> tuple[Any, Any]:

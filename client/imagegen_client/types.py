@@ -1,16 +1,26 @@
-"""Typed results and progress events, converted from the protobuf messages."""
+"""Typed results, progress events and server descriptions, converted from the protobuf messages.
+
+The description types (`ServerInfo`, `Limits`, `BatchingInfo`, `ResolutionBatchLimit`,
+`AdapterInfo`) have the field names of their messages and are filled name by name, so a field
+added to the proto fails tests/unit/test_client_types.py until it is added here too.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import io
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from google.protobuf.message import Message
 from imagegen.v1 import imagegen_pb2 as pb
 
 if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
     from PIL.Image import Image as PILImage
+
+    _D = TypeVar("_D", bound=DataclassInstance)
 
 
 class OutputFormat(enum.IntEnum):
@@ -152,3 +162,125 @@ def event_from_proto(message: pb.ProgressEvent) -> ProgressEvent:
     if kind == "completed":
         return Completed(request_id, GenerationResult.from_proto(message.completed.response))
     raise ValueError(f"unknown progress event {kind!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The ranges a request must respect; 0 in a request means the `default_*` value."""
+
+    size_multiple: int  # width and height must be multiples of this
+    min_width: int
+    max_width: int
+    min_height: int
+    max_height: int
+    max_pixels: int  # most width x height
+    default_width: int
+    default_height: int
+    max_steps: int
+    default_steps: int
+    max_num_images: int  # images per request
+    max_prompt_chars: int
+    max_prompt_tokens: int  # text-encoder tokens
+    max_negative_prompt_chars: int
+    max_negative_prompt_tokens: int
+    min_guidance_scale: float  # true CFG; 1.0 = off
+    max_guidance_scale: float
+    min_seed: int
+    max_seed: int  # image i of a request uses seed + i, which must not pass this
+    max_adapters_per_request: int
+    min_adapter_scale: float
+    max_adapter_scale: float
+    max_request_bytes: int  # the whole request message, init and mask images included
+    min_preview_every_n_steps: int  # most frequent preview allowed
+    priority_levels: int  # 1 = highest
+    default_priority: int
+    output_formats: tuple[OutputFormat, ...]  # those this client knows; others are left out
+    min_steps: int  # 2 when the model's scheduler cannot make a 1-step schedule
+    max_init_image_pixels: int  # largest init or mask image accepted, width x height
+    default_strength: float  # image-to-image strength when a request gives none
+    default_output_quality: int  # JPEG/WebP quality when a request gives 0
+
+    @classmethod
+    def from_proto(cls, message: pb.Limits) -> Limits:
+        known = {int(fmt) for fmt in OutputFormat}
+        formats = tuple(OutputFormat(fmt) for fmt in message.output_formats if fmt in known)
+        return _from_message(cls, message, output_formats=formats)
+
+
+@dataclass(frozen=True, slots=True)
+class ResolutionBatchLimit:
+    width: int
+    height: int
+    max_batch_size: int  # most rows of this size that fit the device (start-up memory probe)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingInfo:
+    policy: str  # "step" (continuous) or "request" (Triton-style)
+    max_batch_size: int  # rows per denoising step
+    max_queue_delay_ms: float
+    max_queue_size: int  # 0 = unbounded
+    preferred_batch_sizes: tuple[int, ...]
+    batch_limits: tuple[ResolutionBatchLimit, ...]  # per resolution, each <= max_batch_size
+    row_selection: str  # "cost" or "all": which rows a step of the step policy runs
+
+    @classmethod
+    def from_proto(cls, message: pb.BatchingInfo) -> BatchingInfo:
+        limits = tuple(_from_message(ResolutionBatchLimit, item) for item in message.batch_limits)
+        return _from_message(cls, message, batch_limits=limits)
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterInfo:
+    name: str  # what `Adapter(name)` and `load_adapter(name)` take
+    format: str  # "kohya" or "peft"
+    loaded: bool  # selectable by requests
+    rank: int
+    parameters: int
+    size_bytes: int
+    unloading: bool  # being unloaded: new requests may not name it, running ones finish
+
+    @classmethod
+    def from_proto(cls, message: pb.AdapterInfo) -> AdapterInfo:
+        return _from_message(cls, message)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """What GetServerInfo reports; the model's fields and `limits` are empty (0) until the model
+    is loaded."""
+
+    model: str
+    server_version: str
+    device: str  # e.g. "cpu", "cuda:0"
+    dtype: str  # e.g. "float32", "bfloat16"
+    scheduler_preset: str  # "default" or "lightning"
+    limits: Limits
+    batching: BatchingInfo
+    adapters: tuple[AdapterInfo, ...]  # the loaded adapters a request may name
+    fused_adapters: tuple[str, ...]  # base LoRAs fused at start-up; not selectable per request
+    ready: bool  # model loaded and warmed up, not draining
+
+    @classmethod
+    def from_proto(cls, message: pb.ServerInfo) -> ServerInfo:
+        return _from_message(
+            cls,
+            message,
+            limits=Limits.from_proto(message.limits),
+            batching=BatchingInfo.from_proto(message.batching),
+            adapters=tuple(AdapterInfo.from_proto(item) for item in message.adapters),
+        )
+
+
+def _from_message(cls: type[_D], message: Message, **converted: object) -> _D:
+    """A `cls` whose fields are the message's fields of the same names (repeated ones as tuples),
+    except those given in `converted` (nested messages, enums)."""
+    values: dict[str, object] = {}
+    for item in dataclasses.fields(cls):
+        if item.name in converted:
+            values[item.name] = converted[item.name]
+        elif message.DESCRIPTOR.fields_by_name[item.name].is_repeated:
+            values[item.name] = tuple(getattr(message, item.name))
+        else:
+            values[item.name] = getattr(message, item.name)
+    return cls(**values)

@@ -1,150 +1,59 @@
-"""JSON schemas for the custom resources in deploy/ (Prometheus Operator, monitoring.coreos.com/v1).
+"""JSON schemas for the custom resources in deploy/, from the Prometheus Operator's own CRDs.
 
-kubernetes-validate bundles only the built-in kinds, and the operator's CRDs cannot be fetched
-at test time, so these are written here: the subset of ServiceMonitor and PrometheusRule that
-deploy/ uses, with the operator's field names and types, and `additionalProperties: false`
-wherever deploy/ writes fields, so a misspelt or misplaced field fails. A field that deploy/
-starts to use must be added here, with its type from the operator's API reference.
+The CRDs are vendored unchanged in tests/deploy/schemas (version and origin in its README).
+A CRD's `openAPIV3Schema` lists the known fields without closing the objects: the API server
+itself reports unknown fields, and `kubectl apply` (strict field validation, its default)
+refuses them. `crd_schemas` closes every object that lists its properties and keeps no
+unknown fields (`additionalProperties: false`), so a misspelt or misplaced field fails here
+as it would at apply time. The CEL rules (`x-kubernetes-validations`) are not evaluated.
 """
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import Any
 
-# Prometheus duration, as the operator's CRDs define it.
-_DURATION = {
-    "type": "string",
-    "pattern": "^(0|"
-    + "".join(f"(([0-9]+){unit})?" for unit in ("y", "w", "d", "h", "m", "s", "ms"))
-    + ")$",
-}
-_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
-_METADATA = {
-    "type": "object",
-    "required": ["name"],
-    "properties": {
-        "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
-        "namespace": {"type": "string"},
-        "labels": _STRING_MAP,
-        "annotations": _STRING_MAP,
-    },
-    "additionalProperties": False,
-}
-_LABEL_SELECTOR = {
-    "type": "object",
-    "properties": {
-        "matchLabels": _STRING_MAP,
-        "matchExpressions": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["key", "operator"],
-                "properties": {
-                    "key": {"type": "string"},
-                    "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
-                    "values": {"type": "array", "items": {"type": "string"}},
-                },
-                "additionalProperties": False,
-            },
-        },
-    },
-    "additionalProperties": False,
-}
+import yaml
+
+SCHEMAS_DIR = Path(__file__).resolve().parent / "schemas"
+
+Schema = dict[str, Any]
 
 
-def _resource(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "apiVersion": {"const": "monitoring.coreos.com/v1"},
-            "kind": {"const": kind},
-            "metadata": _METADATA,
-            "spec": spec,
-        },
-        "additionalProperties": False,
-    }
+def crd_schemas(directory: Path = SCHEMAS_DIR) -> dict[tuple[str, str], Schema]:
+    """Return the closed schema of each served version of each CRD in `directory`.
+
+    Returns:
+        {(apiVersion, kind): JSON schema (OpenAPI v3.0, validate as Draft 4)}.
+    """
+    schemas = {}
+    for path in sorted(directory.glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text(encoding="utf-8"))
+        spec = crd["spec"]
+        for version in spec["versions"]:
+            if version["served"]:
+                api_version = f"{spec['group']}/{version['name']}"
+                schema = _closed(version["schema"]["openAPIV3Schema"])
+                schemas[(api_version, spec["names"]["kind"])] = schema
+    return schemas
 
 
-SERVICE_MONITOR = _resource(
-    "ServiceMonitor",
-    {
-        "type": "object",
-        "required": ["selector", "endpoints"],
-        "properties": {
-            "selector": _LABEL_SELECTOR,
-            "namespaceSelector": {
-                "type": "object",
-                "properties": {
-                    "any": {"type": "boolean"},
-                    "matchNames": {"type": "array", "items": {"type": "string"}},
-                },
-                "additionalProperties": False,
-            },
-            "jobLabel": {"type": "string"},
-            "endpoints": {
-                "type": "array",
-                "minItems": 1,
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "port": {"type": "string"},
-                        "path": {"type": "string"},
-                        "scheme": {"enum": ["http", "https"]},
-                        "interval": _DURATION,
-                        "scrapeTimeout": _DURATION,
-                        "honorLabels": {"type": "boolean"},
-                    },
-                    "additionalProperties": False,
-                },
-            },
-        },
-        "additionalProperties": False,
-    },
-)
+def _closed(schema: Schema) -> Schema:
+    out = copy.deepcopy(schema)
+    _close(out)
+    return out
 
-PROMETHEUS_RULE = _resource(
-    "PrometheusRule",
-    {
-        "type": "object",
-        "required": ["groups"],
-        "properties": {
-            "groups": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["name", "rules"],
-                    "properties": {
-                        "name": {"type": "string", "minLength": 1},
-                        "interval": _DURATION,
-                        "rules": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "required": ["expr"],
-                                "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
-                                "properties": {
-                                    "alert": {"type": "string"},
-                                    "record": {"type": "string"},
-                                    "expr": {"type": ["string", "integer"]},
-                                    "for": _DURATION,
-                                    "keep_firing_for": _DURATION,
-                                    "labels": _STRING_MAP,
-                                    "annotations": _STRING_MAP,
-                                },
-                                "additionalProperties": False,
-                            },
-                        },
-                    },
-                    "additionalProperties": False,
-                },
-            }
-        },
-        "additionalProperties": False,
-    },
-)
 
-SCHEMAS = {
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR,
-    ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE,
-}
+def _close(schema: Schema) -> None:
+    keeps_unknown = schema.get("x-kubernetes-preserve-unknown-fields", False)
+    if "properties" in schema and "additionalProperties" not in schema and not keeps_unknown:
+        schema["additionalProperties"] = False
+    children = list(schema.get("properties", {}).values())
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(schema.get(key), dict):
+            children.append(schema[key])
+    for key in ("allOf", "anyOf", "oneOf"):
+        children.extend(schema.get(key, []))
+    for child in children:
+        _close(child)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -26,6 +30,10 @@ DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 
 Manifest = dict[str, Any]
 
+# The kustomize that renders deploy/ here: v5, as `kubectl apply -k` has it from kubectl 1.27.
+# kubectl 1.20's kustomize (v2) lacks the `patches` field that deploy/ uses.
+MIN_KUSTOMIZE_MAJOR = 5
+
 
 def tool(name: str) -> Path:
     """Return the path of .tools/bin/`name`; fail the calling test if it is not installed."""
@@ -35,6 +43,40 @@ def tool(name: str) -> Path:
             f"{name} is not installed at {path}: run scripts/install-tools.sh", pytrace=False
         )
     return path
+
+
+@cache
+def _kustomize_unavailable() -> str | None:
+    """Say why `kubectl kustomize` cannot render deploy/ here, or None if it can."""
+    if shutil.which("kubectl") is None:
+        return "kubectl is not installed (.ci/run requires it, so CI does not skip)"
+    result = run("kubectl", "version", "--client", "-o", "json")
+    if result.returncode != 0:
+        return f"`kubectl version --client` failed: {result.stderr.strip()}"
+    version = json.loads(result.stdout).get("kustomizeVersion", "")
+    major = version.removeprefix("v").split(".")[0]
+    if not (major.isdigit() and int(major) >= MIN_KUSTOMIZE_MAJOR):
+        return f"kubectl's kustomize is {version or 'unknown'}, older than v{MIN_KUSTOMIZE_MAJOR}"
+    return None
+
+
+def kustomize_yaml(directory: Path) -> str:
+    """Return `kubectl kustomize directory`'s output; skip the calling test without kubectl.
+
+    Raises:
+        AssertionError: kustomize refused the kustomization (its message included).
+    """
+    reason = _kustomize_unavailable()
+    if reason is not None:
+        pytest.skip(f"cannot render {directory}: {reason}")
+    result = run("kubectl", "kustomize", directory)
+    assert result.returncode == 0, f"kubectl kustomize {directory}: {result.stderr}"
+    return result.stdout
+
+
+def kustomize(directory: Path) -> list[Manifest]:
+    """Return the manifests that `kubectl kustomize directory` renders, in its order."""
+    return [doc for doc in yaml.safe_load_all(kustomize_yaml(directory)) if doc]
 
 
 def run(*args: str | Path, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:

@@ -7,8 +7,15 @@ import re
 import shutil
 from pathlib import Path
 
-import kustomize_lite
-from deploy_helpers import DEPLOY, DOCKERFILE, OBSERVABILITY, OVERLAYS, STANDALONE_MANIFESTS, run
+from deploy_helpers import (
+    DEPLOY,
+    DOCKERFILE,
+    OBSERVABILITY,
+    OVERLAYS,
+    STANDALONE_MANIFESTS,
+    kustomize_yaml,
+    run,
+)
 
 CONFIG = DEPLOY / "checkov.yaml"
 _SKIP_LINE = re.compile(r"^\s*-\s*(CKV\w+)\s*$")
@@ -33,7 +40,7 @@ def explained_skips() -> dict[str, str]:
 def scan_dir(tmp_path: Path) -> Path:
     """Write what checkov should scan into one directory: rendered manifests and the Dockerfile."""
     for name, path in {**OVERLAYS, "observability": OBSERVABILITY}.items():
-        (tmp_path / f"{name}.yaml").write_text(kustomize_lite.to_yaml(kustomize_lite.render(path)))
+        (tmp_path / f"{name}.yaml").write_text(kustomize_yaml(path))
     for path in STANDALONE_MANIFESTS:
         shutil.copy(path, tmp_path / f"jobs-{path.name}")
     shutil.copy(DOCKERFILE, tmp_path / "Dockerfile")

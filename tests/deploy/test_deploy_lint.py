@@ -1,4 +1,4 @@
-"""Lint: yamllint on deploy/ (deploy/.yamllint), ShellCheck on scripts/install-tools.sh."""
+"""Lint: yamllint on deploy/ (deploy/.yamllint), ShellCheck on the scripts CI runs."""
 
 from __future__ import annotations
 
@@ -6,9 +6,14 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 from deploy_helpers import DEPLOY, REPO, run
 
-INSTALL_TOOLS = REPO / "scripts" / "install-tools.sh"
+SCRIPTS = [
+    REPO / "scripts" / "install-tools.sh",
+    REPO / "scripts" / "buf-breaking.sh",
+    REPO / ".ci" / "run",
+]
 
 
 def test_yamllint_is_clean() -> None:
@@ -25,10 +30,12 @@ def test_yamllint_config_catches_what_it_should(tmp_path: Path) -> None:
     assert "truthy" in result.stdout and "octal-values" in result.stdout
 
 
-def test_install_tools_passes_shellcheck(shellcheck: Path) -> None:
-    result = run(shellcheck, INSTALL_TOOLS)
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_pass_shellcheck(shellcheck: Path, script: Path) -> None:
+    result = run(shellcheck, script)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_install_tools_is_executable() -> None:
-    assert os.access(INSTALL_TOOLS, os.X_OK)
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_are_executable(script: Path) -> None:
+    assert os.access(script, os.X_OK)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 from pathlib import Path, PurePosixPath
@@ -22,7 +23,7 @@ from deploy_contract import (
     SERVICE_NAME,
     SETTING_CHOICES,
 )
-from deploy_helpers import BASE, OBSERVABILITY, OVERLAYS, Manifest, find, one
+from deploy_helpers import BASE, DEPLOY, OBSERVABILITY, OVERLAYS, Manifest, find, kustomize, one
 
 # Oldest Kubernetes the manifests support: the preStop `sleep` action is on by default from
 # 1.30. Newest: the latest schemas kubernetes-validate bundles.
@@ -106,11 +107,17 @@ def workload_pod_specs(manifests: list[Manifest]) -> list[tuple[str, dict[str, A
 # -- schemas ----------------------------------------------------------------------------------
 
 
+CRD_SCHEMAS = crd_schemas.crd_schemas()
+
+
 def validate(manifest: Manifest, version: str) -> None:
-    """Validate against the Kubernetes schemas, or ours for the Prometheus Operator's CRDs."""
-    crd = crd_schemas.SCHEMAS.get((manifest["apiVersion"], manifest["kind"]))
+    """Validate against the Kubernetes schemas, or the Prometheus Operator's CRDs."""
+    crd = CRD_SCHEMAS.get((manifest["apiVersion"], manifest["kind"]))
     if crd is not None:
-        jsonschema.validate(manifest, crd)
+        # Path and message only: a jsonschema error prints the whole (large) CRD schema.
+        errors = jsonschema.Draft4Validator(crd).iter_errors(manifest)
+        found = sorted(f"{e.json_path}: {e.message}" for e in errors)
+        assert not found, f"{manifest['kind']}/{manifest['metadata']['name']}: {found}"
     else:
         kubernetes_validate.validate(manifest, version, strict=True)
 
@@ -132,11 +139,44 @@ def test_observability_and_jobs_match_schemas(
         validate(manifest, version)
 
 
-def test_crd_schemas_reject_misspelt_fields(rendered: dict[str, list[Manifest]]) -> None:
+def test_vendored_crds_are_the_ones_deploy_uses(
+    rendered: dict[str, list[Manifest]], rendered_observability: list[Manifest]
+) -> None:
+    manifests = [m for ms in rendered.values() for m in ms] + rendered_observability
+    used = {(m["apiVersion"], m["kind"]) for m in manifests}
+    assert used >= set(CRD_SCHEMAS), "tests/deploy/schemas holds a CRD that deploy/ does not use"
+
+
+def test_vendored_crds_are_unchanged() -> None:
+    # The checksums that tests/deploy/schemas/README.md records for the release it names.
+    readme = (crd_schemas.SCHEMAS_DIR / "README.md").read_text()
+    for path in crd_schemas.SCHEMAS_DIR.glob("*.yaml"):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert f"| `{path.name}` | `{digest}` |" in readme, path.name
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "error"),
+    [
+        ({"port": "metrics", "intervall": "15s"}, "'intervall' was unexpected"),  # misspelt
+        ({"port": "metrics", "interval": "15 seconds"}, "does not match"),  # not a duration
+        ({"port": "metrics", "scheme": "ftp"}, "is not one of"),  # not in the enum
+    ],
+)
+def test_crd_schemas_reject_broken_monitors(
+    rendered: dict[str, list[Manifest]], endpoint: dict[str, str], error: str
+) -> None:
     monitor = one(rendered["gpu"], "ServiceMonitor")
-    broken = {**monitor, "spec": {**monitor["spec"], "endpoint": monitor["spec"]["endpoints"]}}
-    with pytest.raises(jsonschema.ValidationError):
+    broken = {**monitor, "spec": {**monitor["spec"], "endpoints": [endpoint]}}
+    with pytest.raises(AssertionError, match=error):
         validate(broken, K8S_VERSIONS[0])
+
+
+def test_crd_schemas_reject_a_misplaced_rule_field(rendered_observability: list[Manifest]) -> None:
+    rule = yaml.safe_load(yaml.safe_dump(one(rendered_observability, "PrometheusRule")))
+    rule["spec"]["groups"][0]["rules"][0]["severity"] = "critical"  # belongs under labels
+    with pytest.raises(AssertionError, match="'severity' was unexpected"):
+        validate(rule, K8S_VERSIONS[0])
 
 
 def test_strict_validation_rejects_unknown_fields(rendered: dict[str, list[Manifest]]) -> None:
@@ -146,12 +186,15 @@ def test_strict_validation_rejects_unknown_fields(rendered: dict[str, list[Manif
         validate(broken, K8S_VERSIONS[0])
 
 
-def test_base_and_overlays_render() -> None:
-    # Rendered by the fixtures; the base alone too, since overlays of others build on it.
-    import kustomize_lite
-
-    assert kustomize_lite.render(BASE)
-    assert kustomize_lite.render(OBSERVABILITY)
+@pytest.mark.parametrize(
+    "directory",
+    sorted(path.parent for path in DEPLOY.rglob("kustomization.yaml")),
+    ids=lambda path: str(path.relative_to(DEPLOY)),
+)
+def test_every_kustomization_renders(directory: Path) -> None:
+    # The fixtures render the overlays and observability; this also covers the base alone
+    # (others' overlays build on it) and any kustomization added later.
+    assert kustomize(directory)
 
 
 # -- probes, ports, drain -------------------------------------------------------------------

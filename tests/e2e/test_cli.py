@@ -116,7 +116,8 @@ def test_info_and_health(server_process: object) -> None:
     info = imagegen(server_process, "info")
     assert info.returncode == 0, info.stderr
     parsed = json.loads(info.stdout)
-    assert parsed["limits"]["sizeMultiple"] == 16 and parsed["batching"]["policy"] == "step"
+    assert parsed["limits"]["size_multiple"] == 16 and parsed["batching"]["policy"] == "step"
+    assert "npy" in parsed["limits"]["output_formats"]
     health = imagegen(server_process, "health")
     assert (health.returncode, health.stdout.strip()) == (0, "SERVING")
 

@@ -15,12 +15,12 @@ from .conftest import launch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests/deploy"))
-import kustomize_lite  # noqa: E402
+from deploy_helpers import kustomize  # noqa: E402
 
 
 def rendered_server(overlay: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The server container of the overlay's Deployment and the config file it is given."""
-    manifests = kustomize_lite.render(REPO / "deploy/k8s/overlays" / overlay)
+    manifests = kustomize(REPO / "deploy/k8s/overlays" / overlay)
     deployment = next(m for m in manifests if m["kind"] == "Deployment")
     container = next(
         c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "server"

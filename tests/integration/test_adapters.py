@@ -298,7 +298,7 @@ def test_a_lora_the_per_row_forward_cannot_serve_is_refused_cleanly(
         client.load_adapter("unservable")
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in failure.value.details()
-    assert client.server_info().adapters == []
+    assert client.server_info().adapters == ()
 
 
 @pytest.mark.parametrize(
@@ -349,7 +349,7 @@ def test_a_lora_for_another_model_is_refused_cleanly(runtime_server: Any) -> Non
         client.load_adapter("other")
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "do not fit" in failure.value.details()
-    assert client.server_info().adapters == []
+    assert client.server_info().adapters == ()
 
 
 def test_the_least_recently_used_idle_adapter_is_evicted(runtime_server: Any) -> None:
@@ -409,7 +409,7 @@ def test_unload_waits_for_the_requests_that_use_it(runtime_server: Any) -> None:
     runtime_server.batcher.set_step_budget(None)
     result = user.completed().result  # ...and the holder still ran with it.
     assert unloaded.wait(60)
-    assert client.server_info().adapters == []
+    assert client.server_info().adapters == ()
     client.load_adapter("ink")
     again = client.generate("uses ink", seed=1, adapters=[Adapter("ink")], output_format=NPY)
     assert_same_image(pixels(result), pixels(again))

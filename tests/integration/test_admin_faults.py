@@ -55,6 +55,6 @@ def test_an_unload_whose_caller_gave_up_completes_once_its_holder_finishes(
     with pytest.raises(grpc.RpcError) as failure:
         client.unload_adapter("ink", timeout_s=60)
     assert failure.value.code() == grpc.StatusCode.NOT_FOUND
-    assert client.server_info().adapters == []
+    assert client.server_info().adapters == ()
     client.load_adapter("ink")  # and it loads and serves again
     assert client.generate("again", seed=1, adapters=[Adapter("ink")], timeout_s=60).images

@@ -21,7 +21,8 @@ import pytest
 from imagegen_server.base.errors import EngineUnavailable, InvalidArgument
 from imagegen_server.base.metrics import Metrics
 from imagegen_server.base.types import BatchKey, CompletedEvent, Event, FailedEvent, StepEvent
-from imagegen_server.batching.batcher import Batcher, RequestHandle
+from imagegen_server.batching.batcher import Batcher
+from imagegen_server.batching.requests import RequestHandle
 from imagegen_server.batching.scheduler import Scheduler, SchedulerConfig
 from imagegen_server.engine.engine import Engine
 from imagegen_server.engine.model import load_model

@@ -132,7 +132,7 @@ def test_cost_aware_selection_runs_a_short_request_ahead_with_the_same_pixels(
 
     server = server_factory(step_budget=0, row_selection="cost")
     for rows in (1, 2, 4, 8):  # step times as a large model's: every row costs alike
-        server.batcher.scheduler.observe_step(BatchKey(64, 64, cfg=False), rows, 10.0 * rows)
+        server.batcher.scheduler.costs.observe(BatchKey(64, 64, cfg=False), rows, 10.0 * rows)
     client = server.client()
     long = StreamWatcher(client, "a long castle", seed=21, steps=8, output_format=NPY)
     short = StreamWatcher(client, "a short boat", seed=22, steps=2, output_format=NPY)

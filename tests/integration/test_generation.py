@@ -193,9 +193,9 @@ def test_vae_calls_take_as_many_images_as_the_probe_fits_with_the_same_pixels(
 
         return counting
 
-    monkeypatch.setattr(engine._decoder, "images", counted("decode", engine._decoder.images))
+    monkeypatch.setattr(engine.decoder, "images", counted("decode", engine.decoder.images))
     monkeypatch.setattr(
-        engine._init_images, "posteriors", counted("encode", engine._init_images.posteriors)
+        engine.init_images, "posteriors", counted("encode", engine.init_images.posteriors)
     )
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8))
 

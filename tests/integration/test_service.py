@@ -199,6 +199,7 @@ def test_server_info_reports_model_limits_and_batching(server: Any) -> None:
     assert info.batching.policy == "step" and info.batching.max_batch_size == 8
     assert info.batching.row_selection == "all"  # as the test settings ask
     assert pb.OUTPUT_FORMAT_NPY in info.limits.output_formats
+    assert info.limits.default_output_quality == 90  # the setting's default
 
 
 def test_metrics_pass_promtool_and_count_requests(server: Any, promtool: Path) -> None:

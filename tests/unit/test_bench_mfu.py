@@ -1,5 +1,5 @@
 """The MFU benchmark (bench/flops.py, bench/mfu.py): the FLOP count it divides by, and one small
-real run through the engine on the tiny model."""
+real run through the engine on the tiny model, by `python -m bench mfu`'s entry point."""
 
 from __future__ import annotations
 
@@ -13,12 +13,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 from imagegen_server.engine.tiny_model import PRESETS, transformer_config
 
+from bench.cli import main as bench_main
 from bench.flops import transformer_step_flops
-from bench.mfu import main as mfu_main
 
 FULL = transformer_config(PRESETS["full"])
 VAE_SCALE_FACTOR = 8  # Qwen-Image's VAE
 TEXT_TOKENS = 128
+
+
+def mfu_main(argv: list[str]) -> int:
+    return bench_main(["mfu", *argv])
 
 
 def qwen_image_step_flops(width: int, height: int, text_tokens: int) -> float:

@@ -1,18 +1,22 @@
-"""The benchmark's helpers (bench/stats.py, bench/plan.py, bench/servers.py, bench/targets.py):
-pure functions, no timing."""
+"""The benchmark's helpers (bench/stats.py, bench/plan.py, bench/servers.py, bench/launch.py,
+bench/targets.py, bench/cli.py): pure functions, no timing."""
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root holds bench/
 
+from bench.cli import command_line, subset_of
+from bench.launch import parse_metrics
 from bench.plan import FULL, closed_plan, open_plan
-from bench.servers import DEFAULT_MODEL, describe_model, parse_metrics, rotated, rows_per_step
+from bench.servers import DEFAULT_MODEL, describe_model, quiet_period_s, rotated, rows_per_step
 from bench.stats import (
     CUT,
     OK,
@@ -137,8 +141,37 @@ def test_rows_per_step_from_histogram_deltas() -> None:
         'imagegen_batch_size_count 10.0\nimagegen_stage_seconds_sum{stage="x"} 1.5\n'
     )
     assert rows_per_step(before, after) == pytest.approx(6.0)
-    assert after['imagegen_stage_seconds_sum{stage="x"}'] == 1.5
+    assert after.value("imagegen_stage_seconds_sum", stage="x") == 1.5
+    assert after.value("imagegen_stage_seconds_sum", stage="y") == 0.0
     assert rows_per_step(after, after) is None
+
+
+def test_the_servers_histograms_read_through_the_prometheus_parser() -> None:
+    registry = CollectorRegistry()
+    stages = Histogram("imagegen_stage_seconds", "stage time", ["stage"], registry=registry)
+    batches = Histogram("imagegen_batch_size", "rows", buckets=(1, 2, 4, 8), registry=registry)
+    for seconds in (0.5, 1.5):
+        stages.labels("denoise_step").observe(seconds)
+    stages.labels("vae_decode").observe(9.0)  # another stage: not a step
+    for rows in (4, 2):
+        batches.observe(rows)
+    samples = parse_metrics(generate_latest(registry).decode())
+    assert quiet_period_s(samples) == pytest.approx(2.0)  # two mean steps of 1 s
+    assert rows_per_step(parse_metrics(""), samples) == pytest.approx(3.0)
+
+
+def test_results_name_the_make_target_or_the_command_that_made_them() -> None:
+    assert command_line(["batching"]) == "make bench"
+    assert command_line(["mfu", "--quick"]) == "python -m bench mfu --quick"
+    assert command_line(["simulate"]) == "python -m bench simulate"
+
+
+def test_a_subset_option_comes_back_in_the_order_the_benchmarks_run_it() -> None:
+    parse = subset_of(["naive", "request", "step"])
+    assert parse("step, naive") == ["naive", "step"]
+    for wrong in ("steps", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(wrong)
 
 
 def test_mix_workload_has_every_size_with_every_step_count() -> None:

@@ -1,19 +1,23 @@
-"""Client retry policy (which statuses are retried, how long it waits), deadlines, TLS and CLI
-arguments: what is decided before any call."""
+"""Client retry policy (which statuses are retried, how long it waits), the one retry loop of
+each client (against fake stubs), deadlines, TLS and CLI arguments. No sockets."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import math
 import sys
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from imagegen.v1 import imagegen_pb2 as pb
-from imagegen_client import ImageGenClient, RetryPolicy, TlsConfig
+from imagegen_client import AsyncImageGenClient, ImageGenClient, RetryPolicy, TlsConfig
 from imagegen_client.cli import _adapter, _output_paths, _size, main
 from imagegen_client.client import HEALTH_TIMEOUT_S, MAX_TIMEOUT_S
-from imagegen_client.types import event_from_proto
+from imagegen_client.types import Queued, event_from_proto
 
 
 class FakeError(grpc.RpcError):
@@ -46,6 +50,150 @@ def test_the_servers_retry_after_hint_is_a_floor() -> None:
     policy = RetryPolicy(initial_backoff_s=0.01)
     error = FakeError(grpc.StatusCode.RESOURCE_EXHAUSTED, (("retry-after-ms", "750"),))
     assert policy.backoff_s(1, error) == pytest.approx(0.75)
+
+
+def test_the_wait_is_none_when_not_retryable_out_of_attempts_or_past_the_deadline() -> None:
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.01)
+    unavailable = FakeError(grpc.StatusCode.UNAVAILABLE)
+    assert 0 <= policy.wait_s(unavailable, 1, remaining_s=None) <= 0.01  # type: ignore[operator]
+    assert 0 <= policy.wait_s(unavailable, 2, remaining_s=10.0) <= 0.01  # type: ignore[operator]
+    assert policy.wait_s(unavailable, 3, remaining_s=None) is None
+    assert policy.wait_s(FakeError(grpc.StatusCode.INTERNAL), 1, remaining_s=None) is None
+    # A hint longer than what is left of the deadline: the server's status, not a client timeout.
+    limited = FakeError(grpc.StatusCode.RESOURCE_EXHAUSTED, (("retry-after-ms", "3000"),))
+    patient = RetryPolicy(retryable=frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED}))
+    assert patient.wait_s(limited, 1, remaining_s=2.0) is None
+    assert patient.wait_s(limited, 1, remaining_s=4.0) == pytest.approx(3.0)
+
+
+class FailThen:
+    """A fake unary stub method: raises `failures` in turn, then returns `response`."""
+
+    def __init__(self, failures: list[FakeError], response: Any, asynchronous: bool) -> None:
+        self.failures, self.response, self.asynchronous = list(failures), response, asynchronous
+        self.timeouts: list[float | None] = []
+
+    def __call__(self, request: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        self.timeouts.append(timeout)
+        failure = self.failures.pop(0) if self.failures else None
+        if not self.asynchronous:
+            if failure:
+                raise failure
+            return self.response
+
+        async def respond() -> Any:
+            if failure:
+                raise failure
+            return self.response
+
+        return respond()
+
+
+def record_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Replaces both sleeps (blocking and asyncio) with a recorder."""
+    slept: list[float] = []
+
+    async def asleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr("imagegen_client.client.time.sleep", slept.append)
+    monkeypatch.setattr("imagegen_client.client.asyncio.sleep", asleep)
+    return slept
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["blocking", "asyncio"])
+def test_both_clients_retry_unavailable_within_the_deadline_with_the_same_policy(
+    monkeypatch: pytest.MonkeyPatch, asynchronous: bool
+) -> None:
+    slept = record_sleeps(monkeypatch)
+    unavailable = FakeError(grpc.StatusCode.UNAVAILABLE)
+    rpc = FailThen([unavailable, unavailable], pb.ServerInfo(model="m"), asynchronous)
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01)
+    info = call_server_info(rpc, policy, asynchronous, timeout_s=30)
+    assert info.model == "m" and len(slept) == 2 and all(0 <= s <= 0.02 for s in slept)
+    assert len(rpc.timeouts) == 3 and all(0 < t <= 30 for t in rpc.timeouts)  # type: ignore[operator]
+    # One attempt fewer: the last status reaches the caller, after the same waits.
+    rpc = FailThen([unavailable, unavailable], pb.ServerInfo(), asynchronous)
+    with pytest.raises(FakeError):
+        call_server_info(rpc, RetryPolicy(max_attempts=2), asynchronous, timeout_s=None)
+    assert rpc.timeouts == [None, None] and len(slept) == 3
+
+
+def call_server_info(rpc: FailThen, policy: RetryPolicy, asynchronous: bool, **kw: Any) -> Any:
+    if not asynchronous:
+        with ImageGenClient("127.0.0.1:1", retry=policy) as client:
+            client._stub = argparse.Namespace(GetServerInfo=rpc)  # type: ignore[assignment]
+            return client.server_info(**kw)
+
+    async def call() -> Any:
+        async with AsyncImageGenClient("127.0.0.1:1", retry=policy) as client:
+            client._stub = argparse.Namespace(GetServerInfo=rpc)  # type: ignore[assignment]
+            return await client.server_info(**kw)
+
+    return asyncio.run(call())
+
+
+class FakeStream:
+    """A fake StreamProgress call: yields `events`, then raises `error` if given."""
+
+    def __init__(self, events: int, error: FakeError | None) -> None:
+        self.events, self.error, self.cancelled = events, error, False
+
+    def _messages(self) -> list[pb.ProgressEvent]:
+        return [
+            pb.ProgressEvent(request_id="r", queued=pb.Queued(position=i))
+            for i in range(self.events)
+        ]
+
+    def __iter__(self) -> Iterator[pb.ProgressEvent]:
+        yield from self._messages()
+        if self.error:
+            raise self.error
+
+    async def _aiter(self) -> AsyncIterator[pb.ProgressEvent]:
+        for message in self._messages():
+            yield message
+        if self.error:
+            raise self.error
+
+    def __aiter__(self) -> AsyncIterator[pb.ProgressEvent]:
+        return self._aiter()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["blocking", "asyncio"])
+def test_a_stream_is_retried_only_until_its_first_event(
+    monkeypatch: pytest.MonkeyPatch, asynchronous: bool
+) -> None:
+    slept = record_sleeps(monkeypatch)
+    unavailable = FakeError(grpc.StatusCode.UNAVAILABLE)
+    # Refused before any event: retried; then two events and the stream breaks: not retried.
+    calls = [FakeStream(0, unavailable), FakeStream(2, unavailable), FakeStream(3, None)]
+    opened = iter(calls)
+    stub = argparse.Namespace(StreamProgress=lambda request, **kw: next(opened))
+    events: list[Any] = []
+    with pytest.raises(FakeError):
+        collect_stream(stub, asynchronous, events)
+    assert [e.position for e in events] == [0, 1] and all(isinstance(e, Queued) for e in events)
+    assert len(slept) == 1 and calls[1].cancelled and not calls[2].cancelled
+
+
+def collect_stream(stub: Any, asynchronous: bool, events: list[Any]) -> None:
+    if not asynchronous:
+        with ImageGenClient("127.0.0.1:1") as client:
+            client._stub = stub
+            events.extend(client.stream("x"))
+        return
+
+    async def collect() -> None:
+        async with AsyncImageGenClient("127.0.0.1:1") as client:
+            client._stub = stub
+            async for event in client.stream("x"):
+                events.append(event)
+
+    asyncio.run(collect())
 
 
 def test_cli_argument_parsing() -> None:

@@ -7,6 +7,8 @@ import itertools
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from imagegen_server.base.request import Request
+from imagegen_server.batching.plan import StepOutcome
 from imagegen_server.batching.row_selection import (
     COST_SAMPLES,
     MIN_SPAN_S,
@@ -19,7 +21,8 @@ from imagegen_server.batching.row_selection import (
     StepCosts,
     rows_to_step,
 )
-from imagegen_server.batching.scheduler import QueueEntry, Scheduler, SchedulerConfig
+from imagegen_server.batching.scheduler import Scheduler, SchedulerConfig
+from support import scheduled_request
 
 LINEAR = CostLine(fixed_s=0.0, per_row_s=1.0)  # a large DiT at 1024x1024: rows cost alike
 FLAT = CostLine(fixed_s=1.0, per_row_s=0.0)  # a GPU with room to spare: rows are free
@@ -205,42 +208,35 @@ def linear_scheduler(**overrides: object) -> Scheduler:
     config = {"policy": "step", "max_batch_size": 8, "row_selection": "cost", **overrides}
     scheduler = Scheduler(SchedulerConfig(**config))  # type: ignore[arg-type]
     for rows in (1, 2, 4, 8):  # measured: every row costs 0.1 s
-        scheduler.observe_step("A", rows, 0.1 * rows)
+        scheduler.costs.observe("A", rows, 0.1 * rows)
     return scheduler
 
 
 def request(
     steps: int, at: float = 0.0, priority: int = 1, deadline: float | None = None
-) -> QueueEntry:
-    return QueueEntry(
-        request_id=f"r{next(_ids)}",
-        key="A",
-        rows=1,
-        steps=steps,
-        priority=priority,
-        arrival=at,
-        deadline=deadline,
+) -> Request:
+    return scheduled_request(
+        f"r{next(_ids)}", at=at, steps=steps, priority=priority, deadline=deadline
     )
 
 
-def start(scheduler: Scheduler, *entries: QueueEntry) -> None:
-    for entry in entries:
-        scheduler.add(entry, entry.arrival)
-    plan = scheduler.schedule(0.0)
-    assert {e.request_id for e in plan.admitted} == {e.request_id for e in entries}
+def start(scheduler: Scheduler, *requests: Request) -> None:
+    for request in requests:
+        scheduler.add(request, request.arrival)
+    plan = scheduler.plan(0.0)
+    assert {r.ticket for r in plan.admitted} == {r.ticket for r in requests}
 
 
-def run_step(scheduler: Scheduler, now: float) -> list[str]:
-    """Plans and runs one step like the batcher; returns who stepped; finishes who is done."""
-    plan = scheduler.schedule(now)
-    assert plan.group is not None
-    members = scheduler.running_in(plan.group)
-    stepped = plan.stepped or [entry.request_id for entry in members]
-    scheduler.step_done(plan.group, plan.stepped)
-    for entry in members:
-        if entry.steps_done == entry.steps:
-            scheduler.finish(entry.request_id)
-    return stepped
+def run_step(scheduler: Scheduler, now: float, step_s: float = 0.1) -> list[str]:
+    """Plans and runs one step like the batcher, on an engine whose rows cost `step_s` each;
+    returns who stepped."""
+    plan = scheduler.plan(now)
+    stepping = scheduler.stepping(plan)
+    rows = sum(r.rows for r in stepping)
+    finished = [r.ticket for r in stepping if r.remaining_steps == 1]
+    outcome = StepOutcome(rows, step_s * rows, plan.stepped, finished)
+    scheduler.update(plan, outcome, now)
+    return [r.ticket for r in stepping]
 
 
 def test_a_short_request_runs_ahead_of_long_ones_on_a_linear_curve(
@@ -251,9 +247,9 @@ def test_a_short_request_runs_ahead_of_long_ones_on_a_linear_curve(
     short = request(2)
     start(scheduler, *long_ones, short)
     with caplog.at_level("DEBUG", logger="imagegen_server.batching.scheduler"):
-        assert run_step(scheduler, 0.1) == [short.request_id]
+        assert run_step(scheduler, 0.1) == [short.ticket]
     assert "1 of 4 requests step: 0.000 s + 0.100 s per row" in caplog.text  # and why
-    assert run_step(scheduler, 0.2) == [short.request_id]
+    assert run_step(scheduler, 0.2) == [short.ticket]
     assert scheduler.running_count == 3  # the short one is done after its 2 steps
     assert long_ones[0].deferred_steps == 2
 
@@ -262,26 +258,26 @@ def test_every_row_steps_while_requests_wait() -> None:
     scheduler = linear_scheduler(max_batch_size=2)
     start(scheduler, request(8), request(2))
     scheduler.add(request(8, at=0.05), 0.05)  # no room: it waits
-    assert scheduler.schedule(0.1).stepped is None
+    assert scheduler.plan(0.1).stepped is None
 
 
 def test_every_row_steps_on_a_flat_curve() -> None:
     scheduler = linear_scheduler()
     for rows in (1, 2, 4, 8):
-        scheduler.observe_step("A", rows, 0.1)
-        scheduler.observe_step("A", rows, 0.1)
+        scheduler.costs.observe("A", rows, 0.1)
+        scheduler.costs.observe("A", rows, 0.1)
     for _ in range(30):  # the medians of recent steps forget the linear measurements
-        scheduler.observe_step("A", 1, 0.1)
-        scheduler.observe_step("A", 8, 0.1)
+        scheduler.costs.observe("A", 1, 0.1)
+        scheduler.costs.observe("A", 8, 0.1)
     start(scheduler, request(8), request(2))
     assert scheduler.costs.line("A") is not None
-    assert scheduler.schedule(0.1).stepped is None
+    assert scheduler.plan(0.1).stepped is None
 
 
 def test_row_selection_all_steps_every_row() -> None:
     scheduler = linear_scheduler(row_selection="all")
     start(scheduler, request(8), request(2))
-    assert scheduler.schedule(0.1).stepped is None
+    assert scheduler.plan(0.1).stepped is None
 
 
 @pytest.mark.parametrize("short_priority", [1, 2])
@@ -290,9 +286,9 @@ def test_priority_comes_before_fewer_steps(short_priority: int) -> None:
     scheduler = linear_scheduler()
     short = request(1, priority=short_priority)
     start(scheduler, request(8, priority=1), short)
-    stepped = scheduler.schedule(0.1).stepped
+    stepped = scheduler.plan(0.1).stepped
     # Equal priorities: the 1-step request runs alone. Lower: it cannot; both step.
-    assert stepped == ([short.request_id] if short_priority == 1 else None)
+    assert stepped == ([short.ticket] if short_priority == 1 else None)
 
 
 def test_a_request_near_its_deadline_is_never_left_out() -> None:
@@ -300,7 +296,7 @@ def test_a_request_near_its_deadline_is_never_left_out() -> None:
     # 8 steps to go at 0.2 s per step of both rows: 1.6 s; the deadline leaves 2.0 s (< 2x).
     tight = request(8, deadline=2.1)
     start(scheduler, tight, request(2))
-    assert set(run_step(scheduler, 0.1)) >= {tight.request_id}
+    assert set(run_step(scheduler, 0.1)) >= {tight.ticket}
 
 
 def test_a_long_request_sits_out_at_most_its_own_step_count() -> None:
@@ -313,7 +309,7 @@ def test_a_long_request_sits_out_at_most_its_own_step_count() -> None:
     for _ in range(40):
         now += 0.1
         run_step(scheduler, now)
-        if long_one.request_id not in {e.request_id for e in scheduler.running_in("A")}:
+        if long_one.ticket not in {r.ticket for r in scheduler.running_in("A")}:
             break
         if scheduler.running_count == 1:  # the short one finished: the next arrives
             scheduler.add(request(1, at=now), now)
@@ -326,16 +322,19 @@ def test_a_burst_on_an_idle_engine_steps_every_row_from_its_second_step() -> Non
     The first step knows nothing of the load; from the second on the engine has been busy all
     the time since the burst began, so no row is held back."""
     scheduler = Scheduler(SchedulerConfig(policy="step", max_batch_size=8, row_selection="cost"))
+    cost = CostLine(fixed_s=0.014, per_row_s=0.049)
     for rows in (1, 2, 4):
-        scheduler.observe_step("A", rows, 0.014 + 0.049 * rows)
+        scheduler.costs.observe("A", rows, cost(rows))
     burst = [request(6, at=100.0) for _ in range(4)]
-    for entry in burst:
-        scheduler.add(entry, entry.arrival)
-    first = scheduler.schedule(100.0)
+    for queued in burst:
+        scheduler.add(queued, queued.arrival)
+    first = scheduler.plan(100.0)
     assert len(first.admitted) == 4
-    scheduler.step_done("A", first.stepped)
-    now = 100.0 + 0.014 + 0.049 * len(first.stepped or burst)
+    rows = len(first.stepped or burst)
+    scheduler.update(first, StepOutcome(rows, cost(rows), first.stepped), 100.0 + cost(rows))
+    now = 100.0 + cost(rows)
     for _ in range(3):
-        assert scheduler.schedule(now).stepped is None  # every row
-        scheduler.step_done("A", None)
-        now += 0.014 + 0.049 * 4
+        plan = scheduler.plan(now)
+        assert plan.stepped is None  # every row
+        scheduler.update(plan, StepOutcome(4, cost(4), None), now + cost(4))
+        now += cost(4)

@@ -30,7 +30,8 @@ from ..base.types import (
     StartedEvent,
     StepEvent,
 )
-from ..batching.batcher import Batcher, RequestHandle
+from ..batching.batcher import Batcher
+from ..batching.requests import RequestHandle
 from .adapters import AdapterRegistry
 from .admin import adapter_message
 from .codec import encode_image, encode_preview

@@ -15,7 +15,9 @@ from .types import BatchKey, GeneratedImage, GenerationParams, Preview
 
 @dataclass(slots=True)
 class EngineRequest:
-    request_id: str
+    """A request as the engine sees it: a view of `base.request.Request` (`engine_request`)."""
+
+    request_id: str  # the server's ticket (`Request.ticket`), unique; not the client's id
     params: GenerationParams
 
 

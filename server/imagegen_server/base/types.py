@@ -57,7 +57,8 @@ class AdapterSpec:
 
 @dataclass(frozen=True, slots=True)
 class BatchKey:
-    """What must be equal for rows to share one transformer call (see DESIGN.md, Batching).
+    """What must be equal for rows to share one transformer call (docs/architecture.md, "The
+    batch key").
 
     Image-to-image and inpainting rows differ only in how their latents start and in a blend
     after each step, not in the transformer call, so they share batches with text-to-image rows.

@@ -10,8 +10,8 @@ a lower mean latency at the same throughput.
 So the server measures what a step costs by rows, per batch key (`StepCosts`), and before each
 step of an uncontested batch picks how many requests step, in order, such that the running
 requests' total completion time, plus the delay the plan's extra work would cause to requests
-arriving meanwhile (weighed by how busy the engine is), is least (`rows_to_step`). On a flat
-cost curve that is always every row. Pure Python: no torch, no clock.
+arriving meanwhile (weighed by how busy the engine is), is least (`rows_to_step`, applied by
+`pick_rows`). On a flat cost curve that is always every row. Pure Python: no torch, no clock.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import statistics
 from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+
+from ..base.request import Request
 
 # Weight of the work a smaller step adds, per request expected to arrive during the plan. The
 # backlog it causes outlives the plan under load, hence more than 1. Simulated open loops
@@ -146,6 +148,39 @@ class BusyShare:
     def _forget(self, begin: float) -> None:
         while self._periods and self._periods[0][1] <= begin:
             self._periods.popleft()
+
+
+def pick_rows(
+    members: Sequence[Request],
+    cost: CostLine,
+    now: float,
+    arrivals_per_s: float,
+    busy_share: float,
+) -> list[Request]:
+    """The requests of a running batch (`members`) that run its next step.
+
+    Requests that must step (`must_step`) go first, then by priority and fewest remaining
+    steps; `rows_to_step` decides how many of them, in that order, step.
+    """
+    rows = sum(request.rows for request in members)
+    must = {request.ticket for request in members if must_step(request, cost, rows, now)}
+    ordered = sorted(
+        members, key=lambda r: (r.ticket not in must, r.priority, r.remaining_steps, r.rank)
+    )
+    candidates = [Candidate(request.rows, request.remaining_steps) for request in ordered]
+    take = rows_to_step(candidates, cost, arrivals_per_s, busy_share)
+    return ordered[: max(take, len(must))]
+
+
+def must_step(request: Request, cost: CostLine, rows: int, now: float) -> bool:
+    """A request sits out at most as many steps as it has (its compute time at most about
+    doubles), and none whose deadline leaves less than twice its remaining time at the current
+    batch's step cost (`rows` rows)."""
+    if request.deferred_steps >= request.steps:
+        return True
+    if request.deadline is None:
+        return False
+    return request.deadline - now < 2 * request.remaining_steps * cost(rows)
 
 
 @dataclass(frozen=True, slots=True)

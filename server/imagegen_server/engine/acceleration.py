@@ -92,7 +92,7 @@ class TransformerRunner:
     """Calls the (possibly compiled) transformer, padding the batch in "buckets" mode."""
 
     call: Callable[..., Any]  # the transformer, possibly compiled (or with compiled blocks)
-    mode: CompileMode
+    mode: CompileMode  # "off", "buckets" or "dynamic" (the module docstring)
     buckets: tuple[int, ...]  # batch sizes compiled for, ascending
 
     @classmethod

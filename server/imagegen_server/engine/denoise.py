@@ -24,13 +24,13 @@ from .sampling import LatentShape, SigmaSchedule
 class Row:
     """One image being denoised."""
 
-    request_id: str
-    image_index: int
-    seed: int
-    schedule: SigmaSchedule
+    request_id: str  # the request the row belongs to (`EngineRequest.request_id`)
+    image_index: int  # which of the request's images, 0-based
+    seed: int  # the request's seed + image_index
+    schedule: SigmaSchedule  # the row's own sigmas (image-to-image: the tail of a schedule)
     prompt: torch.Tensor  # [tokens, dim] text-encoder states
     negative: torch.Tensor | None  # the same for the negative prompt when CFG is on
-    guidance: float
+    guidance: float  # true-CFG scale (1.0 = off)
     adapters: tuple[AdapterSpec, ...]  # per-request LoRAs and their scales
     preview_every: int  # 0 = none
     float_output: bool  # decode to float32 (NPY) instead of uint8
@@ -68,7 +68,7 @@ class FaultInjection:
 
 @dataclass(slots=True)
 class Advance:
-    """The outcome of one step for some rows of a batch, indexed by row position in the batch."""
+    """The outcome of one step for some rows of a batch, keyed by row position in the batch."""
 
     indices: list[int]  # rows that stepped, in batch order
     latents: torch.Tensor | None  # their next latents, [len(indices), seq, channels * 4]

@@ -59,7 +59,7 @@ class _Pair:
 class _Active:
     """One adapter in the current call: its weights by layer and the rows it applies to."""
 
-    layers: dict[str, _Pair]
+    layers: dict[str, _Pair]  # by the wrapped layer's module path
     rows: torch.Tensor  # long [n] row indices with a non-zero scale
     scales: torch.Tensor  # [n] float32, multiplied into the delta in place (one rounding)
 
@@ -68,7 +68,7 @@ class _Active:
 class _CallState:
     """Shared by every wrapped layer: what applies during the transformer call in progress."""
 
-    active: list[_Active] = field(default_factory=list)
+    active: list[_Active] = field(default_factory=list)  # the adapters some row of the call uses
     any_active: bool = False  # all a compiled graph depends on (see the module docstring)
 
 

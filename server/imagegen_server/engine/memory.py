@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 class Peak(NamedTuple):
     """Peak memory of one probed call (a denoising step, a VAE decode or encode) of `rows` rows."""
 
-    rows: int
-    bytes: int
+    rows: int  # in the probed call
+    bytes: int  # its peak above what was allocated before it
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +38,8 @@ class RowCost:
     """Peak memory of one step at one resolution: `fixed + per_row * rows` bytes."""
 
     tokens: int  # tokens per row at this resolution (image and text)
-    fixed_bytes: int
-    per_row_bytes: int
+    fixed_bytes: int  # what the call takes whatever its rows
+    per_row_bytes: int  # what each row adds
 
     @classmethod
     def from_peaks(cls, tokens: int, fewer: Peak, more: Peak) -> RowCost:
@@ -49,6 +49,8 @@ class RowCost:
 
 @dataclass(frozen=True, slots=True)
 class MemoryBudget:
+    """What the start-up probe measured, and the limits it implies."""
+
     free_bytes: int  # free on the device once the model is loaded
     reserve_fraction: float  # kept free for fragmentation and everything not probed
     costs: tuple[RowCost, ...]  # a denoising call, at the probed resolutions

@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class BaseLora:
-    path: Path
-    scale: float
+    """A LoRA applied to every request (setting `lora`), fused into the weights by default."""
+
+    path: Path  # the adapter file
+    scale: float  # multiplier of its delta
 
     @classmethod
     def parse(cls, spec: str) -> BaseLora:
@@ -42,11 +44,11 @@ class BaseLora:
 
 @dataclass(slots=True)
 class LoadedModel:
-    pipeline: QwenImagePipeline
+    pipeline: QwenImagePipeline  # the components the engine runs (never called as a whole)
     name: str  # what --model named
-    device: torch.device
-    dtype: torch.dtype
-    scheduler_preset: str
+    device: torch.device  # where every component lives
+    dtype: torch.dtype  # the pipeline was loaded in
+    scheduler_preset: str  # "default", or "lightning" (`lightning_scheduler`)
     fused_loras: list[str] = field(default_factory=list)  # names of base LoRAs in the weights
 
     @property

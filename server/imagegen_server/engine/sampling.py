@@ -99,9 +99,9 @@ class ScheduleTable:
 class LatentShape:
     """The latent grid of one image: `channels` x `height` x `width` before 2x2 packing."""
 
-    channels: int
-    height: int
-    width: int
+    channels: int  # the VAE's latent channels
+    height: int  # latent rows (image height / VAE scale factor, even)
+    width: int  # latent columns (image width / VAE scale factor, even)
 
     @classmethod
     def for_image(

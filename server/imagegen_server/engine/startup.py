@@ -1,5 +1,7 @@
-"""Building the engine at start-up, on the engine thread: load the model, set up the device,
-compile, probe memory, load preloaded adapters, and derive the request limits."""
+"""Building the engine at start-up, on the engine thread, in this order: load the model, set up
+its device, build the engine, compile the transformer, derive the request limits, load the
+preloaded adapters, and (CUDA only) probe memory for the batch and VAE-call limits. The probes
+themselves are in `probes`; `row_limit` is what the batcher later asks per batch key."""
 
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ from ..base.types import BatchKey, ModelDescription
 from .acceleration import TransformerRunner, configure_device
 from .denoise import FaultInjection
 from .engine import Engine
-from .memory import MemoryBudget, RowCost, images_that_fit, probe_costs
-from .model import load_model
+from .memory import MemoryBudget, images_that_fit
+from .model import LoadedModel, load_model
+from .probes import precompile, probe_memory, probe_sizes
 from .prompts import PromptTokenizer
 
 
@@ -29,9 +32,9 @@ class EngineSetup:
     engine: Engine
     limits: RequestLimits  # what a request may ask for on this model
     count_tokens: Callable[[str], int]  # a prompt's tokens as the text encoder sees them
-    description: ModelDescription
-    preloaded: list[AdapterFile] = field(default_factory=list)
-    preloaded_parameters: int = 0
+    description: ModelDescription  # the model's static facts, for GetServerInfo
+    preloaded: list[AdapterFile] = field(default_factory=list)  # `preload_adapters`, loaded
+    preloaded_parameters: int = 0  # adapter parameters resident after the preloads
     memory: MemoryBudget | None = None  # None off CUDA or with the probe off
     probed: list[tuple[int, int, int]] = field(default_factory=list)  # width, height, max rows
 
@@ -44,52 +47,18 @@ def build_engine(
     """Everything the server needs from the model; raises on any misconfiguration."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    model = load_model(
-        settings.model,
-        device=settings.device,
-        dtype=settings.dtype,
-        scheduler_preset=settings.scheduler_preset,
-        loras=settings.lora,
-        fuse_lora=settings.fuse_lora,
-    )
-    if model.device.type == "cuda":
-        torch.cuda.set_device(model.device)
-    transformer = model.pipeline.transformer
-    configure_device(model.device, transformer, settings.attention_backend)
-    engine = Engine(
-        model,
-        settings.prompt_cache_size,
-        settings.max_prompt_tokens,
-        FaultInjection(settings.fault_injection_request_marker, settings.fault_injection_oom_rows),
-        TransformerRunner.build(
-            transformer, settings.compile, settings.compile_buckets, settings.compile_scope
-        ),
-        settings.vae_tiling_min_pixels,
-        settings.max_negative_prompt_tokens,
-    )
+    model = _load_onto_device(settings)
+    engine = _new_engine(settings, model)
     if settings.compile != "off" and (settings.adapter_dir or settings.preload_adapters):
         engine.adapters.wrap_all()  # before compiling: loading adapters then changes no module
-    metrics.compile_seconds.set(engine.precompile(settings.default_width, settings.default_height))
-    min_steps = engine.min_steps(settings.default_width, settings.default_height)
-    # Fails fast, with the setting's name, if the limits do not suit this model.
-    setup = EngineSetup(
-        engine=engine,
-        limits=RequestLimits.from_settings(settings, model.size_multiple, min_steps),
-        count_tokens=PromptTokenizer(model.pipeline).count,
-        description=ModelDescription(
-            name=settings.model,
-            device=str(model.device),
-            dtype=str(model.dtype).removeprefix("torch."),
-            scheduler_preset=settings.scheduler_preset,
-            fused_adapters=tuple(model.fused_loras),
-        ),
-    )
+    metrics.compile_seconds.set(precompile(engine, settings.default_width, settings.default_height))
+    setup = _describe(settings, engine)
     for name in settings.preload_adapters:
         file = adapters.describe(name)
         setup.preloaded_parameters = engine.adapters.load(name, file.path)
         setup.preloaded.append(file)
     if settings.memory_probe and model.device.type == "cuda":
-        _probe_memory(settings, setup, metrics)
+        _limit_to_memory(settings, setup, metrics)
     return setup
 
 
@@ -110,55 +79,67 @@ def row_limit(settings: Settings, setup: EngineSetup, key: BatchKey) -> int | No
     )
 
 
-def _probe_memory(settings: Settings, setup: EngineSetup, metrics: Metrics) -> None:
-    engine = setup.engine
-    sizes = [_parse_size(text) for text in settings.memory_probe_sizes] or [
-        (settings.default_width, settings.default_height),
-        (settings.max_width, settings.max_height)
-        if settings.max_width * settings.max_height <= settings.max_pixels
-        else (settings.default_width, settings.default_height),
-    ]
-    sizes = list(dict.fromkeys(sizes))
-    costs = probe_costs(
-        engine.peak_step_bytes,
-        [(w, h, engine.tokens_per_row(w, h)) for w, h in sizes],
-        engine.runner.probe_rows(),
+def _load_onto_device(settings: Settings) -> LoadedModel:
+    """The model, on its device, with the device's math settings and attention backend."""
+    model = load_model(
+        settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        scheduler_preset=settings.scheduler_preset,
+        loras=settings.lora,
+        fuse_lora=settings.fuse_lora,
     )
-    pixels_per_token = (engine.model.vae_scale_factor * 2) ** 2  # latents are packed 2x2
-    setup.memory = MemoryBudget(
-        free_device_bytes(engine),
-        settings.memory_reserve_fraction,
-        costs,
-        probe_vae_costs(engine, sizes, ("decode", "encode")),
-        vae_tiling_min_tokens=-(-settings.vae_tiling_min_pixels // pixels_per_token),
+    if model.device.type == "cuda":
+        torch.cuda.set_device(model.device)
+    configure_device(model.device, model.pipeline.transformer, settings.attention_backend)
+    return model
+
+
+def _new_engine(settings: Settings, model: LoadedModel) -> Engine:
+    """The engine as the settings configure it: limits, faults, compile mode, VAE tiling."""
+    transformer = model.pipeline.transformer
+    return Engine(
+        model,
+        settings.prompt_cache_size,
+        settings.max_prompt_tokens,
+        FaultInjection(settings.fault_injection_request_marker, settings.fault_injection_oom_rows),
+        TransformerRunner.build(
+            transformer, settings.compile, settings.compile_buckets, settings.compile_scope
+        ),
+        settings.vae_tiling_min_pixels,
+        settings.max_negative_prompt_tokens,
     )
-    engine.limit_vae_calls(setup.memory, settings.max_batch_size)
+
+
+def _describe(settings: Settings, engine: Engine) -> EngineSetup:
+    """The setup's model facts and request limits.
+
+    Raises:
+        ValueError: a limit does not suit this model (the message names the setting).
+    """
+    model = engine.model
+    min_steps = engine.min_steps(settings.default_width, settings.default_height)
+    return EngineSetup(
+        engine=engine,
+        limits=RequestLimits.from_settings(settings, model.size_multiple, min_steps),
+        count_tokens=PromptTokenizer(model.pipeline).count,
+        description=ModelDescription(
+            name=settings.model,
+            device=str(model.device),
+            dtype=str(model.dtype).removeprefix("torch."),
+            scheduler_preset=settings.scheduler_preset,
+            fused_adapters=tuple(model.fused_loras),
+        ),
+    )
+
+
+def _limit_to_memory(settings: Settings, setup: EngineSetup, metrics: Metrics) -> None:
+    """Probes what fits on the device, holds VAE calls to it and reports each probed size's
+    batch limit."""
+    sizes = probe_sizes(settings)
+    setup.memory = probe_memory(setup.engine, settings, sizes)
+    setup.engine.limit_vae_calls(setup.memory, settings.max_batch_size)
     for width, height in sizes:
         rows = row_limit(settings, setup, BatchKey(height=height, width=width, cfg=False)) or 0
         setup.probed.append((width, height, rows))
         metrics.max_batch_size.labels(resolution=f"{width}x{height}").set(rows)
-
-
-def probe_vae_costs(
-    engine: Engine, sizes: list[tuple[int, int]], kinds: tuple[str, ...]
-) -> dict[str, tuple[RowCost, ...]]:
-    """What VAE calls of each kind ("decode", "encode") cost per image at each (width, height)."""
-    image_sizes = [(w, h, engine.image_tokens(w, h)) for w, h in sizes]
-    peaks = {"decode": engine.peak_decode_bytes, "encode": engine.peak_encode_bytes}
-    return {kind: probe_costs(peaks[kind], image_sizes, what=kind) for kind in kinds}
-
-
-def free_device_bytes(engine: Engine) -> int:
-    """Memory free on the engine's CUDA device, once the probes' cached blocks are released
-    (`mem_get_info` counts them as used)."""
-    torch.cuda.empty_cache()
-    free_bytes, _total = torch.cuda.mem_get_info(engine.model.device)
-    return int(free_bytes)
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-    width, _, height = text.lower().partition("x")
-    try:
-        return int(width), int(height)
-    except ValueError:
-        raise ValueError(f"memory_probe_sizes: {text!r} is not WIDTHxHEIGHT") from None

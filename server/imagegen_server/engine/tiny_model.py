@@ -81,24 +81,27 @@ ADAPTERS: dict[str, tuple[int, float | None, int]] = {
 
 @dataclass(frozen=True, slots=True)
 class Preset:
-    layers: int
-    heads: int
-    head_dim: int
+    """The sizes of one stand-in pipeline."""
+
+    layers: int  # transformer blocks
+    heads: int  # transformer attention heads
+    head_dim: int  # per transformer head
     text_dim: int  # text encoder hidden size = transformer joint_attention_dim
-    text_layers: int
-    vae_base_dim: int
-    text_heads: int = 2
-    text_kv_heads: int = 2
+    text_layers: int  # text encoder layers
+    vae_base_dim: int  # the VAE's first channel width
+    text_heads: int = 2  # text encoder attention heads
+    text_kv_heads: int = 2  # text encoder key/value heads (grouped-query attention)
     text_intermediate: int = 0  # 0 = twice text_dim
     vocab_size: int = 0  # 0 = the byte-level tokenizer's size
-    vae_dim_mult: tuple[int, ...] = (1, 2, 2, 2)
-    vae_res_blocks: int = 1
+    vae_dim_mult: tuple[int, ...] = (1, 2, 2, 2)  # the VAE's channel multiplier per level
+    vae_res_blocks: int = 1  # residual blocks per VAE level
 
 
 PRESETS = {
     # Tests: every stage in milliseconds at 64x64.
     "tiny": Preset(layers=2, heads=2, head_dim=16, text_dim=32, text_layers=2, vae_base_dim=8),
-    # CPU benchmarks: denoising dominates as on the real model (DESIGN.md, "The tiny model").
+    # CPU benchmarks: a deeper, wider transformer beside a small text encoder and VAE, so that
+    # denoising dominates a request's time as it does on the real model.
     "bench": Preset(layers=8, heads=4, head_dim=64, text_dim=64, text_layers=2, vae_base_dim=4),
     # Qwen-Image's real sizes (20B transformer, Qwen2.5-VL-7B text tower, its VAE) for GPU
     # throughput work without the real weights: written without weights, built on the device.

@@ -1,0 +1,67 @@
+"""The GenerateRequest that `generate` and `stream` send, from keyword options."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from imagegen.v1 import imagegen_pb2 as pb
+
+from .types import Adapter, OutputFormat
+
+
+def build_request(
+    prompt: str,
+    *,
+    negative_prompt: str = "",
+    width: int = 0,
+    height: int = 0,
+    steps: int = 0,
+    guidance_scale: float | None = None,
+    seed: int | None = None,
+    num_images: int = 1,
+    output_format: OutputFormat = OutputFormat.PNG,
+    output_quality: int = 0,
+    adapters: Sequence[Adapter] = (),
+    priority: int = 0,
+    request_id: str = "",
+    preview_every_n_steps: int = 0,
+    init_image: bytes | str | Path | None = None,
+    strength: float | None = None,
+    mask_image: bytes | str | Path | None = None,
+) -> pb.GenerateRequest:
+    """A GenerateRequest; 0 means "the server's default" for sizes, steps, quality, priority.
+
+    `init_image` (bytes or a file path) turns it into image-to-image with `strength`, and
+    `mask_image` (white = regenerate) into inpainting.
+    """
+    request = pb.GenerateRequest(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+        num_images=num_images,
+        output_format=int(output_format),  # type: ignore[arg-type]
+        output_quality=output_quality,
+        priority=priority,
+        request_id=request_id,
+        preview_every_n_steps=preview_every_n_steps,
+        init_image=_image_bytes(init_image),
+        mask_image=_image_bytes(mask_image),
+    )
+    if strength is not None:
+        request.strength = strength
+    if guidance_scale is not None:
+        request.guidance_scale = guidance_scale
+    if seed is not None:
+        request.seed = seed
+    for adapter in adapters:
+        request.adapters.add(name=adapter.name, scale=adapter.scale)
+    return request
+
+
+def _image_bytes(source: bytes | str | Path | None) -> bytes:
+    if source is None:
+        return b""
+    return source if isinstance(source, bytes) else Path(source).read_bytes()
