@@ -80,6 +80,8 @@ class GenerationResult:
     batch_size: int  # most rows in one denoising step this request ran in
     mean_batch_size: float
     model: str
+    variant: str = ""  # the variant it ran as ("" when the server has none)
+    cost: float = 0.0  # its work in ServerInfo.cost_unit (0 when the server does not count it)
 
     @classmethod
     def from_proto(cls, message: pb.GenerateResponse) -> GenerationResult:
@@ -97,6 +99,8 @@ class GenerationResult:
             batch_size=message.batch_size,
             mean_batch_size=message.mean_batch_size,
             model=message.model,
+            variant=message.variant,
+            cost=message.cost,
         )
 
 
@@ -199,6 +203,7 @@ class Limits:
     max_init_image_pixels: int  # largest init or mask image accepted, width x height
     default_strength: float  # image-to-image strength when a request gives none
     default_output_quality: int  # JPEG/WebP quality when a request gives 0
+    max_reference_images: int  # 0: the model takes no reference images (not an edit model)
 
     @classmethod
     def from_proto(cls, message: pb.Limits) -> Limits:
@@ -246,6 +251,27 @@ class AdapterInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class VariantInfo:
+    """A named configuration of the served model that a request may pick."""
+
+    name: str
+    loras: tuple[Adapter, ...]  # the LoRAs applied to its rows, with their scales
+    scheduler_preset: str  # "default" or "lightning"
+    default_steps: int
+    default_guidance_scale: float
+    min_steps: int
+    max_steps: int
+    is_default: bool  # used when a request names no variant
+
+    @classmethod
+    def from_proto(cls, message: pb.VariantInfo) -> VariantInfo:
+        loras = tuple(
+            Adapter(ref.name, ref.scale if ref.HasField("scale") else 1.0) for ref in message.loras
+        )
+        return _from_message(cls, message, loras=loras)
+
+
+@dataclass(frozen=True, slots=True)
 class ServerInfo:
     """What GetServerInfo reports; the model's fields and `limits` are empty (0) until the model
     is loaded."""
@@ -260,6 +286,9 @@ class ServerInfo:
     adapters: tuple[AdapterInfo, ...]  # the loaded adapters a request may name
     fused_adapters: tuple[str, ...]  # base LoRAs fused at start-up; not selectable per request
     ready: bool  # model loaded and warmed up, not draining
+    pipeline: str  # "text-to-image", "edit" or "edit-plus"
+    variants: tuple[VariantInfo, ...]  # named variants a request may pick; empty = none
+    cost_unit: str  # what GenerationResult.cost and the quotas count, in words
 
     @classmethod
     def from_proto(cls, message: pb.ServerInfo) -> ServerInfo:
@@ -269,6 +298,7 @@ class ServerInfo:
             limits=Limits.from_proto(message.limits),
             batching=BatchingInfo.from_proto(message.batching),
             adapters=tuple(AdapterInfo.from_proto(item) for item in message.adapters),
+            variants=tuple(VariantInfo.from_proto(item) for item in message.variants),
         )
 
 

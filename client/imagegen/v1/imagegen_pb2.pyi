@@ -106,6 +106,9 @@ class GenerateRequest(_message.Message):
     INIT_IMAGE_FIELD_NUMBER: _builtins.int
     STRENGTH_FIELD_NUMBER: _builtins.int
     MASK_IMAGE_FIELD_NUMBER: _builtins.int
+    REFERENCE_IMAGES_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     negative_prompt: _builtins.str
     """used when guidance_scale > 1 (true classifier-free guidance)"""
@@ -139,8 +142,24 @@ class GenerateRequest(_message.Message):
     """
     mask_image: _builtins.bytes
     """inpainting: white = regenerate, black = keep; needs init_image"""
+    variant: _builtins.str
+    """A named variant of the served model (ServerInfo.variants: its LoRAs, scheduler preset and
+    default steps and guidance); empty = the server's default variant.
+    """
+    idempotency_key: _builtins.str
+    """Makes the request safe to repeat: a repeat with the same key (scoped to the caller) joins
+    the request in flight or gets its result within the server's idempotency window, and the
+    request outlives its caller's disconnect. Empty = none: a disconnect cancels the request.
+    """
     @_builtins.property
     def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterRef]: ...
+    @_builtins.property
+    def reference_images(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Instruction editing (edit models only): the reference images (PNG/JPEG/WebP bytes), at most
+        Limits.max_reference_images. width/height default to the last reference's aspect ratio at
+        about one megapixel, as diffusers does.
+        """
+
     def __init__(
         self,
         *,
@@ -161,10 +180,13 @@ class GenerateRequest(_message.Message):
         init_image: _builtins.bytes = ...,
         strength: _builtins.float | None = ...,
         mask_image: _builtins.bytes = ...,
+        reference_images: _abc.Iterable[_builtins.bytes] | None = ...,
+        variant: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "_strength", b"_strength", "guidance_scale", b"guidance_scale", "seed", b"seed", "strength", b"strength"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "_strength", b"_strength", "adapters", b"adapters", "guidance_scale", b"guidance_scale", "height", b"height", "init_image", b"init_image", "mask_image", b"mask_image", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "output_format", b"output_format", "output_quality", b"output_quality", "preview_every_n_steps", b"preview_every_n_steps", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "seed", b"seed", "strength", b"strength", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "_strength", b"_strength", "adapters", b"adapters", "guidance_scale", b"guidance_scale", "height", b"height", "idempotency_key", b"idempotency_key", "init_image", b"init_image", "mask_image", b"mask_image", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "output_format", b"output_format", "output_quality", b"output_quality", "preview_every_n_steps", b"preview_every_n_steps", "priority", b"priority", "prompt", b"prompt", "reference_images", b"reference_images", "request_id", b"request_id", "seed", b"seed", "strength", b"strength", "variant", b"variant", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
@@ -250,12 +272,18 @@ class GenerateResponse(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     MEAN_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     batch_size: _builtins.int
     """most rows in one denoising step this request ran in"""
     mean_batch_size: _builtins.float
     """mean rows per denoising step this request ran in"""
     model: _builtins.str
+    variant: _builtins.str
+    """the variant it ran as"""
+    cost: _builtins.float
+    """its work in ServerInfo.cost_unit, what quotas count"""
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]: ...
     @_builtins.property
@@ -269,10 +297,12 @@ class GenerateResponse(_message.Message):
         batch_size: _builtins.int = ...,
         mean_batch_size: _builtins.float = ...,
         model: _builtins.str = ...,
+        variant: _builtins.str = ...,
+        cost: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "images", b"images", "mean_batch_size", b"mean_batch_size", "model", b"model", "request_id", b"request_id", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "cost", b"cost", "images", b"images", "mean_batch_size", b"mean_batch_size", "model", b"model", "request_id", b"request_id", "timings", b"timings", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -495,6 +525,7 @@ class Limits(_message.Message):
     MAX_INIT_IMAGE_PIXELS_FIELD_NUMBER: _builtins.int
     DEFAULT_STRENGTH_FIELD_NUMBER: _builtins.int
     DEFAULT_OUTPUT_QUALITY_FIELD_NUMBER: _builtins.int
+    MAX_REFERENCE_IMAGES_FIELD_NUMBER: _builtins.int
     size_multiple: _builtins.int
     min_width: _builtins.int
     max_width: _builtins.int
@@ -527,6 +558,8 @@ class Limits(_message.Message):
     default_strength: _builtins.float
     default_output_quality: _builtins.int
     """JPEG/WebP quality when output_quality is 0"""
+    max_reference_images: _builtins.int
+    """0: the model takes no reference images (not an edit model)"""
     @_builtins.property
     def output_formats(self) -> _containers.RepeatedScalarFieldContainer[Global___OutputFormat.ValueType]: ...
     def __init__(
@@ -563,10 +596,11 @@ class Limits(_message.Message):
         max_init_image_pixels: _builtins.int = ...,
         default_strength: _builtins.float = ...,
         default_output_quality: _builtins.int = ...,
+        max_reference_images: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_height", b"default_height", "default_output_quality", b"default_output_quality", "default_priority", b"default_priority", "default_steps", b"default_steps", "default_strength", b"default_strength", "default_width", b"default_width", "max_adapter_scale", b"max_adapter_scale", "max_adapters_per_request", b"max_adapters_per_request", "max_guidance_scale", b"max_guidance_scale", "max_height", b"max_height", "max_init_image_pixels", b"max_init_image_pixels", "max_negative_prompt_chars", b"max_negative_prompt_chars", "max_negative_prompt_tokens", b"max_negative_prompt_tokens", "max_num_images", b"max_num_images", "max_pixels", b"max_pixels", "max_prompt_chars", b"max_prompt_chars", "max_prompt_tokens", b"max_prompt_tokens", "max_request_bytes", b"max_request_bytes", "max_seed", b"max_seed", "max_steps", b"max_steps", "max_width", b"max_width", "min_adapter_scale", b"min_adapter_scale", "min_guidance_scale", b"min_guidance_scale", "min_height", b"min_height", "min_preview_every_n_steps", b"min_preview_every_n_steps", "min_seed", b"min_seed", "min_steps", b"min_steps", "min_width", b"min_width", "output_formats", b"output_formats", "priority_levels", b"priority_levels", "size_multiple", b"size_multiple"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_height", b"default_height", "default_output_quality", b"default_output_quality", "default_priority", b"default_priority", "default_steps", b"default_steps", "default_strength", b"default_strength", "default_width", b"default_width", "max_adapter_scale", b"max_adapter_scale", "max_adapters_per_request", b"max_adapters_per_request", "max_guidance_scale", b"max_guidance_scale", "max_height", b"max_height", "max_init_image_pixels", b"max_init_image_pixels", "max_negative_prompt_chars", b"max_negative_prompt_chars", "max_negative_prompt_tokens", b"max_negative_prompt_tokens", "max_num_images", b"max_num_images", "max_pixels", b"max_pixels", "max_prompt_chars", b"max_prompt_chars", "max_prompt_tokens", b"max_prompt_tokens", "max_reference_images", b"max_reference_images", "max_request_bytes", b"max_request_bytes", "max_seed", b"max_seed", "max_steps", b"max_steps", "max_width", b"max_width", "min_adapter_scale", b"min_adapter_scale", "min_guidance_scale", b"min_guidance_scale", "min_height", b"min_height", "min_preview_every_n_steps", b"min_preview_every_n_steps", "min_seed", b"min_seed", "min_steps", b"min_steps", "min_width", b"min_width", "output_formats", b"output_formats", "priority_levels", b"priority_levels", "size_multiple", b"size_multiple"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -658,6 +692,9 @@ class ServerInfo(_message.Message):
     ADAPTERS_FIELD_NUMBER: _builtins.int
     FUSED_ADAPTERS_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    VARIANTS_FIELD_NUMBER: _builtins.int
+    COST_UNIT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     server_version: _builtins.str
     device: _builtins.str
@@ -665,6 +702,12 @@ class ServerInfo(_message.Message):
     scheduler_preset: _builtins.str
     """"default" or "lightning" """
     ready: _builtins.bool
+    pipeline: _builtins.str
+    """What the model does with a request: "text-to-image" (also image-to-image and inpainting),
+    "edit" (one reference image) or "edit-plus" (up to three).
+    """
+    cost_unit: _builtins.str
+    """what GenerateResponse.cost and the quotas count, in words"""
     @_builtins.property
     def limits(self) -> Global___Limits: ...
     @_builtins.property
@@ -674,6 +717,10 @@ class ServerInfo(_message.Message):
     @_builtins.property
     def fused_adapters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """base LoRAs fused at start-up; not selectable per request"""
+
+    @_builtins.property
+    def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___VariantInfo]:
+        """named variants a request may pick; empty = none"""
 
     def __init__(
         self,
@@ -688,14 +735,110 @@ class ServerInfo(_message.Message):
         adapters: _abc.Iterable[Global___AdapterInfo] | None = ...,
         fused_adapters: _abc.Iterable[_builtins.str] | None = ...,
         ready: _builtins.bool = ...,
+        pipeline: _builtins.str = ...,
+        variants: _abc.Iterable[Global___VariantInfo] | None = ...,
+        cost_unit: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "batching", b"batching", "device", b"device", "dtype", b"dtype", "fused_adapters", b"fused_adapters", "limits", b"limits", "model", b"model", "ready", b"ready", "scheduler_preset", b"scheduler_preset", "server_version", b"server_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "batching", b"batching", "cost_unit", b"cost_unit", "device", b"device", "dtype", b"dtype", "fused_adapters", b"fused_adapters", "limits", b"limits", "model", b"model", "pipeline", b"pipeline", "ready", b"ready", "scheduler_preset", b"scheduler_preset", "server_version", b"server_version", "variants", b"variants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ServerInfo: _TypeAlias = ServerInfo  # noqa: Y015
+
+@_typing.final
+class VariantInfo(_message.Message):
+    """A named configuration of the served model: LoRAs with scales, scheduler, defaults."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LORAS_FIELD_NUMBER: _builtins.int
+    SCHEDULER_PRESET_FIELD_NUMBER: _builtins.int
+    DEFAULT_STEPS_FIELD_NUMBER: _builtins.int
+    DEFAULT_GUIDANCE_SCALE_FIELD_NUMBER: _builtins.int
+    MIN_STEPS_FIELD_NUMBER: _builtins.int
+    MAX_STEPS_FIELD_NUMBER: _builtins.int
+    IS_DEFAULT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    scheduler_preset: _builtins.str
+    """"default" or "lightning" """
+    default_steps: _builtins.int
+    default_guidance_scale: _builtins.float
+    min_steps: _builtins.int
+    max_steps: _builtins.int
+    is_default: _builtins.bool
+    """used when a request names no variant"""
+    @_builtins.property
+    def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterRef]:
+        """applied to its rows with these scales"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        loras: _abc.Iterable[Global___AdapterRef] | None = ...,
+        scheduler_preset: _builtins.str = ...,
+        default_steps: _builtins.int = ...,
+        default_guidance_scale: _builtins.float = ...,
+        min_steps: _builtins.int = ...,
+        max_steps: _builtins.int = ...,
+        is_default: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_guidance_scale", b"default_guidance_scale", "default_steps", b"default_steps", "is_default", b"is_default", "loras", b"loras", "max_steps", b"max_steps", "min_steps", b"min_steps", "name", b"name", "scheduler_preset", b"scheduler_preset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VariantInfo: _TypeAlias = VariantInfo  # noqa: Y015
+
+@_typing.final
+class CancelGenerationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """the key the request was sent with"""
+    request_id: _builtins.str
+    """the request_id the server reported (echoed or generated)"""
+    def __init__(
+        self,
+        *,
+        idempotency_key: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "request_id", b"request_id", "target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "request_id", b"request_id", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["idempotency_key", "request_id"]  # noqa: Y015
+    _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_target) -> _WhichOneofReturnType_target | None: ...
+
+Global___CancelGenerationRequest: _TypeAlias = CancelGenerationRequest  # noqa: Y015
+
+@_typing.final
+class CancelGenerationResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    state: _builtins.str
+    """where the request was: "queued" or "running" """
+    def __init__(
+        self,
+        *,
+        state: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelGenerationResponse: _TypeAlias = CancelGenerationResponse  # noqa: Y015
 
 @_typing.final
 class AdapterInfo(_message.Message):

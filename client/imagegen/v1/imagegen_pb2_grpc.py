@@ -50,6 +50,11 @@ class ImageGenerationStub:
                 request_serializer=imagegen_dot_v1_dot_imagegen__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=imagegen_dot_v1_dot_imagegen__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.CancelGeneration = channel.unary_unary(
+                '/imagegen.v1.ImageGeneration/CancelGeneration',
+                request_serializer=imagegen_dot_v1_dot_imagegen__pb2.CancelGenerationRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_imagegen__pb2.CancelGenerationResponse.FromString,
+                _registered_method=True)
 
 
 class ImageGenerationServicer:
@@ -78,6 +83,15 @@ class ImageGenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelGeneration(self, request, context):
+        """Cancels a queued or running request of the same caller (an admin: of any caller) from any
+        connection, by its idempotency key or by the request_id the server reported. The original
+        call ends with CANCELLED; the request's rows leave at the next step boundary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageGenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +109,11 @@ def add_ImageGenerationServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=imagegen_dot_v1_dot_imagegen__pb2.GetServerInfoRequest.FromString,
                     response_serializer=imagegen_dot_v1_dot_imagegen__pb2.ServerInfo.SerializeToString,
+            ),
+            'CancelGeneration': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelGeneration,
+                    request_deserializer=imagegen_dot_v1_dot_imagegen__pb2.CancelGenerationRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_imagegen__pb2.CancelGenerationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +198,33 @@ class ImageGeneration:
             '/imagegen.v1.ImageGeneration/GetServerInfo',
             imagegen_dot_v1_dot_imagegen__pb2.GetServerInfoRequest.SerializeToString,
             imagegen_dot_v1_dot_imagegen__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelGeneration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.v1.ImageGeneration/CancelGeneration',
+            imagegen_dot_v1_dot_imagegen__pb2.CancelGenerationRequest.SerializeToString,
+            imagegen_dot_v1_dot_imagegen__pb2.CancelGenerationResponse.FromString,
             options,
             channel_credentials,
             insecure,

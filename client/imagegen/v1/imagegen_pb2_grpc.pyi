@@ -50,6 +50,11 @@ class ImageGenerationStub:
     """
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_imagegen_pb2.GetServerInfoRequest, _imagegen_pb2.ServerInfo]
     """Describes the model, its limits, the batching policy and the adapters a request may name."""
+    CancelGeneration: _grpc.UnaryUnaryMultiCallable[_imagegen_pb2.CancelGenerationRequest, _imagegen_pb2.CancelGenerationResponse]
+    """Cancels a queued or running request of the same caller (an admin: of any caller) from any
+    connection, by its idempotency key or by the request_id the server reported. The original
+    call ends with CANCELLED; the request's rows leave at the next step boundary.
+    """
 
 @_typing.type_check_only
 class ImageGenerationAsyncStub(ImageGenerationStub):
@@ -64,6 +69,11 @@ class ImageGenerationAsyncStub(ImageGenerationStub):
     """
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_imagegen_pb2.GetServerInfoRequest, _imagegen_pb2.ServerInfo]  # type: ignore[assignment]
     """Describes the model, its limits, the batching policy and the adapters a request may name."""
+    CancelGeneration: _aio.UnaryUnaryMultiCallable[_imagegen_pb2.CancelGenerationRequest, _imagegen_pb2.CancelGenerationResponse]  # type: ignore[assignment]
+    """Cancels a queued or running request of the same caller (an admin: of any caller) from any
+    connection, by its idempotency key or by the request_id the server reported. The original
+    call ends with CANCELLED; the request's rows leave at the next step boundary.
+    """
 
 class ImageGenerationServicer(metaclass=_abc_1.ABCMeta):
     """Text-to-image generation."""
@@ -93,6 +103,17 @@ class ImageGenerationServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_imagegen_pb2.ServerInfo, _abc.Awaitable[_imagegen_pb2.ServerInfo]]:
         """Describes the model, its limits, the batching policy and the adapters a request may name."""
+
+    @_abc_1.abstractmethod
+    def CancelGeneration(
+        self,
+        request: _imagegen_pb2.CancelGenerationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_imagegen_pb2.CancelGenerationResponse, _abc.Awaitable[_imagegen_pb2.CancelGenerationResponse]]:
+        """Cancels a queued or running request of the same caller (an admin: of any caller) from any
+        connection, by its idempotency key or by the request_id the server reported. The original
+        call ends with CANCELLED; the request's rows leave at the next step boundary.
+        """
 
 def add_ImageGenerationServicer_to_server(servicer: ImageGenerationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

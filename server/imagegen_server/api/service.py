@@ -135,6 +135,13 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
         )
         return info
 
+    async def CancelGeneration(
+        self, request: pb.CancelGenerationRequest, context: Context
+    ) -> pb.CancelGenerationResponse:
+        # Declared with the proto surface of this round; cancel by id comes with idempotency.
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "CancelGeneration is not served yet")
+        raise AssertionError("abort raises")
+
     # --- helpers ---
 
     async def _validate(self, request: pb.GenerateRequest, streaming: bool) -> GenerationParams:

@@ -1,7 +1,7 @@
 """The ranges a request must respect, listed once.
 
-`RequestLimits` is the one list: its values come from the settings of the same name (plus two
-facts of the loaded model), and GetServerInfo's `Limits` message is filled from it field by field
+`RequestLimits` is the one list: its values come from the settings of the same name (plus the
+loaded model's facts), and GetServerInfo's `Limits` message is filled from it field by field
 (`api.service`; a test fails if the two lists differ). Adding a limit is a setting, its name
 here, and the proto field.
 """
@@ -57,10 +57,18 @@ class RequestLimits:
     priority_levels: int
     default_priority: int
     default_output_quality: int
+    max_reference_images: int  # 0: the model is not an edit model
 
     @classmethod
-    def from_settings(cls, settings: Settings, size_multiple: int, min_steps: int) -> RequestLimits:
-        """The configured limits with the model's size multiple and step minimum.
+    def from_settings(
+        cls,
+        settings: Settings,
+        size_multiple: int,
+        min_steps: int,
+        max_reference_images: int = 0,
+    ) -> RequestLimits:
+        """The configured limits with the model's facts: its size multiple, its step minimum and
+        how many reference images it takes.
 
         Raises:
             ValueError: a configured size is not a multiple of the model's size multiple.
@@ -75,6 +83,7 @@ class RequestLimits:
             "size_multiple": size_multiple,
             "min_steps": min_steps,
             "default_steps": settings.resolved_default_steps,
+            "max_reference_images": max_reference_images,
         }
         return cls(
             **{
