@@ -16,8 +16,12 @@ METRICS_PORT ?= 9090
 PYTEST_ARGS ?=
 # Extra options for the benchmarks, e.g. BENCH_ARGS="--device cuda --resolution 1024x1024".
 BENCH_ARGS ?=
+# `make gpu-check`: where the run goes, and its options (GPU_CHECK_ARGS="--device cpu": the dry run).
+GPU_CHECK_OUT ?= bench/results/gpu-check
+GPU_CHECK_ARGS ?=
 
-.PHONY: install run test lint proto docs bench bench-adapters bench-mfu tools clean
+.PHONY: install run test lint proto docs bench bench-adapters bench-mfu gpu-check gpu-check-docs \
+	tools clean
 
 install: $(VENV)/.installed
 
@@ -65,6 +69,15 @@ bench-adapters: install
 
 bench-mfu: install
 	$(BIN)/python -m bench mfu $(BENCH_ARGS)
+
+# The GPU path in one bounded run (9 minutes on CUDA; docs/gpu.md#the-gpu-check). No `install`:
+# the GPU machine runs the checkout with its own torch and the wheels carried in .wheels/.
+# Its results refresh docs/gpu.md's GPU section; `gpu-check-docs` redoes that from the JSON.
+gpu-check:
+	scripts/gpu-check.sh $(GPU_CHECK_OUT) --docs $(GPU_CHECK_ARGS)
+
+gpu-check-docs: install
+	$(BIN)/python -m bench gpu-check docs
 
 clean:
 	rm -rf $(VENV) .cache .tools .pytest_cache .mypy_cache .ruff_cache

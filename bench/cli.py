@@ -4,6 +4,7 @@
     python -m bench adapters          # `make bench-adapters`: per-request LoRA adapters
     python -m bench mfu               # `make bench-mfu`: the engine against the hardware peak
     python -m bench simulate          # the real scheduler on simulated cost curves (seconds)
+    python -m bench gpu-check STEP    # a step of `make gpu-check` (scripts/gpu-check.sh)
     python -m bench COMMAND --help    # a command's options
 
 A command is a module of this package with `add_arguments(parser)` and `run(args) -> int`. Only
@@ -49,6 +50,10 @@ COMMANDS = {
     ),
     "simulate": Command(
         "bench.simulate", "the server's scheduler on simulated cost curves (seconds, no torch)"
+    ),
+    "gpu-check": Command(
+        "bench.gpu_check",
+        "the steps of scripts/gpu-check.sh: info, server, engine, report (make gpu-check)",
     ),
     "naive-server": Command(
         "bench.naive_server", "the naive one-request-at-a-time server that `batching` measures"

@@ -102,6 +102,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--min-batches", type=int, help="measured batches per point (default 2)")
     parser.add_argument(
+        "--peak-sizes",
+        type=ints,
+        help="n of the n x n matmuls the peak is the best of (default CUDA 4096,8192,16384; "
+        "CPU 512,1024,2048)",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="measure a point again up to this often while other processes load the CPU",
+    )
+    parser.add_argument(
         "--no-attention",
         action="store_true",
         help="skip the attention kernels (no mask against a text-padding mask, by backend); "
@@ -158,7 +170,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     resolutions = args.resolutions or ([(1024, 1024), (1328, 1328)] if on_cuda else [(256, 256)])
 
     # The peak first, while the device holds nothing else.
-    peak = measure_matmul_peak(device, dtype)
+    peak = measure_matmul_peak(device, dtype, args.peak_sizes or None)
     if on_cuda:
         torch.cuda.empty_cache()  # the matmuls' operands go back before the model comes
     print(f"matmul peak: {peak.tflops:.3g} TFLOP/s ({peak.size}^3, {peak.dtype})", flush=True)
@@ -286,7 +298,13 @@ def _measure_setting(
         for batch_size in args.batch_sizes:
             try:
                 measured = measure_quietly(
-                    bench, request_class, batch_size, args.min_batches, 0.0, progress=_quiet
+                    bench,
+                    request_class,
+                    batch_size,
+                    args.min_batches,
+                    0.0,
+                    args.retries,
+                    progress=_quiet,
                 )
             except BatchTooLarge as error:
                 print(f"  {error}: larger batches skipped", flush=True)

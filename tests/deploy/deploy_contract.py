@@ -35,6 +35,8 @@ METRICS = {
     "imagegen_adapter_evictions_total": "counter",
     "imagegen_adapter_parameters": "gauge",
     "imagegen_adapter_rows_total": "counter",
+    "imagegen_load_seconds": "gauge",
+    "imagegen_memory_probe_seconds": "gauge",
     "imagegen_compile_seconds": "gauge",
     "imagegen_warmup_seconds": "gauge",
     "imagegen_max_batch_size": "gauge",

@@ -12,6 +12,7 @@ from deploy_helpers import DEPLOY, REPO, run
 SCRIPTS = [
     REPO / "scripts" / "install-tools.sh",
     REPO / "scripts" / "buf-breaking.sh",
+    REPO / "scripts" / "gpu-check.sh",
     REPO / ".ci" / "run",
 ]
 

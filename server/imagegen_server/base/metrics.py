@@ -105,6 +105,16 @@ class Metrics:
             ["adapter"],
             registry=registry,
         )
+        self.load_seconds = Gauge(
+            "imagegen_load_seconds",
+            "Seconds loading the model onto its device took at start-up (first start-up phase)",
+            registry=registry,
+        )
+        self.memory_probe_seconds = Gauge(
+            "imagegen_memory_probe_seconds",
+            "Seconds the start-up memory probe took (0 when off or not on CUDA)",
+            registry=registry,
+        )
         self.compile_seconds = Gauge(
             "imagegen_compile_seconds",
             "Seconds torch.compile took at start-up (0 when off)",

@@ -5,6 +5,7 @@ themselves are in `probes`; `row_limit` is what the batcher later asks per batch
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -47,7 +48,9 @@ def build_engine(
     """Everything the server needs from the model; raises on any misconfiguration."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    started = time.perf_counter()
     model = _load_onto_device(settings)
+    metrics.load_seconds.set(time.perf_counter() - started)
     engine = _new_engine(settings, model)
     if settings.compile != "off" and (settings.adapter_dir or settings.preload_adapters):
         engine.adapters.wrap_all()  # before compiling: loading adapters then changes no module
@@ -58,7 +61,9 @@ def build_engine(
         setup.preloaded_parameters = engine.adapters.load(name, file.path)
         setup.preloaded.append(file)
     if settings.memory_probe and model.device.type == "cuda":
+        started = time.perf_counter()
         _limit_to_memory(settings, setup, metrics)
+        metrics.memory_probe_seconds.set(time.perf_counter() - started)
     return setup
 
 
