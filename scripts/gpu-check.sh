@@ -25,10 +25,13 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 #     --platform manylinux2014_x86_64 -d .wheels \
-#     diffusers==0.42.1 importlib-metadata==10.2.0 pydantic==2.14.4 pydantic-core==2.50.5 \
-#     annotated-types==0.8.0 typing-inspection==0.4.5 pydantic-settings==2.16.3 \
-#     python-dotenv==1.2.4 grpcio==1.85.4 grpcio-health-checking==1.85.1 \
-#     grpcio-reflection==1.85.1 protobuf==7.36.2
+#     diffusers==0.42.1 importlib-metadata==10.2.0 lazy-importer==0.1.0 pydantic==2.14.4 \
+#     pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+#     typing-extensions==4.16.0 pydantic-settings==2.16.3 python-dotenv==1.2.4 \
+#     grpcio==1.85.4 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2
+#
+# (17 MB; their other needs, huggingface-hub, safetensors, numpy, Pillow and the rest, are on the
+# lent machines with transformers: see each wheel's Requires-Dist.)
 #
 # and installed there by this script's first step (no index, no dependencies resolved):
 #
