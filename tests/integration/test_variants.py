@@ -1,0 +1,226 @@
+"""Variants: named LoRA + scheduler + defaults configurations, picked per request, whose rows
+share transformer calls; each row equals the diffusers pipeline configured as its variant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+from imagegen_client import Adapter, OutputFormat, RetryPolicy
+from imagegen_server.engine.sampling import LIGHTNING_SCHEDULER_OVERRIDES
+from support import StreamWatcher, assert_same_image, pixels
+from test_generation import reference
+
+NPY = OutputFormat.NPY
+NEGATIVE = "blurry"
+
+
+def variants_config(adapters: Path) -> list[dict[str, Any]]:
+    """Three variants over the tiny model's LoRA files: the base model with CFG, a
+    "lightning-ish" one (a Kohya LoRA by path, the Lightning scheduler settings, 2 steps) and a
+    softened style (a PEFT LoRA by adapter name at scale 0.5), marked as the default."""
+    return [
+        {
+            "name": "base",
+            "default_steps": 4,
+            "default_guidance_scale": 4.0,
+            "min_steps": 2,
+            "max_steps": 8,
+        },
+        {
+            "name": "fast",
+            "loras": [f"{adapters}/ink.safetensors@1.0"],
+            "scheduler_preset": "lightning",
+            "default_steps": 2,
+            "min_steps": 2,
+            "max_steps": 3,
+        },
+        {
+            "name": "soft",
+            "loras": [{"file": "pastel", "scale": 0.5}],
+            "default_steps": 3,
+            "default_guidance_scale": 3.0,
+            "max_steps": 6,
+            "default": True,
+        },
+    ]
+
+
+@pytest.fixture(scope="module")
+def variant_server(tiny_model: Path) -> Any:
+    from support import start_server
+
+    running = start_server(
+        tiny_model,
+        adapter_dir=str(tiny_model / "adapters"),
+        preload_adapters=["neon"],
+        variants=variants_config(tiny_model / "adapters"),
+        default_steps=None,  # each variant has its own
+    )
+    yield running
+    running.stop()
+
+
+def variant_pipeline(
+    model: Path, loras: dict[str, float], lightning: bool = False
+) -> QwenImagePipeline:
+    """QwenImagePipeline configured as a variant the documented way: its LoRAs through
+    load_lora_weights / set_adapters with the same scales, its scheduler from_config with the
+    Lightning overrides."""
+    pipeline = QwenImagePipeline.from_pretrained(model, dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    for name in loras:
+        pipeline.load_lora_weights(str(model / f"adapters/{name}.safetensors"), adapter_name=name)
+    if loras:
+        pipeline.set_adapters(list(loras), adapter_weights=list(loras.values()))
+    if lightning:
+        pipeline.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            {**pipeline.scheduler.config, **LIGHTNING_SCHEDULER_OVERRIDES}
+        )
+    return pipeline
+
+
+def test_rows_of_three_variants_share_a_batch_and_each_equals_its_pipeline(
+    variant_server: Any, tiny_model: Path
+) -> None:
+    client = variant_server.client()
+    before = variant_server.metrics()
+    variant_server.batcher.set_step_budget(0)
+    # base and soft leave steps and guidance to their variant; fast sends a guidance so that
+    # all three rows have CFG on (one batch key), and a request adapter on top of its LoRA.
+    requests: list[dict[str, Any]] = [
+        {"variant": "base"},
+        {"variant": "fast", "guidance_scale": 2.0, "adapters": [Adapter("neon", 0.7)]},
+        {},  # the default variant: soft
+    ]
+    watchers = [
+        StreamWatcher(
+            client,
+            f"a fox {seed}",
+            seed=seed,
+            negative_prompt=NEGATIVE,
+            output_format=NPY,
+            **options,
+        )
+        for seed, options in enumerate(requests)
+    ]
+    for watcher in watchers:
+        watcher.queued()
+    variant_server.batcher.set_step_budget(None)
+    results = [watcher.completed().result for watcher in watchers]
+    assert [result.batch_size for result in results] == [3, 3, 3]  # one transformer call
+    assert [result.variant for result in results] == ["base", "fast", "soft"]
+    expected = [
+        (variant_pipeline(tiny_model, {}), 4, 4.0),
+        (variant_pipeline(tiny_model, {"ink": 1.0, "neon": 0.7}, lightning=True), 2, 2.0),
+        (variant_pipeline(tiny_model, {"pastel": 0.5}), 3, 3.0),
+    ]
+    for seed, (result, (pipeline, steps, guidance)) in enumerate(
+        zip(results, expected, strict=True)
+    ):
+        alone = reference(
+            pipeline,
+            f"a fox {seed}",
+            seed,
+            steps=steps,
+            guidance=guidance,
+            negative_prompt=NEGATIVE,
+        )
+        assert_same_image(pixels(result), alone)
+    after = variant_server.metrics()
+    for name, steps in (("base", 4), ("fast", 2), ("soft", 3)):
+        label = f'{{variant="{name}"}}'
+        assert after[f"imagegen_variant_requests_total{label}"] == (
+            before[f"imagegen_variant_requests_total{label}"] + 1
+        )
+        assert after[f"imagegen_variant_images_total{label}"] == (
+            before[f"imagegen_variant_images_total{label}"] + 1
+        )
+        assert after[f"imagegen_variant_rows_total{label}"] == (
+            before[f"imagegen_variant_rows_total{label}"] + steps
+        )
+
+
+def test_the_lightning_variant_differs_from_the_same_lora_on_the_default_schedule(
+    variant_server: Any, tiny_model: Path
+) -> None:
+    """The schedule really is the variant's: the same LoRA on the shipped scheduler differs."""
+    result = variant_server.client().generate("a hen", seed=9, variant="fast", output_format=NPY)
+    shipped = reference(variant_pipeline(tiny_model, {"ink": 1.0}), "a hen", 9, steps=2)
+    assert float(np.abs(pixels(result) - shipped).max()) > 1e-3
+    lightning = variant_pipeline(tiny_model, {"ink": 1.0}, lightning=True)
+    assert_same_image(pixels(result), reference(lightning, "a hen", 9, steps=2))
+
+
+def test_server_info_lists_the_variants_with_their_defaults(
+    variant_server: Any, tiny_model: Path
+) -> None:
+    info = variant_server.client().server_info()
+    by_name = {variant.name: variant for variant in info.variants}
+    assert list(by_name) == ["base", "fast", "soft"]
+    base, fast, soft = by_name["base"], by_name["fast"], by_name["soft"]
+    assert (base.default_steps, base.default_guidance_scale, base.min_steps, base.max_steps) == (
+        4,
+        4.0,
+        2,
+        8,
+    )
+    assert base.loras == () and base.scheduler_preset == "default" and not base.is_default
+    assert [(lora.name, lora.scale) for lora in fast.loras] == [("ink.safetensors", 1.0)]
+    assert fast.scheduler_preset == "lightning" and (fast.min_steps, fast.max_steps) == (2, 3)
+    assert [(lora.name, lora.scale) for lora in soft.loras] == [("pastel", 0.5)]
+    # No min_steps given: the fewest the shipped schedule allows (its terminal stretch needs 2).
+    assert soft.is_default and (soft.min_steps, soft.max_steps) == (2, 6)
+    assert info.limits.default_steps == 3  # the default variant's
+    # The variants' LoRAs are not adapters a request may name.
+    assert [adapter.name for adapter in info.adapters] == ["neon"]
+
+
+@pytest.mark.parametrize(
+    "options,code,field,detail",
+    [
+        ({"variant": "turbo"}, grpc.StatusCode.NOT_FOUND, "variant", "base, fast, soft"),
+        (
+            {"variant": "fast", "steps": 6},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "num_inference_steps",
+            "6 outside [2, 3], the range of variant 'fast'",
+        ),
+        (
+            {"steps": 7},  # the default variant's range, not the server's max_steps (16)
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "num_inference_steps",
+            "7 outside [2, 6], the range of variant 'soft'",
+        ),
+        (
+            {"variant": "base", "steps": 1},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "num_inference_steps",
+            "1 outside [2, 8]",
+        ),
+    ],
+)
+def test_bad_variant_requests_get_the_right_status_and_the_server_stays_serving(
+    variant_server: Any, options: dict[str, Any], code: grpc.StatusCode, field: str, detail: str
+) -> None:
+    client = variant_server.client(retry=RetryPolicy(max_attempts=1))
+    with pytest.raises(grpc.RpcError) as caught:
+        client.generate("a fox", **options)
+    assert caught.value.code() == code
+    assert field in caught.value.details() and detail in caught.value.details()
+    assert client.health() == "SERVING"
+
+
+def test_a_server_without_variants_refuses_a_variant_and_reports_none(server: Any) -> None:
+    client = server.client(retry=RetryPolicy(max_attempts=1))
+    assert client.server_info().variants == ()
+    assert client.generate("a fox", seed=1, steps=2).variant == ""
+    with pytest.raises(grpc.RpcError) as caught:
+        client.generate("a fox", variant="base")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "variant" in caught.value.details()
