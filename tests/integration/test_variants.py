@@ -224,3 +224,41 @@ def test_a_server_without_variants_refuses_a_variant_and_reports_none(server: An
         client.generate("a fox", variant="base")
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert "variant" in caught.value.details()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path) -> Any:
+    from imagegen_server.engine.engine import Engine
+    from imagegen_server.engine.model import load_model
+
+    return Engine(load_model(str(tiny_model), device="cpu", dtype="float32"), 0, 512)
+
+
+@pytest.mark.parametrize(
+    "entry,message",
+    [
+        (
+            {"name": "broken", "loras": ["{dir}/broken.safetensors"]},
+            "variants[1] ('broken'): loras '{dir}/broken.safetensors': not a LoRA for this model",
+        ),
+        (
+            {"name": "one", "min_steps": 1, "default_steps": 2},
+            "variants[1] ('one'): min_steps is below 2, the fewest steps its scheduler (default)",
+        ),
+    ],
+)
+def test_a_variant_the_model_cannot_run_stops_start_up_naming_the_entry(
+    engine: Any, tmp_path: Path, entry: dict[str, Any], message: str
+) -> None:
+    """What only the loaded model can tell: a file that is no LoRA for this transformer, a step
+    minimum below what the variant's schedule allows."""
+    from imagegen_server.base.variants import VariantConfig
+
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    entry = {
+        key: [lora.format(dir=tmp_path) for lora in value] if key == "loras" else value
+        for key, value in entry.items()
+    }
+    configs = [VariantConfig(name="fine"), VariantConfig.model_validate(entry)]
+    with pytest.raises(ValueError, match=__import__("re").escape(message.format(dir=tmp_path))):
+        engine.variants.load(configs, None, engine.adapters, 16, 16)
