@@ -213,3 +213,24 @@ def test_malformed_variants_stop_start_up_before_the_model_loads(
     error = capsys.readouterr().err
     assert error.startswith("imagegen-server: invalid settings:")
     assert "variants[1] ('fast'): default_steps 99 outside" in error
+
+
+def test_the_readme_variants_example_is_a_valid_configuration(tmp_path: Path) -> None:
+    """The README's Lightning 4-step / 8-step / base example, with its LoRA files stood in for
+    by empty files at the same names."""
+    import re
+
+    import yaml
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = re.search(r"```yaml\n(# imagegen\.yaml.*?)```", readme, re.S)
+    assert block is not None
+    example = block.group(1).replace("/models/loras", str(tmp_path))
+    for name in re.findall(r"Qwen-Image-Lightning-\w+-V[\d.]+\.safetensors", example):
+        lora_file(tmp_path, name)
+    config = tmp_path / "imagegen.yaml"
+    config.write_text(example)
+    settings = load_settings(config=str(config))
+    assert [variant.name for variant in settings.variants] == ["lightning-4", "lightning-8", "base"]
+    assert settings.resolved_default_steps == 4
+    assert yaml.safe_load(example)["variants"][2]["default_guidance_scale"] == 4.0
