@@ -9,11 +9,11 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 from imagegen_client import Adapter, OutputFormat, RetryPolicy
 from imagegen_server.engine.sampling import LIGHTNING_SCHEDULER_OVERRIDES
 from support import StreamWatcher, assert_same_image, pixels
+from test_adapters import pipeline_with
 from test_generation import reference
 
 NPY = OutputFormat.NPY
@@ -72,12 +72,7 @@ def variant_pipeline(
     """QwenImagePipeline configured as a variant the documented way: its LoRAs through
     load_lora_weights / set_adapters with the same scales, its scheduler from_config with the
     Lightning overrides."""
-    pipeline = QwenImagePipeline.from_pretrained(model, dtype=torch.float32)
-    pipeline.set_progress_bar_config(disable=True)
-    for name in loras:
-        pipeline.load_lora_weights(str(model / f"adapters/{name}.safetensors"), adapter_name=name)
-    if loras:
-        pipeline.set_adapters(list(loras), adapter_weights=list(loras.values()))
+    pipeline = pipeline_with(model, loras)
     if lightning:
         pipeline.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
             {**pipeline.scheduler.config, **LIGHTNING_SCHEDULER_OVERRIDES}
