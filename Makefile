@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # Extra options for the benchmarks, e.g. BENCH_ARGS="--device cuda --resolution 1024x1024".
 BENCH_ARGS ?=
 
-.PHONY: install run test lint proto docs bench bench-adapters bench-mfu tools clean
+.PHONY: install run test lint proto docs bench bench-adapters bench-variants bench-mfu tools clean
 
 install: $(VENV)/.installed
 
@@ -62,6 +62,9 @@ bench: install
 
 bench-adapters: install
 	$(BIN)/python -m bench adapters $(BENCH_ARGS)
+
+bench-variants: install
+	$(BIN)/python -m bench variants $(BENCH_ARGS)
 
 bench-mfu: install
 	$(BIN)/python -m bench mfu $(BENCH_ARGS)
