@@ -17,8 +17,8 @@ from ..base.variants import Variant, VariantConfig, VariantLora, default_variant
 from .lora import LoraBank
 from .sampling import LIGHTNING_SCHEDULER_OVERRIDES, ScheduleTable
 
-# Bank names of variant LoRAs start with this: no adapter name can (`adapter_files`), so a
-# request can never name one, and the adapter registry never evicts one.
+# Bank names of variant LoRAs start with this, and its ':' is in no adapter name
+# (`adapter_files`): a request can never name one, and the adapter registry never evicts one.
 BANK_PREFIX = "variant-lora:"
 
 
