@@ -9,9 +9,11 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 from imagegen_client import Adapter, OutputFormat, RetryPolicy
 from imagegen_server.engine.sampling import LIGHTNING_SCHEDULER_OVERRIDES
+from PIL import Image
 from support import StreamWatcher, assert_same_image, pixels
 from test_adapters import pipeline_with
 from test_generation import reference
@@ -257,3 +259,32 @@ def test_a_variant_the_model_cannot_run_stops_start_up_naming_the_entry(
     configs = [VariantConfig(name="fine"), VariantConfig.model_validate(entry)]
     with pytest.raises(ValueError, match=__import__("re").escape(message.format(dir=tmp_path))):
         engine.variants.load(configs, None, engine.adapters, 16, 16)
+
+
+def test_image_to_image_as_a_variant_equals_the_img2img_pipeline_configured_as_it(
+    variant_server: Any, tiny_model: Path
+) -> None:
+    """An init image runs the tail of its variant's schedule, with its variant's LoRA."""
+    from diffusers import QwenImageImg2ImgPipeline
+    from test_image_to_image import png, run_pipeline
+
+    y, x = np.mgrid[0:64, 0:64]
+    picture = Image.fromarray((np.stack([x / 64, y / 64, x * y / 4096], -1) * 255).astype("uint8"))
+    result = variant_server.client().generate(
+        "a boat on a lake",
+        variant="fast",
+        init_image=png(picture),
+        strength=0.5,
+        steps=3,
+        seed=4,
+        output_format=NPY,
+    )
+    pipeline = QwenImageImg2ImgPipeline.from_pretrained(tiny_model, dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.load_lora_weights(str(tiny_model / "adapters/ink.safetensors"), adapter_name="ink")
+    pipeline.set_adapters(["ink"], adapter_weights=[1.0])
+    pipeline.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        {**pipeline.scheduler.config, **LIGHTNING_SCHEDULER_OVERRIDES}
+    )
+    expected = run_pipeline(pipeline, 4, steps=3, image=picture, strength=0.5)
+    assert_same_image(pixels(result), expected)
