@@ -288,3 +288,21 @@ def test_image_to_image_as_a_variant_equals_the_img2img_pipeline_configured_as_i
     )
     expected = run_pipeline(pipeline, 4, steps=3, image=picture, strength=0.5)
     assert_same_image(pixels(result), expected)
+
+
+def test_a_lora_file_two_variants_share_is_loaded_once(engine: Any, tiny_model: Path) -> None:
+    from imagegen_server.base.variants import VariantConfig
+
+    adapters = tiny_model / "adapters"
+    configs = [
+        VariantConfig.model_validate({"name": "a", "loras": [f"{adapters}/ink.safetensors"]}),
+        VariantConfig.model_validate({"name": "b", "loras": ["ink@0.5", "neon"]}),
+    ]
+    described = engine.variants.load(configs, adapters, engine.adapters, 16, 16)
+    assert [(v.name, v.loras, v.is_default) for v in described] == [
+        ("a", (("ink.safetensors", 1.0),), True),
+        ("b", (("ink", 0.5), ("neon", 1.0)), False),
+    ]
+    ink = engine.variants.loras("a")[0].name
+    assert [spec.name for spec in engine.variants.loras("b")] == [ink, engine.adapters.names[-1]]
+    assert len(engine.variants.all_loras()) == 2  # what the memory probe puts on every row

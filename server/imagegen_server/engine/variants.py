@@ -41,6 +41,12 @@ class VariantTable:
     def loras(self, name: str) -> tuple[AdapterSpec, ...]:
         return self._get(name).loras
 
+    def all_loras(self) -> tuple[AdapterSpec, ...]:
+        """Every variant's LoRAs, each once: what the memory probe puts on every row, so the
+        batch limits hold whatever mix of variants a batch has."""
+        unique = {spec.name: spec for variant in self._variants.values() for spec in variant.loras}
+        return tuple(unique.values())
+
     def load(
         self,
         configs: list[VariantConfig],
