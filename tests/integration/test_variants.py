@@ -14,43 +14,12 @@ from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 from imagegen_client import Adapter, OutputFormat, RetryPolicy
 from imagegen_server.engine.sampling import LIGHTNING_SCHEDULER_OVERRIDES
 from PIL import Image
-from support import StreamWatcher, assert_same_image, pixels
+from support import StreamWatcher, assert_same_image, pixels, variants_config
 from test_adapters import pipeline_with
 from test_generation import reference
 
 NPY = OutputFormat.NPY
 NEGATIVE = "blurry"
-
-
-def variants_config(adapters: Path) -> list[dict[str, Any]]:
-    """Three variants over the tiny model's LoRA files: the base model with CFG, a
-    "lightning-ish" one (a Kohya LoRA by path, the Lightning scheduler settings, 2 steps) and a
-    softened style (a PEFT LoRA by adapter name at scale 0.5), marked as the default."""
-    return [
-        {
-            "name": "base",
-            "default_steps": 4,
-            "default_guidance_scale": 4.0,
-            "min_steps": 2,
-            "max_steps": 8,
-        },
-        {
-            "name": "fast",
-            "loras": [f"{adapters}/ink.safetensors@1.0"],
-            "scheduler_preset": "lightning",
-            "default_steps": 2,
-            "min_steps": 2,
-            "max_steps": 3,
-        },
-        {
-            "name": "soft",
-            "loras": [{"file": "pastel", "scale": 0.5}],
-            "default_steps": 3,
-            "default_guidance_scale": 3.0,
-            "max_steps": 6,
-            "default": True,
-        },
-    ]
 
 
 @pytest.fixture(scope="module")
