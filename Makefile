@@ -20,8 +20,8 @@ BENCH_ARGS ?=
 GPU_CHECK_OUT ?= bench/results/gpu-check
 GPU_CHECK_ARGS ?=
 
-.PHONY: install run test lint proto docs bench bench-adapters bench-mfu gpu-check gpu-check-docs \
-	tools clean
+.PHONY: install run test lint proto docs bench bench-adapters bench-variants bench-mfu gpu-check \
+	gpu-check-docs tools clean
 
 install: $(VENV)/.installed
 
@@ -66,6 +66,9 @@ bench: install
 
 bench-adapters: install
 	$(BIN)/python -m bench adapters $(BENCH_ARGS)
+
+bench-variants: install
+	$(BIN)/python -m bench variants $(BENCH_ARGS)
 
 bench-mfu: install
 	$(BIN)/python -m bench mfu $(BENCH_ARGS)

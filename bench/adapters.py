@@ -35,15 +35,7 @@ from .cli import add_engine_arguments, add_quick_argument, ints, resolution
 from .launch import Metrics, ServerProcess
 from .loads import ClosedLoop, LoadGenerator
 from .machine import describe_machine
-from .output import (
-    add_output_arguments,
-    fmt,
-    read_json,
-    resolve_outputs,
-    results_header,
-    write_block,
-    write_json,
-)
+from .output import add_output_arguments, fmt, results_header, run_and_report
 from .servers import (
     DEFAULT_MODEL,
     ServerOptions,
@@ -85,15 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    resolve_outputs(args)
-    if args.report_only:
-        results = read_json(args.report_only)
-    else:
-        results = asyncio.run(run_bench(args))
-        write_json(results, args.out / JSON_NAME)
-    write_block(args.markdown, "bench-adapters", "bench-adapters", summary_lines(results))
-    print("\n".join(summary_lines(results)))
-    return 0
+    return run_and_report(
+        args, JSON_NAME, "bench-adapters", lambda: asyncio.run(run_bench(args)), summary_lines
+    )
 
 
 async def run_bench(args: argparse.Namespace) -> dict[str, Any]:

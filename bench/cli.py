@@ -2,6 +2,7 @@
 
     python -m bench batching          # `make bench`: the engine's limit against three servers
     python -m bench adapters          # `make bench-adapters`: per-request LoRA adapters
+    python -m bench variants          # `make bench-variants`: variants against fused servers
     python -m bench mfu               # `make bench-mfu`: the engine against the hardware peak
     python -m bench simulate          # the real scheduler on simulated cost curves (seconds)
     python -m bench gpu-check STEP    # a step of `make gpu-check` (scripts/gpu-check.sh)
@@ -41,6 +42,12 @@ COMMANDS = {
         "bench.adapters",
         "per-request LoRA adapters: mixed in a batch or one per batch (make bench-adapters)",
         "bench-adapters",
+    ),
+    "variants": Command(
+        "bench.variants",
+        "three variants on one server against fused single-variant servers, one at a time"
+        " (make bench-variants)",
+        "bench-variants",
     ),
     "mfu": Command(
         "bench.mfu",

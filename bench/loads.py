@@ -162,6 +162,8 @@ class LoadGenerator:
                 seed=record.index,
                 num_images=1,
                 adapters=[Adapter(cls.adapter)] if cls.adapter else (),
+                variant=cls.variant,
+                guidance_scale=cls.guidance_scale,
             )
         except grpc.RpcError as error:
             record.finished_s = self._clock() - start

@@ -16,10 +16,13 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from .launch import HOST, Metrics, ServerProcess, serve_command
 from .machine import CpuMeter, CpuUse
 from .stats import RequestRecord
+
+T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOG_LINES_KEPT = 200  # a bench server runs for minutes; its last lines explain a failure
@@ -143,7 +146,7 @@ async def start_server(name: str, command: list[str]) -> ServerProcess:
     return server
 
 
-def rotated(systems: Sequence[str], by: int) -> list[str]:
+def rotated(systems: Sequence[T], by: int) -> list[T]:
     """`systems` starting at the `by`-th (cyclically): servers measured side by side take turns
     going first, so the machine's drift does not favour one."""
     shift = by % len(systems)

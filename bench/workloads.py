@@ -14,10 +14,14 @@ class RequestClass:
     height: int
     steps: int  # denoising steps
     adapter: str = ""  # LoRA adapter applied at scale 1 ("" = none)
+    variant: str = ""  # the server variant it names ("" = the server's default)
+    guidance_scale: float = 1.0  # true CFG (1.0 = off)
 
     @property
     def label(self) -> str:
         suffix = f"+{self.adapter}" if self.adapter else ""
+        suffix += "+cfg" if self.guidance_scale > 1 else ""
+        suffix += f"@{self.variant}" if self.variant else ""
         return f"{self.width}x{self.height}/{self.steps}{suffix}"
 
 

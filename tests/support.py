@@ -247,3 +247,34 @@ def scheduled_request(
 
     params = engine_params(ticket, num_images=rows, steps=steps, priority=priority)
     return Request(ticket, params, key, arrival=at, deadline=deadline)
+
+
+def variants_config(adapters: Path) -> list[dict[str, Any]]:
+    """Three variants over the tiny model's LoRA files: the base model with CFG, a
+    "lightning-ish" one (a Kohya LoRA by path, the Lightning scheduler settings, 2 steps) and a
+    softened style (a PEFT LoRA by adapter name at scale 0.5), marked as the default."""
+    return [
+        {
+            "name": "base",
+            "default_steps": 4,
+            "default_guidance_scale": 4.0,
+            "min_steps": 2,
+            "max_steps": 8,
+        },
+        {
+            "name": "fast",
+            "loras": [f"{adapters}/ink.safetensors@1.0"],
+            "scheduler_preset": "lightning",
+            "default_steps": 2,
+            "min_steps": 2,
+            "max_steps": 3,
+        },
+        {
+            "name": "soft",
+            "loras": [{"file": "pastel", "scale": 0.5}],
+            "default_steps": 3,
+            "default_guidance_scale": 3.0,
+            "max_steps": 6,
+            "default": True,
+        },
+    ]

@@ -130,6 +130,9 @@ def _add_generation_options(generate: argparse.ArgumentParser) -> None:
         type=_adapter,
         help="NAME or NAME:SCALE; repeatable",
     )
+    generate.add_argument(
+        "--variant", type=_text, default="", help="a variant the server lists; default: its own"
+    )
     generate.add_argument("--priority", type=int32, default=0, help="1 = highest")
     generate.add_argument("--request-id", type=_text, default="")
     generate.add_argument(
@@ -163,6 +166,7 @@ def _generate(client: ImageGenClient, args: argparse.Namespace) -> int:
         "output_format": output_format,
         "output_quality": args.quality,
         "adapters": args.adapter,
+        "variant": args.variant,
         "priority": args.priority,
         "request_id": args.request_id,
     }

@@ -29,11 +29,13 @@ def build_request(
     init_image: bytes | str | Path | None = None,
     strength: float | None = None,
     mask_image: bytes | str | Path | None = None,
+    variant: str = "",
 ) -> pb.GenerateRequest:
     """A GenerateRequest; 0 means "the server's default" for sizes, steps, quality, priority.
 
     `init_image` (bytes or a file path) turns it into image-to-image with `strength`, and
-    `mask_image` (white = regenerate) into inpainting.
+    `mask_image` (white = regenerate) into inpainting. `variant` picks one of the variants
+    the server lists (`ServerInfo.variants`); "" = its default.
     """
     request = pb.GenerateRequest(
         prompt=prompt,
@@ -49,6 +51,7 @@ def build_request(
         preview_every_n_steps=preview_every_n_steps,
         init_image=_image_bytes(init_image),
         mask_image=_image_bytes(mask_image),
+        variant=variant,
     )
     if strength is not None:
         request.strength = strength

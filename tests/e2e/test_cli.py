@@ -73,6 +73,11 @@ def test_bad_input_is_reported_with_the_status_and_field(
     )
     assert result.returncode == 1
     assert "INVALID_ARGUMENT: width: 100 is not a multiple of 16" in result.stderr
+    result = imagegen(
+        server_process, "generate", "x", "-o", str(tmp_path / "x.png"), "--variant", "lightning-8"
+    )
+    assert result.returncode == 1
+    assert "NOT_FOUND: variant: 'lightning-8' is not a variant of this server" in result.stderr
 
 
 def test_arguments_no_request_can_carry_and_unreadable_files_end_without_a_traceback(

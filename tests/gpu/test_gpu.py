@@ -28,6 +28,7 @@ GPU = {
     "max_height": 1328,
     "default_steps": 8,
 }
+NPY = OutputFormat.NPY
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +79,37 @@ def test_compiled_bf16_matches_eager_bf16(server_factory: Any, tiny_model: Path)
             server.client().generate("compiled", seed=2, output_format=OutputFormat.NPY)
         )
     assert float(np.abs(compiled.image - eager.image).max()) < 2e-2  # bfloat16 kernels differ
+
+
+def test_variants_on_cuda_batch_together_probe_with_their_loras_and_match_alone(
+    server_factory: Any, tiny_model: Path
+) -> None:
+    """The three-variant batch of tests/integration/test_variants.py on the device: the memory
+    probe runs with every variant's LoRAs on its rows, and each row of a mixed batch equals the
+    same request run alone on the same server."""
+    from support import StreamWatcher, variants_config
+
+    server = server_factory(
+        device="cuda",
+        dtype="float32",
+        adapter_dir=str(tiny_model / "adapters"),
+        variants=variants_config(tiny_model / "adapters"),
+        default_steps=None,
+    )
+    client = server.client()
+    assert server.client().server_info().batching.batch_limits  # the probe ran
+    server.batcher.set_step_budget(0)
+    names = ("base", "fast", "soft")
+    options = {"guidance_scale": 2.0, "negative_prompt": "blurry", "output_format": NPY}
+    watchers = [
+        StreamWatcher(client, "a fox", seed=seed, variant=name, **options)
+        for seed, name in enumerate(names)
+    ]
+    for watcher in watchers:
+        watcher.queued()
+    server.batcher.set_step_budget(None)
+    mixed = [watcher.completed().result for watcher in watchers]
+    assert [result.batch_size for result in mixed] == [3, 3, 3]
+    for seed, (name, result) in enumerate(zip(names, mixed, strict=True)):
+        alone = pixels(client.generate("a fox", seed=seed, variant=name, **options))
+        assert float(np.abs(pixels(result) - alone).max()) < 1e-3  # TF32 kernels by batch size

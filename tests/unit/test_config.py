@@ -112,3 +112,125 @@ def test_default_steps_follow_the_scheduler_preset() -> None:
         ).resolved_default_steps
         == 4
     )
+
+
+def lora_file(tmp_path: Path, name: str = "style.safetensors") -> Path:
+    """A file where a variant's LoRA is named (settings check only that it exists)."""
+    path = tmp_path / name
+    path.write_bytes(b"")
+    return path
+
+
+def test_variants_take_a_yaml_list_from_flags_environment_and_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lora = lora_file(tmp_path)
+    monkeypatch.delenv("IMAGEGEN_CONFIG", raising=False)
+    flow = f"[{{name: fast, loras: ['{lora}@0.8'], scheduler_preset: lightning, default_steps: 4}}]"
+    args, source = parse(["--model", "m", "--variants", flow])
+    [fast] = load_settings(source, args).variants  # type: ignore[arg-type]
+    assert (fast.name, fast.loras[0].file, fast.loras[0].scale) == ("fast", str(lora), 0.8)
+    assert fast.scheduler_preset == "lightning" and fast.default_steps == 4
+    monkeypatch.setenv("IMAGEGEN_VARIANTS", "- name: base\n- name: fast\n  default: true\n")
+    settings = load_settings(model="m")
+    assert [variant.name for variant in settings.variants] == ["base", "fast"]
+    assert settings.resolved_default_steps == 30  # fast's: the default preset's 30
+    monkeypatch.delenv("IMAGEGEN_VARIANTS")
+    config = tmp_path / "imagegen.yaml"
+    config.write_text(
+        "model: m\nvariants:\n  - name: four\n    loras:\n"
+        f"      - file: {lora}\n        scale: 1.0\n    scheduler_preset: lightning\n"
+        "    default_steps: 4\n    min_steps: 4\n    max_steps: 4\n"
+    )
+    [four] = load_settings(config=str(config)).variants
+    assert (four.min_steps, four.max_steps) == (4, 4)
+
+
+@pytest.mark.parametrize(
+    "variants,message",
+    [
+        ("- name: a\n- name: a\n", "variants[1] ('a'): name is used by an earlier entry"),
+        ("- name: 'a b'\n", "variants[0] ('a b'): name must be 1-64 of [A-Za-z0-9._-]"),
+        (
+            "- name: a\n- name: b\n  default_steps: 12\n  max_steps: 8\n",
+            "variants[1] ('b'): default_steps 12 outside [min_steps 1, max_steps 8]",
+        ),
+        ("- name: a\n  max_steps: 99\n", "variants[0] ('a'): max_steps 99 exceeds the setting"),
+        (
+            "- name: a\n  default_steps: 8\n  min_steps: 9\n  max_steps: 8\n",
+            "variants[0] ('a'): min_steps 9 > max_steps 8",
+        ),
+        (
+            "- name: a\n  default_guidance_scale: 50\n",
+            "variants[0] ('a'): default_guidance_scale 50.0 outside [min_guidance_scale 1.0",
+        ),
+        (
+            "- name: a\n  loras: [/no/such/file.safetensors]\n",
+            "variants[0] ('a'): loras[0]: file not found: /no/such/file.safetensors",
+        ),
+        (
+            "- name: a\n  loras: [lightning]\n",
+            "variants[0] ('a'): loras[0]: 'lightning' is an adapter name, and adapter_dir is not",
+        ),
+        ("- name: a\n  default: true\n- name: b\n  default: true\n", "only one entry may set"),
+        ("- name: a\n  scheduler: lightning\n", "variants.0.scheduler"),  # unknown field
+        ("- name: a\n  scheduler_preset: turbo\n", "variants.0.scheduler_preset"),
+        ("- name: a\n  loras: ['x@half']\n", "variants.0.loras.0.scale"),
+        ("{name: a}", "variants"),  # a mapping, not a list
+        ("- name: [unclosed\n", "not a YAML list"),
+    ],
+)
+def test_malformed_variants_are_refused_naming_the_entry_and_field(
+    variants: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("IMAGEGEN_CONFIG", raising=False)
+    with pytest.raises(ValidationError, match=__import__("re").escape(message)):
+        load_settings(model="m", variants=variants)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"scheduler_preset": "lightning"}, "scheduler_preset: with variants, each variant"),
+        ({"default_steps": 4}, "default_steps: with variants, each variant sets its own"),
+        ({"lora": ["x.safetensors"]}, "lora applies to every row"),
+    ],
+)
+def test_settings_that_would_apply_to_every_variant_are_refused_with_variants(
+    overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=__import__("re").escape(message)):
+        load_settings(model="m", variants="- name: a\n", **overrides)
+
+
+def test_malformed_variants_stop_start_up_before_the_model_loads(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from imagegen_server.main import main
+
+    flag = "[{name: base}, {name: fast, default_steps: 99}]"
+    assert main(["serve", "--model", "m", "--variants", flag]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("imagegen-server: invalid settings:")
+    assert "variants[1] ('fast'): default_steps 99 outside" in error
+
+
+def test_the_readme_variants_example_is_a_valid_configuration(tmp_path: Path) -> None:
+    """The README's Lightning 4-step / 8-step / base example, with its LoRA files stood in for
+    by empty files at the same names."""
+    import re
+
+    import yaml
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = re.search(r"```yaml\n(# imagegen\.yaml.*?)```", readme, re.S)
+    assert block is not None
+    example = block.group(1).replace("/models/loras", str(tmp_path))
+    for name in re.findall(r"Qwen-Image-Lightning-\w+-V[\d.]+\.safetensors", example):
+        lora_file(tmp_path, name)
+    config = tmp_path / "imagegen.yaml"
+    config.write_text(example)
+    settings = load_settings(config=str(config))
+    assert [variant.name for variant in settings.variants] == ["lightning-4", "lightning-8", "base"]
+    assert settings.resolved_default_steps == 4
+    assert yaml.safe_load(example)["variants"][2]["default_guidance_scale"] == 4.0

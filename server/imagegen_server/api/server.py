@@ -28,6 +28,7 @@ from ..base.config import Settings
 from ..base.engine_api import EngineLike, EngineRequest
 from ..base.metrics import Metrics
 from ..base.types import BatchKey, GenerationParams, OutputFormat
+from ..base.variants import default_variant
 from ..batching.batcher import Batcher
 from ..batching.scheduler import Scheduler, SchedulerConfig
 from ..engine.startup import EngineSetup, build_engine, row_limit
@@ -214,8 +215,11 @@ class ImageGenServer:
             return
         setup = self._setup
         assert setup is not None
-        validator = RequestValidator(setup.limits, setup.count_tokens, self._adapters.selectable)
-        self._service.set_model(validator, setup.description, setup.probed)
+        validator = RequestValidator(
+            setup.limits, setup.count_tokens, self._adapters.selectable, setup.variants
+        )
+        self._service.set_model(validator, setup.description, setup.probed, setup.variants)
+        self.metrics.add_variants([variant.name for variant in setup.variants])
         self._adapters.adopt(setup.preloaded, setup.preloaded_parameters)
         for service in HEALTH_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -236,6 +240,7 @@ class ImageGenServer:
     def _warmup_request(self) -> EngineRequest:
         """One image at the default size: the first real batch compiles kernels and fills caches."""
         settings = self.settings
+        variant = default_variant(settings.variants)
         params = GenerationParams(
             request_id="warm-up",
             prompt="warm-up",
@@ -248,6 +253,8 @@ class ImageGenServer:
             num_images=1,
             output_format=OutputFormat.PNG,
             output_quality=settings.default_output_quality,
+            # The default variant's LoRAs and schedule, as most requests will run.
+            variant=variant.name if variant is not None else "",
         )
         return EngineRequest("warm-up", params)
 

@@ -30,6 +30,7 @@ from ..base.types import (
     StartedEvent,
     StepEvent,
 )
+from ..base.variants import Variant
 from ..batching.batcher import Batcher
 from ..batching.requests import RequestHandle
 from .adapters import AdapterRegistry
@@ -58,17 +59,20 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
         # Set once the engine thread has loaded the model (see set_model).
         self._validator: RequestValidator | None = None
         self._model: ModelDescription | None = None
+        self._variants: list[Variant] = []
 
     def set_model(
         self,
         validator: RequestValidator,
         model: ModelDescription,
         batch_limits: list[tuple[int, int, int]],
+        variants: list[Variant] | None = None,
     ) -> None:
-        """What start-up learned, once, on the event loop: the validator, the model's facts and
-        the memory probe's largest batch per (width, height)."""
+        """What start-up learned, once, on the event loop: the validator, the model's facts,
+        the memory probe's largest batch per (width, height) and the variants."""
         self._validator = validator
         self._model = model
+        self._variants = variants or []
         for width, height, rows in batch_limits:
             self._batching.batch_limits.add(width=width, height=height, max_batch_size=rows)
 
@@ -130,6 +134,7 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
             info.scheduler_preset = model.scheduler_preset
             info.fused_adapters.extend(model.fused_adapters)
             info.limits.CopyFrom(self._limits_message())
+            info.variants.extend(_variant_message(variant) for variant in self._variants)
         info.adapters.extend(
             adapter_message(file, loaded=True) for file in self._adapters.loaded_files()
         )
@@ -165,6 +170,8 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
             handle = self._batcher.submit(params, deadline, wants_progress)
+            if params.variant:
+                self._metrics.variant_requests.labels(variant=params.variant).inc()
             try:
                 yield handle
             finally:
@@ -191,6 +198,8 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
         )
         self._metrics.stage.labels(stage="image_encode").observe(time.perf_counter() - started)
         self._metrics.images.inc(len(encoded))
+        if params.variant:
+            self._metrics.variant_images.labels(variant=params.variant).inc(len(encoded))
         response = pb.GenerateResponse(
             request_id=params.request_id,
             timings=pb.Timings(
@@ -201,6 +210,7 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
             batch_size=event.max_batch_size,
             mean_batch_size=event.mean_batch_size,
             model=self._model.name if self._model else "",
+            variant=params.variant,
         )
         for image, data in zip(event.images, encoded, strict=True):
             response.images.add(
@@ -241,3 +251,16 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
                 {value for value in OUTPUT_FORMATS if value != pb.OUTPUT_FORMAT_UNSPECIFIED}
             ),
         )
+
+
+def _variant_message(variant: Variant) -> pb.VariantInfo:
+    return pb.VariantInfo(
+        name=variant.name,
+        loras=[pb.AdapterRef(name=label, scale=scale) for label, scale in variant.loras],
+        scheduler_preset=variant.scheduler_preset,
+        default_steps=variant.default_steps,
+        default_guidance_scale=variant.default_guidance_scale,
+        min_steps=variant.min_steps,
+        max_steps=variant.max_steps,
+        is_default=variant.is_default,
+    )

@@ -10,7 +10,7 @@ import math
 import re
 import secrets
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +21,7 @@ from ..base.config import MIN_STRENGTH
 from ..base.errors import InvalidArgument, NotFound
 from ..base.limits import RequestLimits
 from ..base.types import AdapterSpec, GenerationParams, InitImage, OutputFormat, strength_steps
+from ..base.variants import Variant
 from .codec import decode_image, resize
 
 OUTPUT_FORMATS = {
@@ -51,10 +52,14 @@ class RequestValidator:
         limits: RequestLimits,
         count_tokens: Callable[[str], int],
         adapter_names: Callable[[], Collection[str]],
+        variants: Sequence[Variant] = (),
     ) -> None:
         self.limits = limits
         self._count_tokens = count_tokens
         self._adapter_names = adapter_names
+        self._variants = {variant.name: variant for variant in variants}
+        # A request that names no variant runs as this one; None: the server has none.
+        self._default_variant = next((v for v in variants if v.is_default), None)
 
     def decode_images(self, request: pb.GenerateRequest) -> DecodedImages | None:
         """Decodes, checks and resizes the init image and mask (CPU work: call it off the event
@@ -99,12 +104,8 @@ class RequestValidator:
             width, height = self._size(
                 request.width or limits.default_width, request.height or limits.default_height
             )
-        schedule_steps = _in_range(
-            "num_inference_steps",
-            request.num_inference_steps or limits.default_steps,
-            limits.min_steps,
-            limits.max_steps,
-        )
+        variant = self._variant(request.variant)
+        schedule_steps = self._steps(request.num_inference_steps, variant)
         init_image = self._init_image(request, images)
         steps = (
             strength_steps(schedule_steps, init_image.strength) if init_image else schedule_steps
@@ -124,7 +125,7 @@ class RequestValidator:
             width=width,
             height=height,
             steps=steps,
-            guidance_scale=self._guidance(request),
+            guidance_scale=self._guidance(request, variant),
             seed=self._seed(request, num_images),
             num_images=num_images,
             output_format=_output_format(request.output_format),
@@ -138,6 +139,7 @@ class RequestValidator:
             preview_every_n_steps=self._preview(request, steps, streaming),
             init_image=init_image,
             schedule_steps=schedule_steps,
+            variant=variant.name if variant else "",
         )
 
     def _init_image(
@@ -215,9 +217,44 @@ class RequestValidator:
             raise InvalidArgument(field, f"{tokens} tokens; allowed at most {max_tokens}")
         return text
 
-    def _guidance(self, request: pb.GenerateRequest) -> float:
+    def _variant(self, name: str) -> Variant | None:
+        """The variant a request runs as: the one it names, else the default (None when the
+        server has none).
+
+        Raises:
+            NotFound: naming `variant` and the variants there are.
+        """
+        if not name:
+            return self._default_variant
+        variant = self._variants.get(name)
+        if variant is None:
+            known = ", ".join(sorted(self._variants)) or "none: this server serves one model as is"
+            raise NotFound(f"variant: {name!r} is not a variant of this server (variants: {known})")
+        return variant
+
+    def _steps(self, steps: int, variant: Variant | None) -> int:
+        """The schedule's steps: the request's, else its variant's default, within the
+        variant's range (or the server's, without variants)."""
+        limits = self.limits
+        if variant is None:
+            return _in_range(
+                "num_inference_steps",
+                steps or limits.default_steps,
+                limits.min_steps,
+                limits.max_steps,
+            )
+        steps = steps or variant.default_steps
+        if not variant.min_steps <= steps <= variant.max_steps:
+            raise InvalidArgument(
+                "num_inference_steps",
+                f"{steps} outside [{variant.min_steps}, {variant.max_steps}], the range of"
+                f" variant {variant.name!r}",
+            )
+        return steps
+
+    def _guidance(self, request: pb.GenerateRequest, variant: Variant | None) -> float:
         if not request.HasField("guidance_scale"):
-            return 1.0
+            return variant.default_guidance_scale if variant else 1.0
         value = request.guidance_scale
         low, high = self.limits.min_guidance_scale, self.limits.max_guidance_scale
         if not math.isfinite(value) or not low <= value <= high:

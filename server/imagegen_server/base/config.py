@@ -9,28 +9,32 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import yaml
 from PIL import Image
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     CliSettingsSource,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
 
+from .variants import PRESET_DEFAULT_STEPS, VariantConfig, default_variant, variant_problems
+
 MAX_INT64 = 2**63 - 1
 MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's message length is a signed 32-bit int
-LIGHTNING_DEFAULT_STEPS = 8
+LIGHTNING_DEFAULT_STEPS = PRESET_DEFAULT_STEPS["lightning"]
 # The lowest image-to-image strength: a round bound well above where strength x steps rounds to
 # no step at all (about 1e-16, types.strength_steps).
 MIN_STRENGTH = 1e-6
 # QwenImagePipeline's max_sequence_length: the most text tokens it encodes, so the most a prompt
 # or negative prompt may have.
 MAX_TEXT_TOKENS = 512
-BASE_DEFAULT_STEPS = 30
+BASE_DEFAULT_STEPS = PRESET_DEFAULT_STEPS["default"]
 
 
 class Settings(BaseSettings):
@@ -59,6 +63,14 @@ class Settings(BaseSettings):
     )
     preload_adapters: list[str] = Field(
         default_factory=list, description="adapter names loaded at start-up"
+    )
+    # NoDecode: a flag or variable is YAML text (JSON is YAML too), read by _variants_yaml.
+    variants: Annotated[list[VariantConfig], NoDecode] = Field(
+        default_factory=list,
+        description="named variants a request picks (GenerateRequest.variant), a YAML list: "
+        "name, loras (FILE or FILE@SCALE, or {file, scale}; FILE a path or an adapter name), "
+        "scheduler_preset, default_steps, default_guidance_scale, min_steps, max_steps, default"
+        " (the first entry unless one sets default: true); see README, Variants",
     )
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = torch's default")
     compile: Literal["off", "buckets", "dynamic"] = Field(
@@ -239,9 +251,20 @@ class Settings(BaseSettings):
         0, ge=0, description="TESTING ONLY: transformer calls above this many rows raise OOM"
     )
 
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _variants_yaml(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return yaml.safe_load(value) or []
+            except yaml.YAMLError as error:
+                raise ValueError(f"not a YAML list: {error}") from error
+        return value
+
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
         problems = self._size_problems() + self._range_problems() + self._tls_problems()
+        problems += self._variant_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -261,7 +284,7 @@ class Settings(BaseSettings):
 
     def _range_problems(self) -> list[str]:
         problems = []
-        if self.resolved_default_steps > self.max_steps:
+        if not self.variants and self.resolved_default_steps > self.max_steps:
             problems.append(f"default steps ({self.resolved_default_steps}) > max_steps")
         if self.max_num_images > self.max_batch_size:
             problems.append(
@@ -300,8 +323,29 @@ class Settings(BaseSettings):
             problems.append("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         return problems
 
+    def _variant_problems(self) -> list[str]:
+        if not self.variants:
+            return []
+        problems = variant_problems(
+            self.variants,
+            self.max_steps,
+            (self.min_guidance_scale, self.max_guidance_scale),
+            self.adapter_dir,
+        )
+        # Each of these would apply to every variant's rows at once: a variant says it itself.
+        if self.lora:
+            problems.append("lora applies to every row: with variants, give each variant loras")
+        if self.scheduler_preset != "default":
+            problems.append("scheduler_preset: with variants, each variant sets its own")
+        if self.default_steps is not None:
+            problems.append("default_steps: with variants, each variant sets its own")
+        return problems
+
     @property
     def resolved_default_steps(self) -> int:
+        variant = default_variant(self.variants)
+        if variant is not None:
+            return variant.resolved_default_steps
         if self.default_steps is not None:
             return self.default_steps
         if self.scheduler_preset == "lightning":

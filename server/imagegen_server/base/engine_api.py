@@ -50,6 +50,7 @@ class StepResult:
     finished: list[FinishedRequest]
     stage_seconds: dict[str, float]  # denoise_step / vae_decode / preview
     adapter_rows: dict[str, int] = field(default_factory=dict)  # rows that used each adapter
+    variant_rows: dict[str, int] = field(default_factory=dict)  # rows that ran as each variant
     failed: list[str] = field(default_factory=list)  # requests lost to a model error
     out_of_memory_rows: int | None = None  # after out-of-memory: the largest call that fit
 

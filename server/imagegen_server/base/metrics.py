@@ -1,9 +1,9 @@
 """Every Prometheus metric the server exports, declared in one place (names prefixed `imagegen_`).
 
 Groups follow the request's path: `*_request_*` (per RPC), `*_queue_*`/`pending` (admission),
-`*_batch_*`/`stage` (engine), `prompt_cache`, `adapter`. Values are updated at step and request
-boundaries, never per pixel. Each server owns its registry (no global state), so tests can run
-several servers in one process.
+`*_batch_*`/`stage` (engine), `prompt_cache`, `adapter`, `variant`. Values are updated at step
+and request boundaries, never per pixel. Each server owns its registry (no global state), so
+tests can run several servers in one process.
 """
 
 from __future__ import annotations
@@ -115,6 +115,26 @@ class Metrics:
             "Seconds the start-up memory probe took (0 when off or not on CUDA)",
             registry=registry,
         )
+        # By variant: the configured names only (validation refuses any other), so the label's
+        # values are bounded by the configuration, never by what clients send.
+        self.variant_requests = Counter(
+            "imagegen_variant_requests",
+            "Generation requests accepted into the queue, by the variant they run as",
+            ["variant"],
+            registry=registry,
+        )
+        self.variant_images = Counter(
+            "imagegen_variant_images",
+            "Images returned to clients, by the variant they ran as",
+            ["variant"],
+            registry=registry,
+        )
+        self.variant_rows = Counter(
+            "imagegen_variant_rows",
+            "Rows stepped as each variant (rate / steps = rows per variant per step)",
+            ["variant"],
+            registry=registry,
+        )
         self.compile_seconds = Gauge(
             "imagegen_compile_seconds",
             "Seconds torch.compile took at start-up (0 when off)",
@@ -134,6 +154,12 @@ class Metrics:
         self.ready = Gauge(
             "imagegen_ready", "1 while the server reports SERVING, else 0", registry=registry
         )
+
+    def add_variants(self, names: list[str]) -> None:
+        """Exports every configured variant's series from the start, at 0."""
+        for name in names:
+            for counter in (self.variant_requests, self.variant_images, self.variant_rows):
+                counter.labels(variant=name)
 
     def serve(self, host: str, port: int) -> int:
         """Starts the /metrics HTTP endpoint in a daemon thread; returns the bound port."""

@@ -111,6 +111,7 @@ class GenerationParams:
     preview_every_n_steps: int = 0  # 0 = no previews
     init_image: InitImage | None = None
     schedule_steps: int = 0  # length of the full schedule img2img starts into; 0 = steps
+    variant: str = ""  # the variant it runs as (base.variants); "" = the server has none
 
     @property
     def cfg(self) -> bool:

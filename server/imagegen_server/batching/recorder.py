@@ -31,10 +31,13 @@ class Recorder:
             self.step_seconds += STEP_TIME_SMOOTHING * (step_s - self.step_seconds)
 
     def step(self, result: StepResult, prompt_stats: PromptCacheStats) -> None:
-        """A serving step: its stages, rows, adapters and the prompt cache since the last."""
+        """A serving step: its stages, rows, adapters, variants and the prompt cache since the
+        last."""
         self.stages(result.stage_seconds)
         for name, rows in result.adapter_rows.items():
             self._metrics.adapter_rows.labels(adapter=name).inc(rows)
+        for name, rows in result.variant_rows.items():
+            self._metrics.variant_rows.labels(variant=name).inc(rows)
         self._metrics.batch_size.observe(result.batch_size)
         self._metrics.deferred_rows.inc(result.deferred_rows)
         seen = self._prompt_stats_seen

@@ -16,13 +16,14 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ..base.engine_api import EngineRequest
-from ..base.types import GenerationParams
+from ..base.types import AdapterSpec, GenerationParams
 from .batch import Batch, chunks
 from .denoise import Row
 from .init_image import InitImageEncoder, InpaintState
 from .model import LoadedModel
 from .prompts import PromptEncoder
-from .sampling import ScheduleTable, SigmaSchedule, initial_noise
+from .sampling import SigmaSchedule, initial_noise
+from .variants import VariantTable
 
 # Images one VAE call of a kind ("encode", "decode") takes at a width and height; None: all.
 VaeRows = Callable[[str, int, int], int | None]
@@ -49,13 +50,13 @@ class Admission:
         self,
         model: LoadedModel,
         prompts: PromptEncoder,
-        schedules: ScheduleTable,
+        variants: VariantTable,
         init_images: InitImageEncoder,
         vae_rows: VaeRows,
     ) -> None:
         self._model = model
         self._prompts = prompts
-        self._schedules = schedules
+        self._variants = variants  # each variant's schedules and LoRAs
         self._init_images = init_images
         self._vae_rows = vae_rows  # the memory probe's limit on one VAE call
 
@@ -81,17 +82,18 @@ class Admission:
     def start_rows(self, prepared: PreparedRequest, batch: Batch) -> None:
         """Appends one row per image of the request to `batch`, at its starting latents."""
         params = prepared.params
-        full_schedule = self._schedules.get(
+        full_schedule = self._variants.schedules(params.variant).get(
             params.schedule_steps or params.steps, batch.shape.seq_len
         )
         schedule = full_schedule.tail(params.steps)  # image-to-image starts part way
+        variant_loras = self._variants.loras(params.variant)
         rows: list[Row] = []
         starts: list[torch.Tensor] = []
         for index in range(params.num_images):
             seed = params.seed + index
             latents, inpaint = self._start_latents(prepared, seed, batch, schedule)
             starts.append(latents)
-            rows.append(_row(prepared, index, seed, schedule, inpaint))
+            rows.append(_row(prepared, index, seed, schedule, inpaint, variant_loras))
         batch.append(rows, starts)
 
     def _encode_init_images(
@@ -135,6 +137,7 @@ def _row(
     seed: int,
     schedule: SigmaSchedule,
     inpaint: InpaintState | None,
+    variant_loras: tuple[AdapterSpec, ...],
 ) -> Row:
     params = prepared.params
     return Row(
@@ -149,4 +152,6 @@ def _row(
         preview_every=params.preview_every_n_steps,
         float_output=params.output_format.is_float,
         inpaint=inpaint,
+        variant=params.variant,
+        variant_loras=variant_loras,
     )

@@ -66,6 +66,15 @@ def count_adapter_rows(rows: list[Row]) -> dict[str, int]:
     return counts
 
 
+def count_variant_rows(rows: list[Row]) -> dict[str, int]:
+    """How many of `rows` run as each variant (none on a server without variants)."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row.variant:
+            counts[row.variant] = counts.get(row.variant, 0) + 1
+    return counts
+
+
 def chunks(items: list[T], size: int | None) -> Iterator[list[T]]:
     """`items` in consecutive pieces of at most `size` (None: all in one)."""
     step = size or len(items)

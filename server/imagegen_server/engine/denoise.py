@@ -36,6 +36,8 @@ class Row:
     float_output: bool  # decode to float32 (NPY) instead of uint8
     inpaint: InpaintState | None = None  # inpainting: keeps the unmasked region
     step: int = 0  # index of the next step in `schedule`
+    variant: str = ""  # the variant it runs as ("" = a server without variants)
+    variant_loras: tuple[AdapterSpec, ...] = ()  # its variant's LoRAs, applied before `adapters`
 
     @property
     def done(self) -> bool:
@@ -159,7 +161,7 @@ class Denoiser:
         # As QwenImagePipeline: the timestep is cast to the latents' dtype, then scaled to [0, 1].
         timesteps = scalars.timesteps.to(latents.dtype) / 1000
         hidden = latents
-        row_adapters = [row.adapters for row in rows]
+        row_adapters = [row.variant_loras + row.adapters for row in rows]
         if cfg:
             hidden, timesteps = torch.cat([hidden, hidden]), torch.cat([timesteps, timesteps])
             row_adapters += row_adapters  # the unconditional half uses the same adapters

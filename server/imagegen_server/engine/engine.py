@@ -43,7 +43,7 @@ from ..base.engine_api import (
 from ..base.types import BatchKey, GeneratedImage, GenerationParams, Preview
 from .acceleration import TransformerRunner
 from .admission import Admission
-from .batch import Batch, chunks, count_adapter_rows
+from .batch import Batch, chunks, count_adapter_rows, count_variant_rows
 from .decode import Decoder
 from .denoise import Advance, Denoiser, FaultInjection, Row, text_inputs
 from .init_image import InitImageEncoder
@@ -52,6 +52,7 @@ from .memory import MemoryBudget
 from .model import LoadedModel
 from .prompts import PromptEncoder
 from .sampling import LatentShape, ScheduleTable
+from .variants import VariantTable
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class Engine:
             pipeline, prompt_cache_size, max(max_prompt_tokens, max_negative_prompt_tokens or 0)
         )
         self._schedules = ScheduleTable(model.scheduler_config)
+        self.variants = VariantTable(self._schedules)  # filled at start-up (`startup`)
         self._batches: dict[Hashable, Batch] = {}
         self.adapters = LoraBank(pipeline.transformer)
         self.runner = runner or TransformerRunner.build(pipeline.transformer, "off", ())
@@ -99,7 +101,7 @@ class Engine:
             pipeline, model.device, model.dtype, vae_tiling_min_pixels
         )
         self._admission = Admission(
-            model, self._prompts, self._schedules, self.init_images, self._rows_per_vae_call
+            model, self._prompts, self.variants, self.init_images, self._rows_per_vae_call
         )
         self._vae_budget: tuple[MemoryBudget, int] | None = None  # None: all at once
 
@@ -259,6 +261,7 @@ class Engine:
     ) -> StepResult:
         """Applies `advance` to `batch` and reports the step: the surviving rows take their new
         latents and previews, finished rows decode, then finished and failed rows leave."""
+        stepping = [batch.rows[position] for position in selected]
         result = StepResult(
             key=batch.key,
             batch_size=len(selected),
@@ -266,7 +269,8 @@ class Engine:
             progress=[],
             finished=[],
             stage_seconds={"denoise_step": denoise_seconds},
-            adapter_rows=count_adapter_rows([batch.rows[position] for position in selected]),
+            adapter_rows=count_adapter_rows(stepping),
+            variant_rows=count_variant_rows(stepping),
             out_of_memory_rows=advance.largest_call if advance.out_of_memory else None,
         )
         failed = {batch.rows[position].request_id for position in advance.failed}

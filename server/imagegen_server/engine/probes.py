@@ -107,7 +107,8 @@ def free_device_bytes(engine: Engine) -> int:
 @torch.inference_mode()
 def peak_step_bytes(engine: Engine, width: int, height: int, rows: int) -> int:
     """CUDA memory a denoising call of `rows` rows with the longest text (prompt or negative)
-    takes above what is allocated now.
+    takes above what is allocated now, every row carrying every variant's LoRAs (their deltas'
+    activations count).
 
     Raises:
         memory.OutOfMemory: the call does not fit.
@@ -116,7 +117,8 @@ def peak_step_bytes(engine: Engine, width: int, height: int, rows: int) -> int:
     shape = engine.latent_shape(width, height)
     dim = model.pipeline.transformer.config.joint_attention_dim
     text = engine.max_text_tokens
-    with _peak_memory(model.device) as peak:
+    loras = engine.variants.all_loras()
+    with _peak_memory(model.device) as peak, engine.adapters.applied([loras] * rows):
         engine.runner(
             _zero_latents(engine, width, height, rows),
             torch.full((rows,), 0.5, dtype=model.dtype, device=model.device),

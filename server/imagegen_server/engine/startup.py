@@ -16,6 +16,7 @@ from ..base.config import Settings
 from ..base.limits import RequestLimits
 from ..base.metrics import Metrics
 from ..base.types import BatchKey, ModelDescription
+from ..base.variants import Variant
 from .acceleration import TransformerRunner, configure_device
 from .denoise import FaultInjection
 from .engine import Engine
@@ -38,6 +39,7 @@ class EngineSetup:
     preloaded_parameters: int = 0  # adapter parameters resident after the preloads
     memory: MemoryBudget | None = None  # None off CUDA or with the probe off
     probed: list[tuple[int, int, int]] = field(default_factory=list)  # width, height, max rows
+    variants: list[Variant] = field(default_factory=list)  # `variants`, loaded; empty = none
 
 
 def build_engine(
@@ -52,10 +54,19 @@ def build_engine(
     model = _load_onto_device(settings)
     metrics.load_seconds.set(time.perf_counter() - started)
     engine = _new_engine(settings, model)
-    if settings.compile != "off" and (settings.adapter_dir or settings.preload_adapters):
+    # Before compiling: the variants' LoRAs wrap the layers they target.
+    variants = engine.variants.load(
+        settings.variants,
+        settings.adapter_dir,
+        engine.adapters,
+        engine.latent_shape(settings.default_width, settings.default_height).seq_len,
+        settings.max_steps,
+    )
+    takes_adapters = settings.adapter_dir or settings.preload_adapters
+    if settings.compile != "off" and (takes_adapters or any(v.loras for v in settings.variants)):
         engine.adapters.wrap_all()  # before compiling: loading adapters then changes no module
     metrics.compile_seconds.set(precompile(engine, settings.default_width, settings.default_height))
-    setup = _describe(settings, engine)
+    setup = _describe(settings, engine, variants)
     for name in settings.preload_adapters:
         file = adapters.describe(name)
         setup.preloaded_parameters = engine.adapters.load(name, file.path)
@@ -116,14 +127,19 @@ def _new_engine(settings: Settings, model: LoadedModel) -> Engine:
     )
 
 
-def _describe(settings: Settings, engine: Engine) -> EngineSetup:
-    """The setup's model facts and request limits.
+def _describe(settings: Settings, engine: Engine, variants: list[Variant]) -> EngineSetup:
+    """The setup's model facts and request limits; with variants, the steps a request may
+    take are the widest of their ranges, and the scheduler preset is the default variant's.
 
     Raises:
         ValueError: a limit does not suit this model (the message names the setting).
     """
     model = engine.model
     min_steps = engine.min_steps(settings.default_width, settings.default_height)
+    preset: str = settings.scheduler_preset
+    if variants:
+        min_steps = min(variant.min_steps for variant in variants)
+        preset = next(variant for variant in variants if variant.is_default).scheduler_preset
     return EngineSetup(
         engine=engine,
         limits=RequestLimits.from_settings(settings, model.size_multiple, min_steps),
@@ -132,9 +148,10 @@ def _describe(settings: Settings, engine: Engine) -> EngineSetup:
             name=settings.model,
             device=str(model.device),
             dtype=str(model.dtype).removeprefix("torch."),
-            scheduler_preset=settings.scheduler_preset,
+            scheduler_preset=preset,
             fused_adapters=tuple(model.fused_loras),
         ),
+        variants=variants,
     )
 
 
