@@ -54,6 +54,7 @@ HPA_METRIC = "imagegen_pending_requests"
 
 # Label values the server uses, for the labels that PromQL in deploy/ matches on.
 LABEL_VALUES = {
+    "protocol": {"grpc", "http"},
     "rpc": {
         "Generate",
         "StreamProgress",

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import io
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -241,3 +243,18 @@ def test_the_drain_finishes_http_requests_in_flight_and_refuses_new_ones(
     assert len(results) == 1 and results[0].data is not None and len(results[0].data) == 1
     with pytest.raises(openai.APIConnectionError):
         sdk(server).models.list()
+
+
+@pytest.mark.parametrize("stream,rpc", [(False, "Generate"), (True, "StreamProgress")])
+def test_a_client_that_disconnects_drops_its_queued_request(
+    server_factory: Any, stream: bool, rpc: str
+) -> None:
+    server = server_factory(http_port=0, step_budget=0)  # held: the request stays queued
+    connection = http.client.HTTPConnection("127.0.0.1", server.server.http_port)
+    body = json.dumps({"prompt": PROMPT, "stream": stream})
+    connection.request("POST", "/v1/images/generations", body, {"Content-Type": "application/json"})
+    wait_until(lambda: server.metrics()["imagegen_pending_requests"] == 1, "the request queued")
+    connection.close()
+    cancelled = f'imagegen_requests_total{{code="CANCELLED",protocol="http",rpc="{rpc}"}}'
+    wait_until(lambda: server.metrics().get(cancelled) == 1, "the request counted CANCELLED")
+    assert server.metrics()["imagegen_pending_requests"] == 0  # it left the queue
