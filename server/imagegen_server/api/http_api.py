@@ -104,7 +104,7 @@ class HttpApi:
             parsed = self._images_request(request, parse_json_body(await self._body(request)))
             return await self._run(request, parsed, "image_generation")
 
-        return await self._answered(request, GENERATE, answer)
+        return await self._answered(GENERATE, answer)
 
     async def _edits(self, request: Request) -> Response:
         async def answer() -> Response:
@@ -112,7 +112,7 @@ class HttpApi:
             body = await self._body(request)
             return await self._run(request, await self._edit_request(request, body), "image_edit")
 
-        return await self._answered(request, GENERATE, answer)
+        return await self._answered(GENERATE, answer)
 
     async def _models(self, request: Request) -> Response:
         async def answer() -> Response:
@@ -128,7 +128,7 @@ class HttpApi:
             }
             return JSONResponse({"object": "list", "data": [entry]})
 
-        return await self._answered(request, SERVER_INFO, answer)
+        return await self._answered(SERVER_INFO, answer)
 
     async def _cancel_request(self, request: Request) -> Response:
         """Cancel by id (our extension): where CancelGeneration is served, this calls it with
@@ -138,33 +138,30 @@ class HttpApi:
             self._check_caller(request, CANCEL)
             return unimplemented_response("cancel by id is not served yet")
 
-        return await self._answered(request, CANCEL, answer)
+        return await self._answered(CANCEL, answer)
 
     # --- the request's path ---
 
-    async def _answered(
-        self, request: Request, rpc: str, answer: Callable[[], Awaitable[Response]]
-    ) -> Response:
+    async def _answered(self, rpc: str, answer: Callable[[], Awaitable[Response]]) -> Response:
         """Maps what `answer` raises to OpenAI's error body and counts the request; a stream
         counts itself when it ends."""
         started = time.perf_counter()
-        code = "OK"
         try:
-            return await answer()
+            response = await answer()
         except ImageGenError as error:
-            code = error.status.name
-            return error_response(error)
+            response, code = error_response(error), error.status.name
         except (ClientGone, ClientDisconnect):
-            code = Status.CANCELLED.name
-            return Response(status_code=499)  # nobody reads it
+            response, code = Response(status_code=499), Status.CANCELLED.name  # nobody reads it
         except Exception as error:
-            code = Status.INTERNAL.name
             log.error("unhandled error in HTTP request", exc_info=error)
-            return error_response(InternalError("internal error; see the server log"))
-        finally:
-            streaming = code == "OK" and request.scope.get("imagegen.streaming", False)
-            if not streaming:
-                self._metrics.count_request("http", rpc, code, time.perf_counter() - started)
+            response = error_response(InternalError("internal error; see the server log"))
+            code = Status.INTERNAL.name
+        else:
+            if isinstance(response, EventStream):
+                return response
+            code = "OK"
+        self._metrics.count_request("http", rpc, code, time.perf_counter() - started)
+        return response
 
     def _check_caller(self, request: Request, rpc: str) -> None:
         """The gRPC guard, with the RPC this route is served as: the same tokens, roles and
@@ -208,23 +205,16 @@ class HttpApi:
 
         form = await Request(request.scope, replay).form()
         texts = {name: value for name, value in form.multi_items() if isinstance(value, str)}
-        parsed = self._images_request(
-            request,
-            form_fields(
-                {
-                    name: value
-                    for name, value in texts.items()
-                    if name not in (*IMAGE_FIELDS, "mask")
-                }
-            ),
-        )
+        for name in (*IMAGE_FIELDS, "mask"):
+            if texts.pop(name, None) is not None:
+                raise InvalidArgument(name, "expected a file upload, got a text field")
+        parsed = self._images_request(request, form_fields(texts))
         images = [
             await value.read()
             for name, value in form.multi_items()
             if name in IMAGE_FIELDS and isinstance(value, UploadFile)
         ]
-        mask_file = form.get("mask")
-        await self._attach_images(parsed.message, images, mask_file)
+        await self._attach_images(parsed.message, images, form.get("mask"))
         return parsed
 
     async def _attach_images(
@@ -255,7 +245,6 @@ class HttpApi:
         server-sent events while it runs."""
         params = await self._service.validate(parsed.message, streaming=parsed.stream)
         if parsed.stream:
-            request.scope["imagegen.streaming"] = True
             params = with_partial_images(params, parsed.partial_images)
             return EventStream(self._events(params, parsed, kind), media_type="text/event-stream")
         response = await until_disconnected(request.receive, self._service.generate(params, None))

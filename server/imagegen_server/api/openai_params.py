@@ -161,6 +161,8 @@ def openai_mask(data: bytes, max_pixels: int) -> bytes:
         InvalidArgument: naming `mask`.
     """
     image = decode_image(data, "mask", max_pixels)
+    if "transparency" in image.info:  # a palette or greyscale PNG with a transparent colour
+        image = image.convert("RGBA")
     if "A" not in image.getbands():
         return data
     alpha = image.getchannel("A")
