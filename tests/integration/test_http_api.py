@@ -8,6 +8,7 @@ import base64
 import http.client
 import io
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -17,10 +18,13 @@ from typing import Any
 import numpy as np
 import openai
 import pytest
+import test_security
 from imagegen_client import OutputFormat
 from PIL import Image
 from support import EVENT_TIMEOUT_S, StreamWatcher
+from test_security import Pki
 
+pki = test_security.pki  # the certificates of the gRPC TLS tests, for the HTTP port's
 CLIENT_TOKEN = "client-token-0123456789"
 PROMPT = "a lighthouse at dusk"
 # What each comparison asks for, in each protocol's words.
@@ -258,3 +262,28 @@ def test_a_client_that_disconnects_drops_its_queued_request(
     cancelled = f'imagegen_requests_total{{code="CANCELLED",protocol="http",rpc="{rpc}"}}'
     wait_until(lambda: server.metrics().get(cancelled) == 1, "the request counted CANCELLED")
     assert server.metrics()["imagegen_pending_requests"] == 0  # it left the queue
+
+
+def test_the_http_port_serves_the_grpc_ports_mutual_tls(server_factory: Any, pki: Pki) -> None:
+    server = server_factory(
+        http_port=0,
+        tls_cert_file=str(pki.server_cert),
+        tls_key_file=str(pki.server_key),
+        tls_client_ca_file=str(pki.ca),
+    )
+
+    def https(cert: Path | None) -> openai.OpenAI:
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        if cert is not None:
+            context.load_cert_chain(str(cert), str(cert.with_suffix(".key")))
+        return openai.OpenAI(
+            base_url=f"https://localhost:{server.server.http_port}/v1",
+            api_key="unused",
+            max_retries=0,
+            http_client=openai.DefaultHttpx2Client(verify=context),
+        )
+
+    assert https(pki.client_cert).models.list().data[0].object == "model"
+    for refused in (https(None), https(pki.stranger_cert), sdk(server)):  # sdk: plaintext
+        with pytest.raises(openai.APIConnectionError):
+            refused.models.list()
