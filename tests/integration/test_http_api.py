@@ -22,10 +22,10 @@ import test_security
 from imagegen_client import OutputFormat
 from PIL import Image
 from support import EVENT_TIMEOUT_S, StreamWatcher
-from test_security import Pki
+from test_security import CLIENT_TOKEN, Pki
 
-pki = test_security.pki  # the certificates of the gRPC TLS tests, for the HTTP port's
-CLIENT_TOKEN = "client-token-0123456789"
+# The gRPC security tests' tokens and certificates serve the HTTP port here.
+pki, tokens = test_security.pki, test_security.tokens
 PROMPT = "a lighthouse at dusk"
 # What each comparison asks for, in each protocol's words.
 HTTP_OPTIONS: dict[str, Any] = {"size": "64x64", "output_format": "png"}
@@ -37,13 +37,6 @@ GRPC_OPTIONS: dict[str, Any] = {
     "seed": 7,
     "output_format": OutputFormat.PNG,
 }
-
-
-@pytest.fixture(scope="module")
-def tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("http-auth") / "tokens"
-    path.write_text(f"client:{CLIENT_TOKEN}\n")
-    return path
 
 
 @pytest.fixture(scope="module")
