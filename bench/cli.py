@@ -3,6 +3,7 @@
     python -m bench batching          # `make bench`: the engine's limit against three servers
     python -m bench adapters          # `make bench-adapters`: per-request LoRA adapters
     python -m bench mfu               # `make bench-mfu`: the engine against the hardware peak
+    python -m bench http              # light load: HTTP against gRPC and the engine alone
     python -m bench simulate          # the real scheduler on simulated cost curves (seconds)
     python -m bench COMMAND --help    # a command's options
 
@@ -46,6 +47,10 @@ COMMANDS = {
         "the engine against the device's matmul peak, by batch and compile setting "
         "(make bench-mfu)",
         "bench-mfu",
+    ),
+    "http": Command(
+        "bench.http_latency",
+        "light load over HTTP against gRPC and the engine alone (what HTTP and base64 cost)",
     ),
     "simulate": Command(
         "bench.simulate", "the server's scheduler on simulated cost curves (seconds, no torch)"
