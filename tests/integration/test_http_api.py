@@ -280,3 +280,18 @@ def test_the_http_port_serves_the_grpc_ports_mutual_tls(server_factory: Any, pki
     for refused in (https(None), https(pki.stranger_cert), sdk(server)):  # sdk: plaintext
         with pytest.raises(openai.APIConnectionError):
             refused.models.list()
+
+
+def test_unknown_routes_and_cancel_by_id_answer_in_openai_error_bodies(http_server: Any) -> None:
+    port = http_server.server.http_port
+    for method, path, status, code in (
+        ("GET", "/v1/images/variations", 404, "unknown_route"),
+        ("GET", "/v1/images/generations", 405, "unknown_route"),
+        ("DELETE", "/v1/requests/some-id", 501, "unimplemented"),
+    ):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=EVENT_TIMEOUT_S)
+        connection.request(method, path, headers={"Authorization": f"Bearer {CLIENT_TOKEN}"})
+        response = connection.getresponse()
+        body = json.loads(response.read())
+        connection.close()
+        assert (response.status, body["error"]["code"]) == (status, code), (path, body)

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from imagegen.v1 import imagegen_pb2 as pb
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -45,8 +46,8 @@ from .openai_bodies import (
     error_response,
     images_body,
     partial_event,
+    plain_error,
     server_sent,
-    unimplemented_response,
 )
 from .openai_params import (
     OpenAIRequest,
@@ -93,7 +94,8 @@ class HttpApi:
                 Route("/v1/images/edits", self._edits, methods=["POST"]),
                 Route("/v1/models", self._models, methods=["GET"]),
                 Route("/v1/requests/{request_id}", self._cancel_request, methods=["DELETE"]),
-            ]
+            ],
+            exception_handlers={404: _no_such_route, 405: _no_such_route},
         )
 
     # --- routes ---
@@ -136,7 +138,7 @@ class HttpApi:
 
         async def answer() -> Response:
             self._check_caller(request, CANCEL)
-            return unimplemented_response("cancel by id is not served yet")
+            return plain_error(501, "cancel by id is not served yet", "unimplemented")
 
         return await self._answered(CANCEL, answer)
 
@@ -280,6 +282,13 @@ class HttpApi:
             yield server_sent("error", error_body(InternalError("internal error; see the log")))
         finally:
             self._metrics.count_request("http", STREAM, code, time.perf_counter() - started)
+
+
+async def _no_such_route(request: Request, error: Exception) -> Response:
+    """Starlette's 404 and 405, in OpenAI's error body."""
+    status = error.status_code if isinstance(error, HTTPException) else 404
+    message = f"{request.method} {request.url.path}: no such route (see /v1/models, /v1/images/*)"
+    return plain_error(status, message, "unknown_route")
 
 
 class EventStream(StreamingResponse):

@@ -20,6 +20,7 @@ ERROR_TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
@@ -72,10 +73,18 @@ def error_response(error: ImageGenError) -> JSONResponse:
     return JSONResponse(error_body(error), status_code=error.http_status, headers=headers)
 
 
-def unimplemented_response(message: str) -> JSONResponse:
-    """501, for a route declared before what it serves (gRPC's UNIMPLEMENTED)."""
-    error = {"message": message, "type": "server_error", "param": None, "code": "unimplemented"}
-    return JSONResponse({"error": error}, status_code=501)
+def plain_error(status: int, message: str, code: str) -> JSONResponse:
+    """An error that no typed error stands for: an unknown route (404), a wrong method (405),
+    a route declared before what it serves (501, gRPC's UNIMPLEMENTED)."""
+    error = {
+        "message": message,
+        "type": ERROR_TYPES.get(
+            status, "server_error" if status >= 500 else "invalid_request_error"
+        ),
+        "param": None,
+        "code": code,
+    }
+    return JSONResponse({"error": error}, status_code=status)
 
 
 def server_sent(event: str, data: dict[str, Any]) -> bytes:

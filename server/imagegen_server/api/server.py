@@ -207,10 +207,13 @@ class ImageGenServer:
 
     async def stop_now(self) -> None:
         self.metrics.ready.set(0)
-        await asyncio.gather(self._grpc.stop(grace=0), self._stop_http(graceful=False))
+        await self._grpc.stop(grace=0)
         if self._health_grpc is not None:
             await self._health_grpc.stop(grace=0)
         self._batcher.stop(timeout_s=0.5)
+        # After the batcher: it has answered every waiting HTTP request, whose connections then
+        # finish instead of holding the listener open.
+        await self._stop_http(graceful=False)
         self._codec_pool.shutdown(wait=False)
 
     async def _stop_http(self, graceful: bool) -> None:
