@@ -144,6 +144,22 @@ def test_edit_with_an_image_and_a_mask_equals_grpc_inpainting(http_server: Any) 
     assert np.array_equal(
         decoded(result.data[0].b64_json), np.asarray(reference.images[0].to_pil())
     )
+    streamed = list(
+        sdk(http_server).images.edit(
+            image=("picture.png", png(picture), "image/png"),
+            mask=("mask.png", png(openai_mask), "image/png"),
+            prompt=PROMPT,
+            stream=True,
+            partial_images=1,
+            extra_body={**EXTRA, "strength": 0.75},
+            **HTTP_OPTIONS,
+        )
+    )
+    assert [event.type for event in streamed] == [
+        "image_edit.partial_image",
+        "image_edit.completed",
+    ]
+    assert np.array_equal(decoded(streamed[-1].b64_json), decoded(result.data[0].b64_json))
 
 
 @pytest.mark.parametrize(
@@ -295,3 +311,32 @@ def test_unknown_routes_and_cancel_by_id_answer_in_openai_error_bodies(http_serv
         body = json.loads(response.read())
         connection.close()
         assert (response.status, body["error"]["code"]) == (status, code), (path, body)
+
+
+def test_a_request_that_breaks_the_model_fails_alone_in_an_error_event(
+    server_factory: Any,
+) -> None:
+    server = server_factory(http_port=0, fault_injection_request_marker="poison")
+    poisoned = {"X-Request-Id": "poison-1"}
+    with pytest.raises(openai.APIError) as failure:
+        list(
+            sdk(server).images.generate(
+                prompt=PROMPT, stream=True, partial_images=1, extra_headers=poisoned
+            )
+        )
+    assert failure.value.body == {
+        "message": "generation failed; see the server log",
+        "type": "server_error",
+        "param": None,
+        "code": "internal",
+    }
+    with pytest.raises(openai.InternalServerError) as unary:
+        sdk(server).images.generate(prompt=PROMPT, extra_headers=poisoned)
+    assert unary.value.status_code == 500
+    answered = sdk(server).images.with_raw_response.generate(
+        prompt=PROMPT, extra_headers={"X-Request-Id": "fine-2"}
+    )
+    assert answered.headers["x-request-id"] == "fine-2"
+    metrics = server.metrics()
+    assert metrics['imagegen_requests_total{code="INTERNAL",protocol="http",rpc="StreamProgress"}']
+    assert metrics['imagegen_requests_total{code="INTERNAL",protocol="http",rpc="Generate"}']

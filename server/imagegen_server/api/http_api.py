@@ -64,7 +64,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 GENERATE, STREAM, SERVER_INFO = "Generate", "StreamProgress", "GetServerInfo"
 CANCEL = "CancelGeneration"
-IMAGE_FIELDS = ("image", "image[]")  # one image, or the openai SDK's list of them
+IMAGE_FIELDS = ("image", "image[]")
+# The request's correlation id (gRPC's request_id): taken from the request, else made; sent back.
+REQUEST_ID_HEADER = "X-Request-Id"  # one image, or the openai SDK's list of them
 
 
 class ClientGone(Exception):
@@ -195,6 +197,7 @@ class HttpApi:
         if model is None or limits is None:
             raise EngineUnavailable("model loading; retry shortly")
         parsed = images_request(fields, model.name, limits)
+        parsed.message.request_id = request.headers.get("x-request-id", "")
         parsed.message.idempotency_key = idempotency_key(request)
         return parsed
 
@@ -248,9 +251,15 @@ class HttpApi:
         params = await self._service.validate(parsed.message, streaming=parsed.stream)
         if parsed.stream:
             params = with_partial_images(params, parsed.partial_images)
-            return EventStream(self._events(params, parsed, kind), media_type="text/event-stream")
+            return EventStream(
+                self._events(params, parsed, kind),
+                media_type="text/event-stream",
+                headers={REQUEST_ID_HEADER: params.request_id},
+            )
         response = await until_disconnected(request.receive, self._service.generate(params, None))
-        return JSONResponse(images_body(response, parsed))
+        return JSONResponse(
+            images_body(response, parsed), headers={REQUEST_ID_HEADER: params.request_id}
+        )
 
     async def _events(
         self, params: GenerationParams, parsed: OpenAIRequest, kind: str
