@@ -116,8 +116,14 @@ def test_streaming_sends_partial_images_then_the_unary_image(http_server: Any) -
     unary = sdk(http_server).images.generate(prompt=PROMPT, extra_body=EXTRA, **HTTP_OPTIONS)
     assert unary.data is not None
     assert np.array_equal(decoded(events[-1].b64_json), decoded(unary.data[0].b64_json))
+    with pytest.raises(openai.BadRequestError):  # refused before it streams: still a stream
+        sdk(http_server).images.generate(prompt=PROMPT, stream=True, size="big")
     metrics = http_server.metrics()
     assert metrics['imagegen_requests_total{code="OK",protocol="http",rpc="StreamProgress"}'] >= 1
+    refused = (
+        'imagegen_requests_total{code="INVALID_ARGUMENT",protocol="http",rpc="StreamProgress"}'
+    )
+    assert metrics[refused] >= 1
 
 
 def test_edit_with_an_image_and_a_mask_equals_grpc_inpainting(http_server: Any) -> None:

@@ -39,7 +39,7 @@ from ..base.errors import (
 )
 from ..base.metrics import Metrics
 from ..base.types import GenerationParams
-from .auth import Guard
+from .auth import Caller, Guard
 from .openai_bodies import (
     completed_event,
     error_body,
@@ -64,9 +64,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 GENERATE, STREAM, SERVER_INFO = "Generate", "StreamProgress", "GetServerInfo"
 CANCEL = "CancelGeneration"
-IMAGE_FIELDS = ("image", "image[]")
+IMAGE_FIELDS = ("image", "image[]")  # one image, or the openai SDK's list of them
 # The request's correlation id (gRPC's request_id): taken from the request, else made; sent back.
-REQUEST_ID_HEADER = "X-Request-Id"  # one image, or the openai SDK's list of them
+REQUEST_ID_HEADER = "X-Request-Id"
 
 
 class ClientGone(Exception):
@@ -108,7 +108,7 @@ class HttpApi:
             parsed = self._images_request(request, parse_json_body(await self._body(request)))
             return await self._run(request, parsed, "image_generation")
 
-        return await self._answered(GENERATE, answer)
+        return await self._answered(request, GENERATE, answer)
 
     async def _edits(self, request: Request) -> Response:
         async def answer() -> Response:
@@ -116,7 +116,7 @@ class HttpApi:
             body = await self._body(request)
             return await self._run(request, await self._edit_request(request, body), "image_edit")
 
-        return await self._answered(GENERATE, answer)
+        return await self._answered(request, GENERATE, answer)
 
     async def _models(self, request: Request) -> Response:
         async def answer() -> Response:
@@ -132,7 +132,7 @@ class HttpApi:
             }
             return JSONResponse({"object": "list", "data": [entry]})
 
-        return await self._answered(SERVER_INFO, answer)
+        return await self._answered(request, SERVER_INFO, answer)
 
     async def _cancel_request(self, request: Request) -> Response:
         """Cancel by id (our extension): where CancelGeneration is served, this calls it with
@@ -142,13 +142,16 @@ class HttpApi:
             self._check_caller(request, CANCEL)
             return plain_error(501, "cancel by id is not served yet", "unimplemented")
 
-        return await self._answered(CANCEL, answer)
+        return await self._answered(request, CANCEL, answer)
 
     # --- the request's path ---
 
-    async def _answered(self, rpc: str, answer: Callable[[], Awaitable[Response]]) -> Response:
-        """Maps what `answer` raises to OpenAI's error body and counts the request; a stream
-        counts itself when it ends."""
+    async def _answered(
+        self, request: Request, rpc: str, answer: Callable[[], Awaitable[Response]]
+    ) -> Response:
+        """Maps what `answer` raises to OpenAI's error body and counts the request as `rpc`
+        (StreamProgress once its body asked for a stream); a stream counts itself when it
+        ends."""
         started = time.perf_counter()
         try:
             response = await answer()
@@ -164,18 +167,20 @@ class HttpApi:
             if isinstance(response, EventStream):
                 return response
             code = "OK"
+        rpc = getattr(request.state, "rpc", rpc)
         self._metrics.count_request("http", rpc, code, time.perf_counter() - started)
         return response
 
-    def _check_caller(self, request: Request, rpc: str) -> None:
+    def _check_caller(self, request: Request, rpc: str) -> Caller | None:
         """The gRPC guard, with the RPC this route is served as: the same tokens, roles and
-        rate buckets for both protocols."""
+        rate buckets for both protocols. Returns the caller (None without a guard): what
+        idempotency keys and cancel by id are scoped to."""
         if self._guard is None:
-            return
+            return None
         client = request.client
         peer = f"http:{client.host}:{client.port}" if client else "http:unknown:0"
         authorization = request.headers.get("authorization", "")
-        self._guard.check(f"{API_SERVICE}{rpc}", [("authorization", authorization)], peer)
+        return self._guard.check(f"{API_SERVICE}{rpc}", [("authorization", authorization)], peer)
 
     async def _body(self, request: Request) -> bytes:
         """The body, refused past max_request_bytes before it is read in full: at once when
@@ -193,6 +198,8 @@ class HttpApi:
         return b"".join(chunks)
 
     def _images_request(self, request: Request, fields: dict[str, Any]) -> OpenAIRequest:
+        if fields.get("stream") is True:  # counted as a stream even when refused
+            request.state.rpc = STREAM
         model, limits = self._service.model, self._service.limits
         if model is None or limits is None:
             raise EngineUnavailable("model loading; retry shortly")
