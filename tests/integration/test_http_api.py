@@ -215,6 +215,14 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(server_factory: Any) -> 
     assert failure.value.status_code == 413
     assert isinstance(failure.value.body, dict)
     assert failure.value.body["code"] == "resource_exhausted"
+    # Without a Content-Length (chunked), refused once the bytes received pass the limit.
+    connection = http.client.HTTPConnection("127.0.0.1", server.server.http_port)
+    chunks = (b'{"prompt": "' if i == 0 else b"x" * 1024 for i in range(8))
+    connection.request("POST", "/v1/images/generations", chunks, encode_chunked=True)
+    response = connection.getresponse()
+    assert response.status == 413
+    assert json.loads(response.read())["error"]["code"] == "resource_exhausted"
+    connection.close()
 
 
 def test_a_full_queue_is_503_and_a_rate_limit_429_with_retry_after(server_factory: Any) -> None:
