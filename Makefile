@@ -13,6 +13,7 @@ MODEL_DIR ?= .cache/tiny-model
 HOST ?= 127.0.0.1
 PORT ?= 50051
 METRICS_PORT ?= 9090
+HTTP_PORT ?= 8000
 PYTEST_ARGS ?=
 # Extra options for the benchmarks, e.g. BENCH_ARGS="--device cuda --resolution 1024x1024".
 BENCH_ARGS ?=
@@ -37,7 +38,7 @@ $(MODEL_DIR)/model_index.json: | install
 
 run: install $(MODEL_DIR)/model_index.json
 	$(BIN)/imagegen-server serve --model $(MODEL_DIR) --host $(HOST) --port $(PORT) \
-		--metrics-port $(METRICS_PORT)
+		--metrics-port $(METRICS_PORT) --http-port $(HTTP_PORT)
 
 tools:
 	scripts/install-tools.sh

@@ -4,6 +4,7 @@
     python -m bench adapters          # `make bench-adapters`: per-request LoRA adapters
     python -m bench variants          # `make bench-variants`: variants against fused servers
     python -m bench mfu               # `make bench-mfu`: the engine against the hardware peak
+    python -m bench http              # light load: HTTP against gRPC and the engine alone
     python -m bench simulate          # the real scheduler on simulated cost curves (seconds)
     python -m bench gpu-check STEP    # a step of `make gpu-check` (scripts/gpu-check.sh)
     python -m bench COMMAND --help    # a command's options
@@ -54,6 +55,10 @@ COMMANDS = {
         "the engine against the device's matmul peak, by batch and compile setting "
         "(make bench-mfu)",
         "bench-mfu",
+    ),
+    "http": Command(
+        "bench.http_latency",
+        "light load over HTTP against gRPC and the engine alone (what HTTP and base64 cost)",
     ),
     "simulate": Command(
         "bench.simulate", "the server's scheduler on simulated cost curves (seconds, no torch)"

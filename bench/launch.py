@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 HOST = "127.0.0.1"  # servers started here listen on loopback only
 HEALTH_SERVICE = "imagegen.v1.ImageGeneration"
 LISTENING = re.compile(r"gRPC on [^ ]+:(\d+), metrics on [^ ]+:(\d+)")
+HTTP_LISTENING = re.compile(r"HTTP on [^ ]+:(\d+)")  # on the same line, with --http-port
 LISTEN_TIMEOUT_S = 120.0  # from the start to the log line naming the ports
 SERVING_TIMEOUT_S = 120.0  # from listening to SERVING (loading and warming the model)
 STOP_GRACE_S = 15.0  # SIGTERM, then this long to drain and exit, then SIGKILL
@@ -101,6 +102,7 @@ class ServerProcess:
         self.name = name  # in error messages
         self.port = 0  # gRPC, once listening
         self.metrics_port = 0
+        self.http_port = 0  # the OpenAI-compatible API, when served (--http-port)
         self.log: collections.deque[str] = collections.deque(maxlen=log_lines)  # its stderr
         self._listening = threading.Event()  # set at the LISTENING line, or at end of stderr
         self.process = subprocess.Popen(
@@ -224,5 +226,7 @@ class ServerProcess:
             match = None if self._listening.is_set() else LISTENING.search(line)
             if match:
                 self.port, self.metrics_port = int(match.group(1)), int(match.group(2))
+                http = HTTP_LISTENING.search(line)
+                self.http_port = int(http.group(1)) if http else 0
                 self._listening.set()
         self._listening.set()  # end of stderr: the process is gone, `start` need not wait

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 GRPC_PORT = 50051  # `serve --port` default; containerPort and Service port named `grpc`
 METRICS_PORT = 9090  # `serve --metrics-port` default; port named `metrics`, path /metrics
+HTTP_PORT = 8000  # the overlays' `http_port` (off by default in the server); port named `http`
 
 SERVICE_NAME = "imagegen.v1.ImageGeneration"  # gRPC service, also a grpc.health.v1 service name
 HEALTH_SERVICES = {"", SERVICE_NAME}  # names the server's health service reports on
@@ -59,6 +60,7 @@ HPA_METRIC = "imagegen_pending_requests"
 
 # Label values the server uses, for the labels that PromQL in deploy/ matches on.
 LABEL_VALUES = {
+    "protocol": {"grpc", "http"},
     "rpc": {
         "Generate",
         "StreamProgress",
@@ -96,6 +98,7 @@ SERVE_SETTINGS = {
     "port",
     "metrics_host",
     "metrics_port",
+    "http_port",
     "device",
     "dtype",
     "scheduler_preset",

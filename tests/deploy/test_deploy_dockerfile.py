@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 import pytest
-from deploy_contract import APP_UID, GRPC_PORT, METRICS_PORT
+from deploy_contract import APP_UID, GRPC_PORT, HTTP_PORT, METRICS_PORT
 from deploy_helpers import DOCKERFILE, REPO
 from dockerfile_parse import DockerfileParser
 
@@ -109,7 +109,7 @@ def test_runtime_stage_contract(target: str) -> None:
     assert args[args.index("--host") + 1] == "0.0.0.0"
     assert stage.values("STOPSIGNAL") == ["SIGTERM"]
     exposed = {int(p.split("/")[0]) for value in stage.values("EXPOSE") for p in value.split()}
-    assert exposed == {GRPC_PORT, METRICS_PORT}
+    assert exposed == {GRPC_PORT, HTTP_PORT, METRICS_PORT}
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))

@@ -18,6 +18,7 @@ from deploy_contract import (
     GRPC_PORT,
     HEALTH_SERVICES,
     HPA_METRIC,
+    HTTP_PORT,
     METRICS_PORT,
     SERVE_SETTINGS,
     SERVICE_NAME,
@@ -206,7 +207,7 @@ def test_probes_use_grpc_health_on_the_grpc_port(
 ) -> None:
     container = server(rendered[overlay])
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
+    assert ports == {"grpc": GRPC_PORT, "http": HTTP_PORT, "metrics": METRICS_PORT}
     for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = container[probe_name]
         assert set(probe) - {
@@ -428,7 +429,7 @@ def test_services_reach_the_grpc_port(rendered: dict[str, list[Manifest]], overl
         assert ports["grpc"]["port"] == GRPC_PORT
         for port in ports.values():
             assert named_ports[port["targetPort"]] == port["port"]
-    assert {p["name"] for p in cluster_ip["ports"]} == {"grpc", "metrics"}
+    assert {p["name"] for p in cluster_ip["ports"]} == {"grpc", "http", "metrics"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)

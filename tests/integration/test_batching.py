@@ -220,7 +220,9 @@ def test_the_server_queue_timeout_answers_deadline_exceeded(server_factory: Any)
     assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "deadline" in (failure.value.details() or "")
     assert (
-        server.metrics().get('imagegen_requests_total{code="DEADLINE_EXCEEDED",rpc="Generate"}')
+        server.metrics().get(
+            'imagegen_requests_total{code="DEADLINE_EXCEEDED",protocol="grpc",rpc="Generate"}'
+        )
         == 1
     )
 

@@ -40,7 +40,12 @@ def test_one_poisoned_request_in_a_batch_of_eight_fails_alone(server_factory: An
         assert result.batch_size == 8  # it ran inside the batch with the poisoned row
         alone = client.generate(f"prompt {index}", seed=index, output_format=NPY)
         assert_same_image(pixels(result), pixels(alone))
-    assert server.metrics()['imagegen_requests_total{code="INTERNAL",rpc="StreamProgress"}'] == 1
+    assert (
+        server.metrics()[
+            'imagegen_requests_total{code="INTERNAL",protocol="grpc",rpc="StreamProgress"}'
+        ]
+        == 1
+    )
     assert client.health() == "SERVING"
 
 

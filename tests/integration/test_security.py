@@ -51,7 +51,10 @@ def test_no_or_wrong_token_is_unauthenticated(auth_server: Any) -> None:
         error = rpc_error(lambda t=token: auth_server.client(token=t, retry=NO_RETRY).generate("x"))
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     metrics = auth_server.metrics()
-    assert metrics['imagegen_requests_total{code="UNAUTHENTICATED",rpc="Generate"}'] == 2
+    assert (
+        metrics['imagegen_requests_total{code="UNAUTHENTICATED",protocol="grpc",rpc="Generate"}']
+        == 2
+    )
     anonymous_admin = auth_server.client(retry=NO_RETRY)
     assert rpc_error(anonymous_admin.list_adapters).code() == grpc.StatusCode.UNAUTHENTICATED
 

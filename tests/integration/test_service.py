@@ -122,7 +122,10 @@ def test_a_request_cancelled_while_queued_never_reaches_the_engine(server_factor
     assert blocker.completed().result.batch_size == 1  # the cancelled one did not share its batch
     metrics = server.metrics()
     assert metrics["imagegen_request_queue_seconds_count"] == started_before + 1
-    assert metrics['imagegen_requests_total{code="CANCELLED",rpc="StreamProgress"}'] == 1
+    assert (
+        metrics['imagegen_requests_total{code="CANCELLED",protocol="grpc",rpc="StreamProgress"}']
+        == 1
+    )
 
 
 def test_stream_sends_queued_started_every_step_then_completed(server: Any) -> None:
@@ -214,8 +217,11 @@ def test_metrics_pass_promtool_and_count_requests(server: Any, promtool: Path) -
     )
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
     metrics = server.metrics()
-    assert metrics['imagegen_requests_total{code="OK",rpc="Generate"}'] >= 1
-    assert metrics['imagegen_requests_total{code="INVALID_ARGUMENT",rpc="Generate"}'] >= 1
+    assert metrics['imagegen_requests_total{code="OK",protocol="grpc",rpc="Generate"}'] >= 1
+    assert (
+        metrics['imagegen_requests_total{code="INVALID_ARGUMENT",protocol="grpc",rpc="Generate"}']
+        >= 1
+    )
     assert metrics["imagegen_ready"] == 1
     for name in (
         "imagegen_images_generated_total",

@@ -123,8 +123,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def _count(self, method: str, code: grpc.StatusCode, started: float) -> None:
         if method.startswith(API_PREFIX):
             rpc = method.rsplit("/", 1)[-1]
-            self._metrics.requests.labels(rpc=rpc, code=code.name).inc()
-            self._metrics.request_latency.labels(rpc=rpc).observe(time.perf_counter() - started)
+            self._metrics.count_request("grpc", rpc, code.name, time.perf_counter() - started)
 
 
 def _status_of(error: BaseException, context: Context) -> grpc.StatusCode:

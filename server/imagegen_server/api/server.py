@@ -1,10 +1,11 @@
-"""Builds the gRPC server from the settings and runs its life: load, warm up, serve, drain.
+"""Builds the gRPC server (and the HTTP API beside it) from the settings and runs its life: load,
+warm up, serve, drain.
 
 The server listens at once with health NOT_SERVING (so orchestrators see a live process during a
 long model load); the engine thread loads the model, runs a warm-up batch, and only then does
 health turn SERVING. SIGTERM starts a graceful drain: NOT_SERVING at once, new requests get
-UNAVAILABLE, queued and running ones finish (bounded by drain_timeout_s), then exit 0. A second
-signal stops at once.
+UNAVAILABLE (HTTP 503), queued and running ones finish (bounded by drain_timeout_s), then exit 0.
+A second signal stops at once.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from ..batching.scheduler import Scheduler, SchedulerConfig
 from ..engine.startup import EngineSetup, build_engine, row_limit
 from .adapters import AdapterRegistry
 from .admin import AdapterAdminService
+from .http_api import HttpApi
+from .http_server import HttpServer
 from .interceptors import StatusInterceptor
 from .service import ImageGenerationService
 from .transport import EXCLUSIVE_PORT, build_guard, server_credentials, server_options
@@ -95,9 +98,22 @@ class ImageGenServer:
         self._service = ImageGenerationService(
             self._batcher, self._batching_info(), self.metrics, self._codec_pool, self._adapters
         )
+        guard = build_guard(settings)  # one for both protocols: one rate bucket per caller
         self._grpc = grpc.aio.server(
-            interceptors=[StatusInterceptor(self.metrics, build_guard(settings))],
+            interceptors=[StatusInterceptor(self.metrics, guard)],
             options=server_options(settings),
+        )
+        self.http_port = 0
+        self._http = (
+            HttpServer(
+                HttpApi(
+                    self._service, guard, self.metrics, self._codec_pool, settings.max_request_bytes
+                ).app,
+                settings,
+                grace_s=RPC_FLUSH_S,
+            )
+            if settings.http_port is not None
+            else None
         )
         # A plaintext health-only port for probes that cannot speak TLS (the kubelet's).
         self._health_grpc = (
@@ -141,15 +157,18 @@ class ImageGenServer:
             )
         for service in HEALTH_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._http is not None:  # bound before gRPC starts: a taken port stops both
+            self.http_port = await self._http.start()
         await self._grpc.start()
         if self._health_grpc is not None:
             await self._health_grpc.start()
         log.info(
-            "gRPC on %s:%d, metrics on %s:%d",
+            "gRPC on %s:%d, metrics on %s:%d%s",
             settings.host,
             self.port,
             settings.resolved_metrics_host,
             self.metrics_port,
+            f", HTTP on {settings.host}:{self.http_port}" if self._http is not None else "",
         )
         self._batcher.start()
 
@@ -177,9 +196,9 @@ class ImageGenServer:
             self._batcher.stop(
                 timeout_s=0, reason=f"drain timeout ({timeout:g}s) passed; retry on another replica"
             )
-        # The engine has answered everyone; the RPCs only need to encode and send their images.
+        # The engine has answered everyone; the calls only need to encode and send their images.
         # The whole drain stays within drain_timeout_s + RPC_FLUSH_S.
-        await self._grpc.stop(grace=RPC_FLUSH_S)
+        await asyncio.gather(self._grpc.stop(grace=RPC_FLUSH_S), self._stop_http(graceful=True))
         if self._health_grpc is not None:
             await self._health_grpc.stop(grace=0)
         self._batcher.stop()
@@ -193,7 +212,14 @@ class ImageGenServer:
         if self._health_grpc is not None:
             await self._health_grpc.stop(grace=0)
         self._batcher.stop(timeout_s=0.5)
+        # After the batcher: it has answered every waiting HTTP request, whose connections then
+        # finish instead of holding the listener open.
+        await self._stop_http(graceful=False)
         self._codec_pool.shutdown(wait=False)
+
+    async def _stop_http(self, graceful: bool) -> None:
+        if self._http is not None:
+            await self._http.stop(graceful)
 
     # --- engine thread callbacks ---
 

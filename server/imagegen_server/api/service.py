@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +20,7 @@ from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 
 from .. import __version__
 from ..base.errors import EngineUnavailable
+from ..base.limits import RequestLimits
 from ..base.metrics import Metrics
 from ..base.types import (
     CompletedEvent,
@@ -77,8 +78,35 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
             self._batching.batch_limits.add(width=width, height=height, max_batch_size=rows)
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
-        params = await self._validate(request, streaming=False)
-        with self._admitted(params, context, wants_progress=False) as handle:
+        params = await self.validate(request, streaming=False)
+        return await self.generate(params, _deadline(context))
+
+    async def StreamProgress(
+        self, request: pb.GenerateRequest, context: Context
+    ) -> AsyncIterator[pb.ProgressEvent]:
+        params = await self.validate(request, streaming=True)
+        # Closed here, not by the garbage collector: a cancelled RPC drops its work at once.
+        async with contextlib.aclosing(self.stream(params, _deadline(context))) as events:
+            async for event in events:
+                yield event
+
+    # --- what both protocols call (gRPC above, HTTP in http_api.py) ---
+
+    @property
+    def model(self) -> ModelDescription | None:
+        """The served model's facts; None until start-up has loaded it."""
+        return self._model
+
+    @property
+    def limits(self) -> RequestLimits | None:
+        """The request limits; None until start-up has loaded the model."""
+        return self._validator.limits if self._validator is not None else None
+
+    async def generate(
+        self, params: GenerationParams, deadline: float | None
+    ) -> pb.GenerateResponse:
+        """Runs a validated request to its response (images encoded); raises its typed error."""
+        with self._admitted(params, deadline, wants_progress=False) as handle:
             while True:
                 event = await handle.events.get()
                 if isinstance(event, FailedEvent):
@@ -86,12 +114,12 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
                 if isinstance(event, CompletedEvent):
                     return await self._response(params, event, handle)
 
-    async def StreamProgress(
-        self, request: pb.GenerateRequest, context: Context
-    ) -> AsyncIterator[pb.ProgressEvent]:
-        params = await self._validate(request, streaming=True)
+    async def stream(
+        self, params: GenerationParams, deadline: float | None
+    ) -> AsyncGenerator[pb.ProgressEvent, None]:
+        """Runs a validated request, yielding its progress events and then `completed`."""
         request_id = params.request_id
-        with self._admitted(params, context, wants_progress=True) as handle:
+        with self._admitted(params, deadline, wants_progress=True) as handle:
             while True:
                 event = await handle.events.get()
                 if isinstance(event, FailedEvent):
@@ -149,7 +177,13 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
 
     # --- helpers ---
 
-    async def _validate(self, request: pb.GenerateRequest, streaming: bool) -> GenerationParams:
+    async def validate(self, request: pb.GenerateRequest, streaming: bool) -> GenerationParams:
+        """The request's validated parameters (init images decoded on the codec pool).
+
+        Raises:
+            EngineUnavailable: the model is still loading.
+            InvalidArgument, NotFound: naming the field.
+        """
         validator = self._validator
         if validator is None:
             raise EngineUnavailable("model loading; retry shortly")
@@ -161,14 +195,12 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
 
     @contextlib.contextmanager
     def _admitted(
-        self, params: GenerationParams, context: Context, wants_progress: bool
+        self, params: GenerationParams, deadline: float | None, wants_progress: bool
     ) -> Iterator[RequestHandle]:
-        """Queues the request and holds its adapters until it ends; when the RPC ends early
-        (cancelled, past its deadline, stream closed) its work is dropped."""
+        """Queues the request and holds its adapters until it ends; when the call ends early
+        (cancelled, past its deadline, stream closed, HTTP client gone) its work is dropped."""
         self._adapters.hold(params.adapters)
         try:
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else time.monotonic() + remaining
             handle = self._batcher.submit(params, deadline, wants_progress)
             if params.variant:
                 self._metrics.variant_requests.labels(variant=params.variant).inc()
@@ -264,3 +296,9 @@ def _variant_message(variant: Variant) -> pb.VariantInfo:
         max_steps=variant.max_steps,
         is_default=variant.is_default,
     )
+
+
+def _deadline(context: Context) -> float | None:
+    """The RPC's deadline on the monotonic clock; None when the client set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining

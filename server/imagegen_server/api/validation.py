@@ -291,7 +291,8 @@ class RequestValidator:
             if adapter.name not in known:
                 raise NotFound(
                     f"{field}.name: adapter {adapter.name!r} is not loaded"
-                    " (ListAdapters shows what is)"
+                    " (ListAdapters shows what is)",
+                    field=f"{field}.name",
                 )
             if any(spec.name == adapter.name for spec in specs):
                 raise InvalidArgument(f"{field}.name", f"adapter {adapter.name!r} named twice")

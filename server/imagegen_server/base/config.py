@@ -111,6 +111,13 @@ class Settings(BaseSettings):
     # --- network ---
     host: str = Field("127.0.0.1", description="gRPC bind address (0.0.0.0 in containers)")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 = any free port")
+    http_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="port of the OpenAI-compatible HTTP API (/v1/images/...), on host, with the "
+        "gRPC port's TLS and tokens; 0 = any free port; unset = off",
+    )
     metrics_host: str | None = Field(None, description="metrics bind address; default = host")
     metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus port; 0 = any free")
     health_port: int | None = Field(

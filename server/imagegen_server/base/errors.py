@@ -1,5 +1,8 @@
-"""Typed errors raised inside the server; the API edge maps each to one gRPC status in one place
-(`api.interceptors`), so nothing below the edge imports grpc."""
+"""Typed errors raised inside the server; the API edges map each to its status in one place each
+(`api.interceptors` for gRPC, `api.http_api` for HTTP), so nothing below the edges imports grpc.
+
+Each error names its gRPC `Status`; `HTTP_STATUS` is the one table from those to HTTP statuses,
+so the two protocols always agree on what went wrong."""
 
 from __future__ import annotations
 
@@ -21,6 +24,22 @@ class Status(enum.Enum):
     INTERNAL = enum.auto()
 
 
+# The HTTP status of each gRPC status, as the OpenAI-compatible API answers it. CANCELLED is
+# nginx's 499 (the client closed the request): never seen by that client, only in logs.
+HTTP_STATUS = {
+    Status.INVALID_ARGUMENT: 400,
+    Status.UNAUTHENTICATED: 401,
+    Status.PERMISSION_DENIED: 403,
+    Status.NOT_FOUND: 404,
+    Status.FAILED_PRECONDITION: 409,
+    Status.RESOURCE_EXHAUSTED: 429,
+    Status.CANCELLED: 499,
+    Status.INTERNAL: 500,
+    Status.UNAVAILABLE: 503,
+    Status.DEADLINE_EXCEEDED: 504,
+}
+
+
 class ImageGenError(Exception):
     """Base class: `status` is the gRPC status the client receives, `message` is safe to show."""
 
@@ -29,6 +48,11 @@ class ImageGenError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    @property
+    def http_status(self) -> int:
+        """The HTTP status of this error (`HTTP_STATUS`, unless the error knows better)."""
+        return HTTP_STATUS[self.status]
 
 
 class InvalidArgument(ImageGenError):
@@ -41,6 +65,10 @@ class InvalidArgument(ImageGenError):
 
 class NotFound(ImageGenError):
     status = Status.NOT_FOUND
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field  # the request field naming what was not found, when one does
 
 
 class QueueFull(ImageGenError):
@@ -75,6 +103,16 @@ class RateLimited(ImageGenError):
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class RequestTooLarge(ImageGenError):
+    """A request body over max_request_bytes: gRPC's RESOURCE_EXHAUSTED, HTTP's 413."""
+
+    status = Status.RESOURCE_EXHAUSTED
+
+    @property
+    def http_status(self) -> int:
+        return 413
 
 
 class Unauthenticated(ImageGenError):

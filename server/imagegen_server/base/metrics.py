@@ -19,16 +19,19 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
+        # `protocol` is grpc or http; an HTTP route counts as the RPC it is served as (a unary
+        # generation or edit as Generate, a streamed one as StreamProgress, /v1/models as
+        # GetServerInfo) with the gRPC status its HTTP status maps from.
         self.requests = Counter(
             "imagegen_requests",
-            "RPCs finished, by method and final gRPC status code",
-            ["rpc", "code"],
+            "Requests finished, by protocol, method and final gRPC status code",
+            ["protocol", "rpc", "code"],
             registry=registry,
         )
         self.request_latency = Histogram(
             "imagegen_request_latency_seconds",
-            "End-to-end RPC time, accepted to last byte",
-            ["rpc"],
+            "End-to-end request time, accepted to last byte",
+            ["protocol", "rpc"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
@@ -160,6 +163,11 @@ class Metrics:
         for name in names:
             for counter in (self.variant_requests, self.variant_images, self.variant_rows):
                 counter.labels(variant=name)
+
+    def count_request(self, protocol: str, rpc: str, code: str, seconds: float) -> None:
+        """One finished request of the API, gRPC or HTTP: its final status and its latency."""
+        self.requests.labels(protocol=protocol, rpc=rpc, code=code).inc()
+        self.request_latency.labels(protocol=protocol, rpc=rpc).observe(seconds)
 
     def serve(self, host: str, port: int) -> int:
         """Starts the /metrics HTTP endpoint in a daemon thread; returns the bound port."""
