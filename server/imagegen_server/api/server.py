@@ -34,6 +34,7 @@ from ..engine.startup import EngineSetup, build_engine, row_limit
 from .adapters import AdapterRegistry
 from .admin import AdapterAdminService
 from .interceptors import StatusInterceptor
+from .jobs import JobSettings, JobTable, codec_encoder
 from .service import ImageGenerationService
 from .transport import EXCLUSIVE_PORT, build_guard, server_credentials, server_options
 from .validation import RequestValidator
@@ -91,8 +92,24 @@ class ImageGenServer:
             self.metrics,
         )
         self._setup: EngineSetup | None = None  # once the engine thread has built the engine
+        self.jobs = JobTable(
+            self._batcher,
+            self._adapters,
+            codec_encoder(self._codec_pool, self.metrics),
+            JobSettings(
+                window_s=settings.idempotency_window_s,
+                max_entries=settings.idempotency_max_entries,
+                max_bytes=settings.idempotency_max_bytes,
+            ),
+            self.metrics,
+        )
         self._service = ImageGenerationService(
-            self._batcher, self._batching_info(), self.metrics, self._codec_pool, self._adapters
+            self._batcher,
+            self._batching_info(),
+            self.metrics,
+            self._codec_pool,
+            self._adapters,
+            self.jobs,
         )
         self._grpc = grpc.aio.server(
             interceptors=[StatusInterceptor(self.metrics, build_guard(settings))],

@@ -105,6 +105,36 @@ class Metrics:
             ["adapter"],
             registry=registry,
         )
+        self.idempotency_entries = Gauge(
+            "imagegen_idempotency_entries",
+            "Idempotency keys remembered: requests in flight and finished results in the window",
+            registry=registry,
+        )
+        self.idempotency_bytes = Gauge(
+            "imagegen_idempotency_bytes",
+            "Encoded image bytes kept for repeats of idempotency keys",
+            registry=registry,
+        )
+        self.idempotency_lookups = Counter(
+            "imagegen_idempotency_lookups",
+            "Requests with an idempotency key, by outcome: new, joined (in flight), replayed"
+            " (finished, no engine work), conflict (other parameters), evicted (result gone)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.idempotency_evictions = Counter(
+            "imagegen_idempotency_evictions",
+            "Finished results dropped before a repeat came, by reason: expired (window passed),"
+            " entries or bytes (the bounds)",
+            ["reason"],
+            registry=registry,
+        )
+        self.cancellations = Counter(
+            "imagegen_cancellations",
+            "Requests cancelled by CancelGeneration, by where they were (queued, running)",
+            ["state"],
+            registry=registry,
+        )
         self.compile_seconds = Gauge(
             "imagegen_compile_seconds",
             "Seconds torch.compile took at start-up (0 when off)",
