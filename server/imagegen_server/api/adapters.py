@@ -87,7 +87,8 @@ class AdapterRegistry:
 
     async def ensure_loaded(self, names: Iterable[str]) -> None:
         """Adapters on demand: loads each named adapter that is not loaded but has a file in the
-        adapter directory (names without a file are left to validation: NOT_FOUND). Concurrent
+        adapter directory (names without a file, or being unloaded, are left to validation:
+        NOT_FOUND). Concurrent
         callers share one load: loads run one at a time and find the adapter loaded.
 
         On return every such adapter is selectable, with no await since the last check, so a
@@ -97,7 +98,11 @@ class AdapterRegistry:
             RateLimited: every loaded adapter is in use; retry after the hint.
             InvalidArgument: the file is not a LoRA file the model takes.
         """
-        wanted = [name for name in set(names) if self.directory.has_file(name)]
+        # Only cold names: one being unloaded (an admin's unload, or an eviction under way) stays
+        # unavailable until that ends, as before adapters loaded on demand.
+        wanted = [
+            name for name in set(names) if name not in self._loaded and self.directory.has_file(name)
+        ]
         while missing := [name for name in wanted if name not in self.selectable()]:
             for name in missing:
                 await self.load(name)

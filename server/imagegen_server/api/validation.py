@@ -253,8 +253,8 @@ class RequestValidator:
                 )
             if adapter.name not in known:
                 raise NotFound(
-                    f"{field}.name: adapter {adapter.name!r} is neither loaded nor in the"
-                    " adapter directory (ListAdapters shows what is)"
+                    f"{field}.name: adapter {adapter.name!r} is not available: no such file in"
+                    " the adapter directory, or being unloaded (ListAdapters shows which)"
                 )
             if any(spec.name == adapter.name for spec in specs):
                 raise InvalidArgument(f"{field}.name", f"adapter {adapter.name!r} named twice")
