@@ -28,7 +28,11 @@ def test_concurrent_first_requests_for_a_cold_adapter_load_it_once_and_match_the
     ink = [Adapter("ink", 0.8)]
     watchers = [
         StreamWatcher(
-            server.client(), f"a fox {seed}", seed=seed, adapters=ink, output_format=OutputFormat.NPY
+            server.client(),
+            f"a fox {seed}",
+            seed=seed,
+            adapters=ink,
+            output_format=OutputFormat.NPY,
         )
         for seed in range(CONCURRENT)
     ]

@@ -92,7 +92,7 @@ def test_a_malformed_key_is_invalid_argument(server_factory: Any) -> None:
 def test_the_window_expires(server_factory: Any) -> None:
     server = server_factory(idempotency_window_s=60)
     clock = FakeClock()
-    server.server.jobs.clock = clock
+    server.server.jobs.keyed.clock = clock
     client = server.client()
     first = client.generate("a mill", seed=3, idempotency_key="mill")
     runs = engine_runs(server)

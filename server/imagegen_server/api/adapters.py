@@ -101,7 +101,9 @@ class AdapterRegistry:
         # Only cold names: one being unloaded (an admin's unload, or an eviction under way) stays
         # unavailable until that ends, as before adapters loaded on demand.
         wanted = [
-            name for name in set(names) if name not in self._loaded and self.directory.has_file(name)
+            name
+            for name in set(names)
+            if name not in self._loaded and self.directory.has_file(name)
         ]
         while missing := [name for name in wanted if name not in self.selectable()]:
             for name in missing:
@@ -132,12 +134,14 @@ class AdapterRegistry:
                 return self._loaded[name].file
             file = self.directory.describe(name)
             await self._make_room()
+            started = time.perf_counter()
             try:
                 parameters = await self._run_on_engine(
                     lambda engine: engine.adapters.load(name, file.path)
                 )
             except ValueError as error:
                 raise InvalidArgument("name", f"{name!r}: {error}") from error
+            self._metrics.adapter_load_time.observe(time.perf_counter() - started)
             self._loaded[name] = _Loaded(file)
             self._metrics.adapter_parameters.set(parameters)
             self._metrics.adapter_loads.inc()

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -54,16 +53,9 @@ from ..batching.batcher import Batcher
 from ..batching.requests import RequestHandle
 from .adapters import AdapterRegistry
 from .codec import encode_image
-from .idempotency import params_fingerprint
+from .idempotency import JobSettings, KeyedJobs, params_fingerprint
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class JobSettings:
-    window_s: float  # how long a finished result waits for a repeat of its key
-    max_entries: int  # keys remembered, in flight and finished
-    max_bytes: int  # encoded image bytes kept for repeats
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,13 +165,9 @@ class JobTable:
         self._batcher = batcher
         self._adapters = adapters
         self._encode = encode
-        self._settings = settings
         self._metrics = metrics
-        self.clock = clock  # replaceable: tests move time without sleeping
         self._running: dict[str, Job] = {}  # by ticket: every job in flight
-        self._keyed: OrderedDict[tuple[str, str], Job] = OrderedDict()  # oldest first
-        self._evicted: OrderedDict[tuple[str, str], float] = OrderedDict()  # key -> forget at
-        self._bytes = 0
+        self.keyed = KeyedJobs(settings, metrics, clock)  # and finished ones in their window
 
     @contextlib.contextmanager
     def start(
@@ -217,31 +205,11 @@ class JobTable:
         # (hashing an init image costs time: only a keyed request needs its fingerprint)
         fingerprint = params_fingerprint(params) if key is not None else ""
         if key is not None:
-            self._expire()
-            found = self._lookup(scope, key, fingerprint)
+            found = self.keyed.lookup(scope, key, fingerprint)
             if found is not None:
                 return found, found.ended
         job = self._submit(scope, key, fingerprint, params, deadline, wants_progress)
         return job, False
-
-    def _lookup(self, scope: str, key: str, fingerprint: str) -> Job | None:
-        job = self._keyed.get((scope, key))
-        if job is None:
-            if (scope, key) in self._evicted:
-                self._count("evicted")
-                raise FailedPrecondition(
-                    "idempotency_key: this key's result was evicted before its window ended (the"
-                    " server's idempotency memory bound); repeat with a new key to compute again"
-                )
-            return None
-        if job.fingerprint != fingerprint:
-            self._count("conflict")
-            raise FailedPrecondition(
-                "idempotency_key: already used for a request with other parameters; use a new"
-                " key for a new request"
-            )
-        self._count("replayed" if job.ended else "joined")
-        return job
 
     def _submit(
         self,
@@ -262,10 +230,7 @@ class JobTable:
         job = Job(scope, key, fingerprint, params, handle)
         self._running[handle.ticket] = job
         if key is not None:
-            self._count("new")
-            self._evicted.pop((scope, key), None)
-            self._keyed[(scope, key)] = job
-            self._bound()
+            self.keyed.add(job)
         job.pump = asyncio.ensure_future(self._pump(job))
         return job
 
@@ -310,18 +275,14 @@ class JobTable:
         """Ends a job once: releases its adapters, tells its subscribers, keeps a keyed result."""
         if job.ended:
             return
-        job.finished_at = self.clock()
+        job.finished_at = self.keyed.clock()
         self._running.pop(job.handle.ticket, None)
         self._adapters.release(job.params.adapters)
         job.broadcast(end)
         if isinstance(end, JobResult):
             job.result = end
-            if job.key is not None:
-                self._bytes += end.size_bytes
-                self._keyed.move_to_end((job.scope, job.key))  # evicted in finishing order
-        elif job.key is not None:
-            self._keyed.pop((job.scope, job.key), None)  # a repeat of a failed job runs anew
-        self._bound()
+        if job.key is not None:
+            self.keyed.ended(job)
 
     def unsubscribe(self, job: Job, events: asyncio.Queue[JobEvent]) -> None:
         """A call left its job; a keyless job in flight is cancelled with its last caller."""
@@ -362,8 +323,7 @@ class JobTable:
 
     def _named(self, key: str, request_id: str) -> list[Job]:
         if key:
-            self._expire()
-            return [job for (_, job_key), job in self._keyed.items() if job_key == key]
+            return self.keyed.named(key)
         return [job for job in self._running.values() if job.params.request_id == request_id]
 
     def _cancel(self, job: Job, error: Cancelled) -> None:
@@ -371,45 +331,6 @@ class JobTable:
         if job.pump is not None:
             job.pump.cancel()
         self._finish(job, FailedEvent(error))
-
-    # --- the bounds ---
-
-    def _expire(self) -> None:
-        """Drops finished results past their window, and tombstones past theirs."""
-        now = self.clock()
-        window = self._settings.window_s
-        for entry, job in list(self._keyed.items()):
-            if job.finished_at is not None and job.finished_at + window <= now:
-                self._drop(entry, job, "expired", tombstone=False)
-        while self._evicted and next(iter(self._evicted.values())) <= now:
-            self._evicted.popitem(last=False)
-
-    def _bound(self) -> None:
-        """Evicts the oldest finished results while over the entry or byte bound."""
-        self._expire()
-        settings = self._settings
-        for entry, job in list(self._keyed.items()):
-            over_entries = len(self._keyed) > settings.max_entries
-            over_bytes = self._bytes > settings.max_bytes
-            if not (over_entries or over_bytes):
-                break
-            if job.ended:
-                self._drop(entry, job, "entries" if over_entries else "bytes", tombstone=True)
-        self._metrics.idempotency_entries.set(len(self._keyed))
-        self._metrics.idempotency_bytes.set(self._bytes)
-
-    def _drop(self, entry: tuple[str, str], job: Job, reason: str, tombstone: bool) -> None:
-        del self._keyed[entry]
-        if job.result is not None:
-            self._bytes -= job.result.size_bytes
-        self._metrics.idempotency_evictions.labels(reason=reason).inc()
-        if tombstone and job.finished_at is not None:
-            self._evicted[entry] = job.finished_at + self._settings.window_s
-            while len(self._evicted) > self._settings.max_entries:
-                self._evicted.popitem(last=False)
-
-    def _count(self, outcome: str) -> None:
-        self._metrics.idempotency_lookups.labels(outcome=outcome).inc()
 
 
 def codec_encoder(pool: Executor, metrics: Metrics) -> Encoder:

@@ -33,8 +33,9 @@ from ..batching.scheduler import Scheduler, SchedulerConfig
 from ..engine.startup import EngineSetup, build_engine, row_limit
 from .adapters import AdapterRegistry
 from .admin import AdapterAdminService
+from .idempotency import JobSettings
 from .interceptors import StatusInterceptor
-from .jobs import JobSettings, JobTable, codec_encoder
+from .jobs import JobTable, codec_encoder
 from .service import ImageGenerationService
 from .transport import EXCLUSIVE_PORT, build_guard, server_credentials, server_options
 from .validation import RequestValidator

@@ -89,6 +89,13 @@ class Metrics:
         self.adapter_loads = Counter(
             "imagegen_adapter_loads", "Adapters loaded at run time", registry=registry
         )
+        self.adapter_load_time = Histogram(
+            "imagegen_adapter_load_seconds",
+            "Time to load one adapter while serving (admin or on demand): the wait for the next"
+            " step boundary, reading the file and attaching its layers",
+            buckets=STAGE_BUCKETS,
+            registry=registry,
+        )
         self.adapter_evictions = Counter(
             "imagegen_adapter_evictions",
             "Idle adapters unloaded to make room for another",
