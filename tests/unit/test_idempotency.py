@@ -118,7 +118,7 @@ def test_malformed_keys_name_the_field(key: str) -> None:
     if not key:
         assert check_key(key) is None
         return
-    with pytest.raises(InvalidArgument, match="^Idempotency-Key: "):
+    with pytest.raises(InvalidArgument, match=r"^Idempotency-Key: "):
         check_key(key, "Idempotency-Key")
 
 
