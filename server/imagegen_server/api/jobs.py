@@ -26,10 +26,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..base.errors import (
     Cancelled,
@@ -56,6 +55,17 @@ from .codec import encode_image
 from .idempotency import JobSettings, KeyedJobs, params_fingerprint
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class JobOrder:
+    """What a front end asks the job table for: one call's request."""
+
+    scope: str  # the caller's identity (auth.current_identity); keys and cancels are scoped to it
+    key: str | None  # the idempotency key (checked by idempotency.check_key); None = none
+    params: GenerationParams  # validated
+    deadline: float | None  # time.monotonic() by which the request must have finished
+    wants_progress: bool  # a stream: queued/started/step events too
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,14 +180,7 @@ class JobTable:
         self.keyed = KeyedJobs(settings, metrics, clock)  # and finished ones in their window
 
     @contextlib.contextmanager
-    def start(
-        self,
-        scope: str,
-        key: str | None,
-        params: GenerationParams,
-        deadline: float | None,
-        wants_progress: bool,
-    ) -> Any:
+    def start(self, order: JobOrder) -> Iterator[Subscription]:
         """Subscribes a call to its job: a new one, or the one its key already names.
 
         Yields a `Subscription`; leaving the block unsubscribes (and cancels a keyless job).
@@ -187,49 +190,31 @@ class JobTable:
                 was evicted before its window ended.
             Whatever `Batcher.submit` raises for a new job.
         """
-        job, replayed = self._find_or_submit(scope, key, params, deadline, wants_progress)
-        subscription = Subscription(self, job, replayed)
+        # (hashing an init image costs time: only a keyed request needs its fingerprint)
+        fingerprint = params_fingerprint(order.params) if order.key is not None else ""
+        found = None
+        if order.key is not None:
+            found = self.keyed.lookup(order.scope, order.key, fingerprint)
+        job = found if found is not None else self._submit(order, fingerprint)
+        subscription = Subscription(self, job, replayed=job.ended)
         try:
             yield subscription
         finally:
             subscription.close()
 
-    def _find_or_submit(
-        self,
-        scope: str,
-        key: str | None,
-        params: GenerationParams,
-        deadline: float | None,
-        wants_progress: bool,
-    ) -> tuple[Job, bool]:
-        # (hashing an init image costs time: only a keyed request needs its fingerprint)
-        fingerprint = params_fingerprint(params) if key is not None else ""
-        if key is not None:
-            found = self.keyed.lookup(scope, key, fingerprint)
-            if found is not None:
-                return found, found.ended
-        job = self._submit(scope, key, fingerprint, params, deadline, wants_progress)
-        return job, False
-
-    def _submit(
-        self,
-        scope: str,
-        key: str | None,
-        fingerprint: str,
-        params: GenerationParams,
-        deadline: float | None,
-        wants_progress: bool,
-    ) -> Job:
+    def _submit(self, order: JobOrder, fingerprint: str) -> Job:
+        params = order.params
         self._adapters.hold(params.adapters)
         try:
             # A keyed job may gain a streaming subscriber later: it always asks for steps.
-            handle = self._batcher.submit(params, deadline, wants_progress or key is not None)
+            progress = order.wants_progress or order.key is not None
+            handle = self._batcher.submit(params, order.deadline, progress)
         except BaseException:
             self._adapters.release(params.adapters)
             raise
-        job = Job(scope, key, fingerprint, params, handle)
+        job = Job(order.scope, order.key, fingerprint, params, handle)
         self._running[handle.ticket] = job
-        if key is not None:
+        if order.key is not None:
             self.keyed.add(job)
         job.pump = asyncio.ensure_future(self._pump(job))
         return job

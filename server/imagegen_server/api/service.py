@@ -35,7 +35,7 @@ from .admin import adapter_message
 from .auth import current_identity
 from .codec import encode_preview
 from .idempotency import check_key
-from .jobs import JobResult, JobTable, Subscription
+from .jobs import JobOrder, JobResult, JobTable, Subscription
 from .validation import OUTPUT_FORMATS, RequestValidator
 
 if TYPE_CHECKING:  # generic only in grpc-stubs, not at run time
@@ -176,7 +176,8 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
         deadline = None if remaining is None else time.monotonic() + remaining
         identity, _admin = current_identity()
         key = check_key(request.idempotency_key)
-        with self._jobs.start(identity, key, params, deadline, streaming) as subscription:
+        order = JobOrder(identity, key, params, deadline, wants_progress=streaming)
+        with self._jobs.start(order) as subscription:
             yield subscription
 
     def _response(
