@@ -109,3 +109,28 @@ def test_a_finished_keyed_request_cannot_be_cancelled(server: Any) -> None:
         alice.cancel(idempotency_key="finished")
     assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "already finished" in late.value.details()
+
+
+def test_the_async_client_cancels_and_repeats_with_a_key_too(server: Any) -> None:
+    import asyncio
+
+    from imagegen_client import AsyncImageGenClient
+
+    watcher = StreamWatcher(server.client(token=ALICE), "async", seed=5, idempotency_key="async")
+    watcher.queued()
+
+    async def cancel() -> str:
+        async with AsyncImageGenClient(server.target, token=ALICE) as client:
+            return await client.cancel(idempotency_key="async")
+
+    assert asyncio.run(cancel()) == "queued"
+    assert watcher.error().code() == grpc.StatusCode.CANCELLED
+    server.batcher.set_step_budget(None)
+
+    async def twice() -> tuple[Any, Any]:
+        async with AsyncImageGenClient(server.target, token=ALICE) as client:
+            first = await client.generate("async", seed=5, idempotency_key="async")
+            return first, await client.generate("async", seed=5, idempotency_key="async")
+
+    first, repeat = asyncio.run(twice())  # a cancelled key is free again: it runs anew
+    assert [image.data for image in first.images] == [image.data for image in repeat.images]

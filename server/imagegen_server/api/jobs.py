@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -101,8 +102,10 @@ class Job:
     scope: str  # the caller's identity: keys and cancels are scoped to it
     key: str | None  # the idempotency key; None = the job ends with its caller
     fingerprint: str  # its parameters, for refusing a repeat that differs
-    params: GenerationParams
-    handle: RequestHandle  # the batcher's side
+    params: GenerationParams  # without its init images once it ended
+    handle: RequestHandle | None  # the batcher's side; dropped when it ends (init images)
+    ticket: str  # the batcher's id for it
+    accepted_at: float  # clock time the batcher accepted it
     subscribers: list[asyncio.Queue[JobEvent]] = field(default_factory=list)
     queued: QueuedEvent | None = None  # the latest of each, for a late subscriber
     started: StartedEvent | None = None
@@ -146,7 +149,7 @@ class Subscription:
     @property
     def accepted_at(self) -> float:
         """Clock time the batcher accepted the job."""
-        return self.job.handle.accepted_at
+        return self.job.accepted_at
 
     async def events(self) -> AsyncIterator[JobEvent]:
         """The job's events up to and including its result or failure."""
@@ -212,7 +215,9 @@ class JobTable:
         except BaseException:
             self._adapters.release(params.adapters)
             raise
-        job = Job(order.scope, order.key, fingerprint, params, handle)
+        job = Job(
+            order.scope, order.key, fingerprint, params, handle, handle.ticket, handle.accepted_at
+        )
         self._running[handle.ticket] = job
         if order.key is not None:
             self.keyed.add(job)
@@ -224,11 +229,12 @@ class JobTable:
         try:
             await self._relay(job)
         except Exception:  # its subscribers must not wait forever
-            log.exception("request %s: relaying its events failed", job.handle.ticket)
+            log.exception("request %s: relaying its events failed", job.ticket)
             self._finish(job, FailedEvent(InternalError("see the server log")))
 
     async def _relay(self, job: Job) -> None:
         while True:
+            assert job.handle is not None  # (it has not ended)
             event = await job.handle.events.get()
             if isinstance(event, CompletedEvent):
                 encoded = await self._encode(job.params, event)
@@ -261,8 +267,12 @@ class JobTable:
         if job.ended:
             return
         job.finished_at = self.keyed.clock()
-        self._running.pop(job.handle.ticket, None)
+        self._running.pop(job.ticket, None)
         self._adapters.release(job.params.adapters)
+        # A finished keyed job waits for the window: it keeps only what a repeat needs.
+        job.handle = None
+        if job.params.init_image is not None:
+            job.params = dataclasses.replace(job.params, init_image=None)
         job.broadcast(end)
         if isinstance(end, JobResult):
             job.result = end
@@ -299,7 +309,10 @@ class JobTable:
         in_flight = [job for job in mine if not job.ended]
         if not in_flight:
             raise FailedPrecondition(f"{field_name}: the request has already finished")
-        running = any(job.handle.request.status is RequestStatus.RUNNING for job in in_flight)
+        running = any(
+            job.handle is not None and job.handle.request.status is RequestStatus.RUNNING
+            for job in in_flight
+        )
         state = "running" if running else "queued"
         for job in in_flight:
             self._cancel(job, Cancelled(f"cancelled by CancelGeneration ({field_name})"))
@@ -312,7 +325,8 @@ class JobTable:
         return [job for job in self._running.values() if job.params.request_id == request_id]
 
     def _cancel(self, job: Job, error: Cancelled) -> None:
-        self._batcher.cancel(job.handle)  # a queued request leaves; a running one's rows next
+        if job.handle is not None:  # a queued request leaves; a running one's rows next
+            self._batcher.cancel(job.handle)
         if job.pump is not None:
             job.pump.cancel()
         self._finish(job, FailedEvent(error))
