@@ -1,7 +1,8 @@
 """Requests as jobs: safe retries (idempotency keys), reattachment, and cancel by id.
 
-Protocol-neutral: the gRPC servicer uses it today and an HTTP layer calls the same three methods
-(`start`, `cancel`, `subscribe` through `start`). Every accepted request becomes a `Job` with one
+Protocol-neutral (no grpc here): the gRPC servicer uses it, and an HTTP layer calls the same two
+methods, `start(JobOrder)` (a subscription to a new or an existing job) and `cancel`, with the
+`Idempotency-Key` header as the key. Every accepted request becomes a `Job` with one
 pump task that reads the batcher's events, encodes the images once, and hands every event to the
 job's subscribers (the calls waiting on it).
 
