@@ -1,6 +1,8 @@
 """`imagegen`: generate images, inspect and health-check an imagegen server from the shell.
 
 imagegen generate "a red fox in snow" -o fox.png --steps 8 --seed 42 --size 1024x1024
+imagegen generate "a red fox in snow" -o fox.png --idempotency-key fox-1   (safe to repeat)
+imagegen cancel --idempotency-key fox-1
 imagegen info
 imagegen health
 """
@@ -91,6 +93,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_generation_options(edit)
     edit.set_defaults(handler=_generate)
 
+    cancel = commands.add_parser(
+        "cancel", help="cancel a queued or running request by its idempotency key or request id"
+    )
+    target = cancel.add_mutually_exclusive_group(required=True)
+    target.add_argument("--idempotency-key", type=_text, default="")
+    target.add_argument("--request-id", type=_text, default="")
+    cancel.set_defaults(handler=_cancel)
+
     info = commands.add_parser("info", help="print the server's model, limits and batching as JSON")
     info.set_defaults(handler=_info)
     health = commands.add_parser(
@@ -136,6 +146,13 @@ def _add_generation_options(generate: argparse.ArgumentParser) -> None:
     generate.add_argument("--priority", type=int32, default=0, help="1 = highest")
     generate.add_argument("--request-id", type=_text, default="")
     generate.add_argument(
+        "--idempotency-key",
+        type=_text,
+        default="",
+        help="makes the call safe to repeat: a repeat with the same key joins the request or"
+        " gets its images again, and the request runs on if this process dies",
+    )
+    generate.add_argument(
         "--no-progress", action="store_true", help="no progress bar (plain Generate call)"
     )
 
@@ -169,6 +186,7 @@ def _generate(client: ImageGenClient, args: argparse.Namespace) -> int:
         "variant": args.variant,
         "priority": args.priority,
         "request_id": args.request_id,
+        "idempotency_key": args.idempotency_key,
     }
     if args.command == "edit":
         options.update(init_image=args.image, strength=args.strength, mask_image=args.mask)
@@ -243,6 +261,12 @@ def _progress_display() -> Iterator[_Progress]:
 class _PlainProgress:
     def update(self, text: str, completed: int, total: int) -> None:
         print(f"{text} {completed}/{total}", file=sys.stderr)
+
+
+def _cancel(client: ImageGenClient, args: argparse.Namespace) -> int:
+    state = client.cancel(idempotency_key=args.idempotency_key, request_id=args.request_id)
+    print(f"cancelled (it was {state})")
+    return 0
 
 
 def _info(client: ImageGenClient, args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ import grpc
 from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 
-from .request import build_request
+from .request import build_request, cancel_request
 from .retry import RetryPolicy
 from .types import (
     AdapterInfo,
@@ -214,6 +214,24 @@ class ImageGenClient(_ClientBase):
         finally:
             call.cancel()  # type: ignore[no-untyped-call]
 
+    def cancel(
+        self,
+        *,
+        idempotency_key: str = "",
+        request_id: str = "",
+        timeout_s: float | None = None,
+    ) -> str:
+        """Cancels a queued or running request of this caller (an admin: of any caller), from
+        any connection; its own call ends with CANCELLED. Returns where it was: "queued" or
+        "running".
+
+        Raises:
+            grpc.RpcError: NOT_FOUND (no such request in flight), PERMISSION_DENIED (another
+                caller's), FAILED_PRECONDITION (it already finished).
+        """
+        request = cancel_request(idempotency_key, request_id)
+        return self._unary(self._stub.CancelGeneration, request, _state, timeout_s)
+
     def server_info(self, *, timeout_s: float | None = None) -> ServerInfo:
         """The model, its request limits, the batching policy and the loaded adapters."""
         request = pb.GetServerInfoRequest()
@@ -316,6 +334,16 @@ class AsyncImageGenClient(_ClientBase):
         finally:
             call.cancel()
 
+    async def cancel(
+        self,
+        *,
+        idempotency_key: str = "",
+        request_id: str = "",
+        timeout_s: float | None = None,
+    ) -> str:
+        request = cancel_request(idempotency_key, request_id)
+        return await self._unary(self._stub.CancelGeneration, request, _state, timeout_s)
+
     async def server_info(self, *, timeout_s: float | None = None) -> ServerInfo:
         request = pb.GetServerInfoRequest()
         return await self._unary(
@@ -387,6 +415,10 @@ def _remaining(deadline: float | None) -> float | None:
 
 def _nothing(response: object) -> None:
     return None
+
+
+def _state(response: pb.CancelGenerationResponse) -> str:
+    return response.state
 
 
 def _adapter_list(response: pb.ListAdaptersResponse) -> list[AdapterInfo]:

@@ -25,6 +25,7 @@ def build_request(
     adapters: Sequence[Adapter] = (),
     priority: int = 0,
     request_id: str = "",
+    idempotency_key: str = "",
     preview_every_n_steps: int = 0,
     init_image: bytes | str | Path | None = None,
     strength: float | None = None,
@@ -35,7 +36,9 @@ def build_request(
 
     `init_image` (bytes or a file path) turns it into image-to-image with `strength`, and
     `mask_image` (white = regenerate) into inpainting. `variant` picks one of the variants
-    the server lists (`ServerInfo.variants`); "" = its default.
+    the server lists (`ServerInfo.variants`); "" = its default. With an `idempotency_key` the
+    call is safe to repeat: a repeat joins the request in flight or gets its images again, and
+    the request runs on if the connection drops (README, "Safe retries and cancel").
     """
     request = pb.GenerateRequest(
         prompt=prompt,
@@ -48,6 +51,7 @@ def build_request(
         output_quality=output_quality,
         priority=priority,
         request_id=request_id,
+        idempotency_key=idempotency_key,
         preview_every_n_steps=preview_every_n_steps,
         init_image=_image_bytes(init_image),
         mask_image=_image_bytes(mask_image),
@@ -68,3 +72,16 @@ def _image_bytes(source: bytes | str | Path | None) -> bytes:
     if source is None:
         return b""
     return source if isinstance(source, bytes) else Path(source).read_bytes()
+
+
+def cancel_request(idempotency_key: str = "", request_id: str = "") -> pb.CancelGenerationRequest:
+    """A CancelGenerationRequest naming the request by one of its ids.
+
+    Raises:
+        ValueError: neither or both ids given.
+    """
+    if bool(idempotency_key) == bool(request_id):
+        raise ValueError("give exactly one of idempotency_key or request_id")
+    if idempotency_key:
+        return pb.CancelGenerationRequest(idempotency_key=idempotency_key)
+    return pb.CancelGenerationRequest(request_id=request_id)

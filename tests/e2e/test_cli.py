@@ -150,3 +150,29 @@ def test_edit_writes_an_edited_image_and_inpaints_with_a_mask(
         assert result.returncode == 0, result.stderr
         with Image.open(tmp_path / name) as image:
             assert image.format == "PNG" and image.size == (96, 64)  # the init image's size
+
+
+def test_generate_with_an_idempotency_key_is_safe_to_repeat_and_cancel_names_the_field(
+    server_process: object, tmp_path: Path
+) -> None:
+    outputs = [tmp_path / "first.png", tmp_path / "again.png"]
+    for output in outputs:
+        result = imagegen(
+            server_process,
+            "generate",
+            "a lighthouse",
+            "-o",
+            str(output),
+            "--seed",
+            "3",
+            "--idempotency-key",
+            "cli-key-1",
+            "--no-progress",
+        )
+        assert result.returncode == 0, result.stderr
+    assert outputs[0].read_bytes() == outputs[1].read_bytes()
+    result = imagegen(server_process, "cancel", "--request-id", "nothing-here")
+    assert result.returncode == 1
+    assert "NOT_FOUND" in result.stderr and "request_id" in result.stderr
+    result = imagegen(server_process, "cancel", "--idempotency-key", "cli-key-1")
+    assert result.returncode == 1 and "already finished" in result.stderr

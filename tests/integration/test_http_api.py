@@ -312,12 +312,76 @@ def test_the_http_port_serves_the_grpc_ports_mutual_tls(server_factory: Any, pki
             refused.models.list()
 
 
+def test_an_idempotency_key_over_http_runs_the_engine_once_and_replays_the_bytes(
+    server_factory: Any,
+) -> None:
+    server = server_factory(http_port=0, step_budget=0)  # held: both calls meet in flight
+    keyed = {"Idempotency-Key": "http-key-1"}
+    results: list[Any] = []
+
+    def call() -> None:
+        results.append(
+            sdk(server).images.generate(
+                prompt=PROMPT, extra_body=EXTRA, extra_headers=keyed, **HTTP_OPTIONS
+            )
+        )
+
+    callers = [threading.Thread(target=call, daemon=True) for _ in range(2)]
+    callers[0].start()
+    wait_until(lambda: server.metrics()["imagegen_pending_requests"] == 1, "the first queued")
+    callers[1].start()
+    joined = 'imagegen_idempotency_lookups_total{outcome="joined"}'
+    wait_until(lambda: server.metrics().get(joined) == 1, "the repeat joined the first")
+    server.batcher.set_step_budget(None)
+    for caller in callers:
+        caller.join(EVENT_TIMEOUT_S)
+        assert not caller.is_alive()
+    replay = sdk(server).images.generate(
+        prompt=PROMPT, extra_body=EXTRA, extra_headers=keyed, **HTTP_OPTIONS
+    )
+    assert server.metrics()["imagegen_request_compute_seconds_count"] == 1  # one engine run
+    images = [result.data[0].b64_json for result in [*results, replay]]
+    assert len(images) == 3 and images[0] is not None and len(set(images)) == 1
+    with pytest.raises(openai.ConflictError) as conflict:  # the same key, another body
+        sdk(server).images.generate(prompt="another prompt", extra_headers=keyed, **HTTP_OPTIONS)
+    assert isinstance(conflict.value.body, dict)
+    assert conflict.value.body["param"] == "idempotency_key"
+
+
+def test_delete_cancels_a_queued_http_request_by_the_id_it_reported(server_factory: Any) -> None:
+    server = server_factory(http_port=0, step_budget=0)  # held: the request stays queued
+    failures: list[Exception] = []
+
+    def call() -> None:
+        try:
+            sdk(server).images.generate(
+                prompt=PROMPT, extra_headers={"X-Request-Id": "cancel-me"}, **HTTP_OPTIONS
+            )
+        except openai.APIStatusError as error:
+            failures.append(error)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    wait_until(lambda: server.metrics()["imagegen_pending_requests"] == 1, "the request queued")
+    for expected_status, expected in ((200, "queued"), (404, "not_found")):
+        connection = http.client.HTTPConnection("127.0.0.1", server.server.http_port)
+        connection.request("DELETE", "/v1/requests/cancel-me")
+        response = connection.getresponse()
+        body = json.loads(response.read())
+        connection.close()
+        assert response.status == expected_status, body
+        assert body.get("state", body.get("error", {}).get("code")) == expected, body
+    caller.join(EVENT_TIMEOUT_S)
+    assert not caller.is_alive()
+    assert len(failures) == 1 and failures[0].status_code == 499
+
+
 def test_unknown_routes_and_cancel_by_id_answer_in_openai_error_bodies(http_server: Any) -> None:
     port = http_server.server.http_port
     for method, path, status, code in (
         ("GET", "/v1/images/variations", 404, "unknown_route"),
         ("GET", "/v1/images/generations", 405, "unknown_route"),
-        ("DELETE", "/v1/requests/some-id", 501, "unimplemented"),
+        ("DELETE", "/v1/requests/some-id", 404, "not_found"),
     ):
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=EVENT_TIMEOUT_S)
         connection.request(method, path, headers={"Authorization": f"Bearer {CLIENT_TOKEN}"})

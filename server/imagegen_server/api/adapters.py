@@ -85,6 +85,30 @@ class AdapterRegistry:
         """
         return await self._to_the_end(self._load(name))
 
+    async def ensure_loaded(self, names: Iterable[str]) -> None:
+        """Adapters on demand: loads each named adapter that is not loaded but has a file in the
+        adapter directory (names without a file, or being unloaded, are left to validation:
+        NOT_FOUND). Concurrent
+        callers share one load: loads run one at a time and find the adapter loaded.
+
+        On return every such adapter is selectable, with no await since the last check, so a
+        caller that holds them at once cannot lose one to an eviction.
+
+        Raises:
+            RateLimited: every loaded adapter is in use; retry after the hint.
+            InvalidArgument: the file is not a LoRA file the model takes.
+        """
+        # Only cold names: one being unloaded (an admin's unload, or an eviction under way) stays
+        # unavailable until that ends, as before adapters loaded on demand.
+        wanted = [
+            name
+            for name in set(names)
+            if name not in self._loaded and self.directory.has_file(name)
+        ]
+        while missing := [name for name in wanted if name not in self.selectable()]:
+            for name in missing:
+                await self.load(name)
+
     async def unload(self, name: str) -> None:
         """Unloads an adapter once the requests holding it have finished. Once begun it runs to
         its end even if the caller gives up.
@@ -110,12 +134,14 @@ class AdapterRegistry:
                 return self._loaded[name].file
             file = self.directory.describe(name)
             await self._make_room()
+            started = time.perf_counter()
             try:
                 parameters = await self._run_on_engine(
                     lambda engine: engine.adapters.load(name, file.path)
                 )
             except ValueError as error:
                 raise InvalidArgument("name", f"{name!r}: {error}") from error
+            self._metrics.adapter_load_time.observe(time.perf_counter() - started)
             self._loaded[name] = _Loaded(file)
             self._metrics.adapter_parameters.set(parameters)
             self._metrics.adapter_loads.inc()

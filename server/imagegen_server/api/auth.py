@@ -14,6 +14,7 @@ import hmac
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,21 @@ class Role(enum.IntEnum):
 class Caller:
     identity: str  # "token:<digest prefix>" or "peer:<address>": the rate-limit key
     role: Role | None  # None = no token (only exempt methods)
+
+
+# The caller of the RPC being served, set by the interceptor once the guard has checked it: the
+# servicer scopes idempotency keys and cancels by it. None = no guard (no auth, no rate limit).
+CURRENT_CALLER: ContextVar[Caller | None] = ContextVar("imagegen_caller", default=None)
+ANONYMOUS = "anonymous"  # the one identity of every caller when authentication is off
+
+
+def current_identity() -> tuple[str, bool]:
+    """The identity of the caller being served and whether it has the admin role; without a
+    token (authentication off) every caller is ANONYMOUS and no caller is admin."""
+    caller = CURRENT_CALLER.get()
+    if caller is None or caller.role is None:
+        return ANONYMOUS, False
+    return caller.identity, caller.role >= Role.ADMIN
 
 
 class TokenAuthenticator:

@@ -39,7 +39,7 @@ from ..base.errors import (
 )
 from ..base.metrics import Metrics
 from ..base.types import GenerationParams
-from .auth import Caller, Guard
+from .auth import CURRENT_CALLER, Caller, Guard
 from .openai_bodies import (
     completed_event,
     error_body,
@@ -135,12 +135,18 @@ class HttpApi:
         return await self._answered(request, SERVER_INFO, answer)
 
     async def _cancel_request(self, request: Request) -> Response:
-        """Cancel by id (our extension): where CancelGeneration is served, this calls it with
-        `request.path_params["request_id"]` and the caller `_check_caller` identified."""
+        """Cancel by id (our extension, not OpenAI's): CancelGeneration for the request_id the
+        server reported (`X-Request-Id`), or for an idempotency key given as `?key=1` with the
+        key in the path; scoped to the caller like the RPC."""
 
         async def answer() -> Response:
             self._check_caller(request, CANCEL)
-            return plain_error(501, "cancel by id is not served yet", "unimplemented")
+            target = request.path_params["request_id"]
+            by_key = request.query_params.get("key") == "1"
+            state = self._service.cancel(
+                idempotency_key=target if by_key else "", request_id="" if by_key else target
+            )
+            return JSONResponse({"id": target, "object": "request.cancellation", "state": state})
 
         return await self._answered(request, CANCEL, answer)
 
@@ -180,7 +186,9 @@ class HttpApi:
         client = request.client
         peer = f"http:{client.host}:{client.port}" if client else "http:unknown:0"
         authorization = request.headers.get("authorization", "")
-        return self._guard.check(f"{API_SERVICE}{rpc}", [("authorization", authorization)], peer)
+        caller = self._guard.check(f"{API_SERVICE}{rpc}", [("authorization", authorization)], peer)
+        CURRENT_CALLER.set(caller)  # what the servicer scopes idempotency keys and cancels by
+        return caller
 
     async def _body(self, request: Request) -> bytes:
         """The body, refused past max_request_bytes before it is read in full: at once when
@@ -263,7 +271,10 @@ class HttpApi:
                 media_type="text/event-stream",
                 headers={REQUEST_ID_HEADER: params.request_id},
             )
-        response = await until_disconnected(request.receive, self._service.generate(params, None))
+        key = parsed.message.idempotency_key
+        response = await until_disconnected(
+            request.receive, self._service.generate(params, None, key)
+        )
         return JSONResponse(
             images_body(response, parsed), headers={REQUEST_ID_HEADER: params.request_id}
         )
@@ -276,7 +287,8 @@ class HttpApi:
         started, code, partials = time.perf_counter(), "OK", 0
         size = f"{params.width}x{params.height}"
         try:
-            async with contextlib.aclosing(self._service.stream(params, None)) as events:
+            stream = self._service.stream(params, None, parsed.message.idempotency_key)
+            async with contextlib.aclosing(stream) as events:
                 async for event in events:
                     if event.WhichOneof("event") == "step":
                         for preview in event.step.previews:
@@ -317,8 +329,8 @@ class EventStream(StreamingResponse):
 
 
 def idempotency_key(request: Request) -> str:
-    """The `Idempotency-Key` header, carried as the gRPC field of the same meaning: where
-    idempotency is served, HTTP requests get it through the servicer's own path."""
+    """The `Idempotency-Key` header, carried as the gRPC field of the same meaning: HTTP
+    requests get idempotency through the servicer's own path (`api/jobs.py`)."""
     return request.headers.get("idempotency-key", "")
 
 

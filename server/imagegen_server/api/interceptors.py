@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 
 from ..base.errors import ImageGenError, InvalidArgument
 from ..base.metrics import Metrics
-from .auth import Guard
+from .auth import CURRENT_CALLER, Guard
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,10 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         try:
             _reject_malformed(request)
             if self._guard is not None:
-                self._guard.check(method, context.invocation_metadata() or (), context.peer())
+                caller = self._guard.check(
+                    method, context.invocation_metadata() or (), context.peer()
+                )
+                CURRENT_CALLER.set(caller)
             yield
         except BaseException as error:
             # Counted before the abort sends the status: a client that reads the metrics after

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from typing import Any
 
@@ -52,8 +53,9 @@ def images_body(response: pb.GenerateResponse, parsed: OpenAIRequest) -> dict[st
 
 
 def error_body(error: ImageGenError) -> dict[str, Any]:
-    """OpenAI's error object: `param` names the field as the client sent it."""
-    field = getattr(error, "field", None)
+    """OpenAI's error object: `param` names the field as the client sent it (the error's own
+    `field`, else the field its message starts with, as every error message here does)."""
+    field = getattr(error, "field", None) or _leading_field(error.message)
     return {
         "error": {
             "message": error.message,
@@ -123,3 +125,12 @@ def completed_event(kind: str, image: pb.Image, size: str, output_format: str) -
             **STREAM_CONSTANTS,
         },
     )
+
+
+# "field: problem", the convention of every error message; the field may be indexed or dotted.
+_LEADING_FIELD = re.compile(r"([a-z_][a-z0-9_]*(?:\[\d+\])?(?:\.[a-z_][a-z0-9_]*)*): ")
+
+
+def _leading_field(message: str) -> str | None:
+    match = _LEADING_FIELD.match(message)
+    return match.group(1) if match else None

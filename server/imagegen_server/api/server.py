@@ -37,7 +37,9 @@ from .adapters import AdapterRegistry
 from .admin import AdapterAdminService
 from .http_api import HttpApi
 from .http_server import HttpServer
+from .idempotency import JobSettings
 from .interceptors import StatusInterceptor
+from .jobs import JobTable, codec_encoder
 from .service import ImageGenerationService
 from .transport import EXCLUSIVE_PORT, build_guard, server_credentials, server_options
 from .validation import RequestValidator
@@ -95,8 +97,24 @@ class ImageGenServer:
             self.metrics,
         )
         self._setup: EngineSetup | None = None  # once the engine thread has built the engine
+        self.jobs = JobTable(
+            self._batcher,
+            self._adapters,
+            codec_encoder(self._codec_pool, self.metrics),
+            JobSettings(
+                window_s=settings.idempotency_window_s,
+                max_entries=settings.idempotency_max_entries,
+                max_bytes=settings.idempotency_max_bytes,
+            ),
+            self.metrics,
+        )
         self._service = ImageGenerationService(
-            self._batcher, self._batching_info(), self.metrics, self._codec_pool, self._adapters
+            self._batcher,
+            self._batching_info(),
+            self.metrics,
+            self._codec_pool,
+            self._adapters,
+            self.jobs,
         )
         guard = build_guard(settings)  # one for both protocols: one rate bucket per caller
         self._grpc = grpc.aio.server(

@@ -23,7 +23,6 @@ from ..base.errors import EngineUnavailable
 from ..base.limits import RequestLimits
 from ..base.metrics import Metrics
 from ..base.types import (
-    CompletedEvent,
     FailedEvent,
     GenerationParams,
     ModelDescription,
@@ -33,10 +32,12 @@ from ..base.types import (
 )
 from ..base.variants import Variant
 from ..batching.batcher import Batcher
-from ..batching.requests import RequestHandle
 from .adapters import AdapterRegistry
 from .admin import adapter_message
-from .codec import encode_image, encode_preview
+from .auth import current_identity
+from .codec import encode_preview
+from .idempotency import check_key
+from .jobs import JobOrder, JobResult, JobTable, Subscription
 from .validation import OUTPUT_FORMATS, RequestValidator
 
 if TYPE_CHECKING:  # generic only in grpc-stubs, not at run time
@@ -51,8 +52,10 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
         metrics: Metrics,
         codec_pool: Executor,
         adapters: AdapterRegistry,
+        jobs: JobTable,
     ) -> None:
         self._batcher = batcher
+        self._jobs = jobs
         self._adapters = adapters
         self._batching = batching
         self._metrics = metrics
@@ -79,15 +82,16 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
         params = await self.validate(request, streaming=False)
-        return await self.generate(params, _deadline(context))
+        return await self.generate(params, _deadline(context), request.idempotency_key)
 
     async def StreamProgress(
         self, request: pb.GenerateRequest, context: Context
     ) -> AsyncIterator[pb.ProgressEvent]:
         params = await self.validate(request, streaming=True)
+        events = self.stream(params, _deadline(context), request.idempotency_key)
         # Closed here, not by the garbage collector: a cancelled RPC drops its work at once.
-        async with contextlib.aclosing(self.stream(params, _deadline(context))) as events:
-            async for event in events:
+        async with contextlib.aclosing(events) as closing:
+            async for event in closing:
                 yield event
 
     # --- what both protocols call (gRPC above, HTTP in http_api.py) ---
@@ -103,25 +107,26 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
         return self._validator.limits if self._validator is not None else None
 
     async def generate(
-        self, params: GenerationParams, deadline: float | None
+        self, params: GenerationParams, deadline: float | None, idempotency_key: str = ""
     ) -> pb.GenerateResponse:
-        """Runs a validated request to its response (images encoded); raises its typed error."""
-        with self._admitted(params, deadline, wants_progress=False) as handle:
-            while True:
-                event = await handle.events.get()
+        """Runs a validated request to its response (images encoded); raises its typed error.
+        With an idempotency key, joins or replays the caller's request under that key."""
+        with self._subscribed(params, deadline, idempotency_key, streaming=False) as subscription:
+            async for event in subscription.events():
                 if isinstance(event, FailedEvent):
                     raise event.error
-                if isinstance(event, CompletedEvent):
-                    return await self._response(params, event, handle)
+                if isinstance(event, JobResult):
+                    return self._response(params, event, subscription)
+        raise AssertionError("a job ends with a result or a failure")
 
     async def stream(
-        self, params: GenerationParams, deadline: float | None
+        self, params: GenerationParams, deadline: float | None, idempotency_key: str = ""
     ) -> AsyncGenerator[pb.ProgressEvent, None]:
-        """Runs a validated request, yielding its progress events and then `completed`."""
+        """Runs a validated request, yielding its progress events and then `completed` (a
+        repeat under an idempotency key picks up at the current step)."""
         request_id = params.request_id
-        with self._admitted(params, deadline, wants_progress=True) as handle:
-            while True:
-                event = await handle.events.get()
+        with self._subscribed(params, deadline, idempotency_key, streaming=True) as subscription:
+            async for event in subscription.events():
                 if isinstance(event, FailedEvent):
                     raise event.error
                 if isinstance(event, QueuedEvent):
@@ -143,12 +148,11 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
                     yield pb.ProgressEvent(
                         request_id=request_id, step=await self._step_message(event)
                     )
-                elif isinstance(event, CompletedEvent):
-                    response = await self._response(params, event, handle)
+                else:
+                    response = self._response(params, event, subscription)
                     yield pb.ProgressEvent(
                         request_id=request_id, completed=pb.Completed(response=response)
                     )
-                    return
 
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: Context
@@ -171,9 +175,19 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
     async def CancelGeneration(
         self, request: pb.CancelGenerationRequest, context: Context
     ) -> pb.CancelGenerationResponse:
-        # Declared with the proto surface of this round; cancel by id comes with idempotency.
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "CancelGeneration is not served yet")
-        raise AssertionError("abort raises")
+        state = self.cancel(idempotency_key=request.idempotency_key, request_id=request.request_id)
+        return pb.CancelGenerationResponse(state=state)
+
+    def cancel(self, *, idempotency_key: str = "", request_id: str = "") -> str:
+        """Cancels the caller's request (an admin: anyone's) by key or id; returns where it was.
+
+        Raises:
+            NotFound, PermissionDenied, FailedPrecondition: naming the field (api/jobs.py).
+        """
+        identity, admin = current_identity()
+        return self._jobs.cancel(
+            None if admin else identity, key=idempotency_key, request_id=request_id
+        )
 
     # --- helpers ---
 
@@ -187,66 +201,53 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
         validator = self._validator
         if validator is None:
             raise EngineUnavailable("model loading; retry shortly")
+        check_key(request.idempotency_key)
         images = None
         if request.init_image:  # decoding and resizing take a while: not on the event loop
             loop = asyncio.get_running_loop()
             images = await loop.run_in_executor(self._codec_pool, validator.decode_images, request)
+        # Adapters on demand: loaded (once, however many ask) before validation, which then
+        # runs with no await before the job holds them, so none is evicted in between.
+        await self._adapters.ensure_loaded(adapter.name for adapter in request.adapters)
         return validator.validate(request, streaming, images)
 
     @contextlib.contextmanager
-    def _admitted(
-        self, params: GenerationParams, deadline: float | None, wants_progress: bool
-    ) -> Iterator[RequestHandle]:
-        """Queues the request and holds its adapters until it ends; when the call ends early
-        (cancelled, past its deadline, stream closed, HTTP client gone) its work is dropped."""
-        self._adapters.hold(params.adapters)
-        try:
-            handle = self._batcher.submit(params, deadline, wants_progress)
-            if params.variant:
-                self._metrics.variant_requests.labels(variant=params.variant).inc()
-            try:
-                yield handle
-            finally:
-                self._batcher.cancel(handle)  # a no-op once the request ended
-        finally:
-            self._adapters.release(params.adapters)
+    def _subscribed(
+        self,
+        params: GenerationParams,
+        deadline: float | None,
+        idempotency_key: str,
+        streaming: bool,
+    ) -> Iterator[Subscription]:
+        """The call's subscription to its job (new, or the one its idempotency key names),
+        scoped to the caller the guard identified (auth.CURRENT_CALLER)."""
+        identity, _admin = current_identity()
+        key = check_key(idempotency_key)
+        order = JobOrder(identity, key, params, deadline, wants_progress=streaming)
+        with self._jobs.start(order) as subscription:
+            yield subscription
 
-    async def _response(
-        self, params: GenerationParams, event: CompletedEvent, handle: RequestHandle
+    def _response(
+        self, params: GenerationParams, result: JobResult, subscription: Subscription
     ) -> pb.GenerateResponse:
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        encoded = await asyncio.gather(
-            *(
-                loop.run_in_executor(
-                    self._codec_pool,
-                    encode_image,
-                    image.pixels,
-                    params.output_format,
-                    params.output_quality,
-                )
-                for image in event.images
-            )
-        )
-        self._metrics.stage.labels(stage="image_encode").observe(time.perf_counter() - started)
-        self._metrics.images.inc(len(encoded))
+        self._metrics.images.inc(len(result.images))
         if params.variant:
-            self._metrics.variant_images.labels(variant=params.variant).inc(len(encoded))
+            self._metrics.variant_images.labels(variant=params.variant).inc(len(result.images))
         response = pb.GenerateResponse(
             request_id=params.request_id,
             timings=pb.Timings(
-                queued_seconds=event.queued_s,
-                compute_seconds=event.compute_s,
-                total_seconds=time.monotonic() - handle.accepted_at,
+                queued_seconds=result.queued_s,
+                compute_seconds=result.compute_s,
+                total_seconds=time.monotonic() - subscription.accepted_at,
             ),
-            batch_size=event.max_batch_size,
-            mean_batch_size=event.mean_batch_size,
+            batch_size=result.max_batch_size,
+            mean_batch_size=result.mean_batch_size,
             model=self._model.name if self._model else "",
             variant=params.variant,
         )
-        for image, data in zip(event.images, encoded, strict=True):
+        for image in result.images:
             response.images.add(
-                data=data,
+                data=image.data,
                 mime_type=params.output_format.mime_type,
                 width=params.width,
                 height=params.height,

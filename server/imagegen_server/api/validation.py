@@ -290,8 +290,8 @@ class RequestValidator:
                 )
             if adapter.name not in known:
                 raise NotFound(
-                    f"{field}.name: adapter {adapter.name!r} is not loaded"
-                    " (ListAdapters shows what is)",
+                    f"{field}.name: adapter {adapter.name!r} is not available: no such file in"
+                    " the adapter directory, or being unloaded (ListAdapters shows which)",
                     field=f"{field}.name",
                 )
             if any(spec.name == adapter.name for spec in specs):

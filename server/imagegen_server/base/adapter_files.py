@@ -54,6 +54,14 @@ class AdapterDirectory:
             raise NotFound(f"name: no adapter {name!r} in the adapter directory")
         return path
 
+    def has_file(self, name: str) -> bool:
+        """Whether `name` is a valid adapter name with a file in the directory."""
+        try:
+            self.resolve(name)
+        except (InvalidArgument, NotFound):
+            return False
+        return True
+
     def describe(self, name: str) -> AdapterFile:
         """Reads only the file's header: format, rank and size, without loading weights.
 

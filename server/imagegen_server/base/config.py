@@ -187,6 +187,26 @@ class Settings(BaseSettings):
     )
     prompt_cache_size: int = Field(256, ge=0, description="prompt embeddings kept (LRU); 0 = off")
 
+    # --- safe retries (idempotency keys) ---
+    idempotency_window_s: float = Field(
+        600.0,
+        ge=0,
+        description="how long a finished request's images wait for a repeat of its idempotency"
+        " key (the repeat gets them without computing again); 0 = only while in flight",
+    )
+    idempotency_max_entries: int = Field(
+        1024,
+        ge=1,
+        description="most idempotency keys remembered (in flight and finished); the oldest"
+        " finished ones are evicted first",
+    )
+    idempotency_max_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=0,
+        description="most encoded image bytes kept for repeats; the oldest finished results are"
+        " evicted first",
+    )
+
     # --- request limits (reported by GetServerInfo) ---
     max_request_bytes: int = Field(
         32 * 1024 * 1024,

@@ -92,6 +92,13 @@ class Metrics:
         self.adapter_loads = Counter(
             "imagegen_adapter_loads", "Adapters loaded at run time", registry=registry
         )
+        self.adapter_load_time = Histogram(
+            "imagegen_adapter_load_seconds",
+            "Time to load one adapter while serving (admin or on demand): the wait for the next"
+            " step boundary, reading the file and attaching its layers",
+            buckets=STAGE_BUCKETS,
+            registry=registry,
+        )
         self.adapter_evictions = Counter(
             "imagegen_adapter_evictions",
             "Idle adapters unloaded to make room for another",
@@ -136,6 +143,36 @@ class Metrics:
             "imagegen_variant_rows",
             "Rows stepped as each variant (rate / steps = rows per variant per step)",
             ["variant"],
+            registry=registry,
+        )
+        self.idempotency_entries = Gauge(
+            "imagegen_idempotency_entries",
+            "Idempotency keys remembered: requests in flight and finished results in the window",
+            registry=registry,
+        )
+        self.idempotency_bytes = Gauge(
+            "imagegen_idempotency_bytes",
+            "Encoded image bytes kept for repeats of idempotency keys",
+            registry=registry,
+        )
+        self.idempotency_lookups = Counter(
+            "imagegen_idempotency_lookups",
+            "Requests with an idempotency key, by outcome: new, joined (in flight), replayed"
+            " (finished, no engine work), conflict (other parameters), evicted (result gone)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.idempotency_evictions = Counter(
+            "imagegen_idempotency_evictions",
+            "Finished results dropped before a repeat came, by reason: expired (window passed),"
+            " entries or bytes (the bounds)",
+            ["reason"],
+            registry=registry,
+        )
+        self.cancellations = Counter(
+            "imagegen_cancellations",
+            "Requests cancelled by CancelGeneration, by where they were (queued, running)",
+            ["state"],
             registry=registry,
         )
         self.compile_seconds = Gauge(

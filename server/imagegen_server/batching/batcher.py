@@ -391,8 +391,11 @@ class Batcher:
         self._requests.send_steps(result.progress)
         images = {finished.request_id: finished.images for finished in result.finished}
         for request in settled.finished:
-            if self._requests.complete(request, images[request.ticket], now):
+            # Recorded before its caller hears: a client that reads the metrics after its call
+            # ended must find the request counted.
+            if self._requests.get(request.ticket) is not None:
                 self._recorder.completed(request, now)
+            self._requests.complete(request, images[request.ticket], now)
         self._report_positions()
 
     def _spend_step(self, result: StepResult) -> None:
