@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers import QwenImagePipeline
 from imagegen_client import Adapter, OutputFormat, RetryPolicy
-from support import StreamWatcher, assert_same_image, pixels
+from support import ALL_ROWS, StreamWatcher, assert_same_image, pixels
 from test_generation import reference
 
 NPY = OutputFormat.NPY
@@ -42,6 +42,7 @@ def adapter_server(tiny_model: Path) -> Any:
         adapter_dir=str(tiny_model / "adapters"),
         preload_adapters=["ink", "neon", "sepia", "pastel"],
         max_loaded_adapters=6,
+        **ALL_ROWS,
     )
     yield running
     running.stop()
@@ -106,6 +107,7 @@ def test_separate_adapter_batching_keeps_one_adapter_set_per_batch(
         adapter_dir=str(tiny_model / "adapters"),
         preload_adapters=["ink", "neon"],
         adapter_batching="separate",
+        **ALL_ROWS,
     )
     client = running.client()
     rows = [("a fox", 1, "ink"), ("an owl", 2, "ink"), ("a cat", 3, "neon"), ("a hen", 4, "")]

@@ -17,15 +17,9 @@ from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from imagegen_client import OutputFormat, Step
 from PIL import Image
-from support import StreamWatcher, assert_same_image, pixels
+from support import ALL_ROWS, StreamWatcher, assert_same_image, pixels, png
 
 NPY = OutputFormat.NPY
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +179,7 @@ def test_the_least_strength_runs_one_step(server: Any, picture: Image.Image) -> 
 def test_edits_share_batches_with_text_to_image_rows(
     server_factory: Any, picture: Image.Image, mask: Image.Image
 ) -> None:
-    server = server_factory(step_budget=0)
+    server = server_factory(step_budget=0, **ALL_ROWS)
     client = server.client()
     requests = [
         {"prompt": "text only", "seed": 1},
