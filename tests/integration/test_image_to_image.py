@@ -5,14 +5,12 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 import torch
-from diffusers import QwenImageImg2ImgPipeline, QwenImageInpaintPipeline
 from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from imagegen_client import OutputFormat, Step
@@ -20,36 +18,6 @@ from PIL import Image
 from support import ALL_ROWS, StreamWatcher, assert_same_image, pixels, png
 
 NPY = OutputFormat.NPY
-
-
-@pytest.fixture(scope="module")
-def picture() -> Image.Image:
-    """A smooth gradient with a disc: an init image with structure, 96x80 (resized to 64x64)."""
-    y, x = np.mgrid[0:80, 0:96]
-    rgb = np.stack([x / 96, y / 80, ((x - 48) ** 2 + (y - 40) ** 2 < 400).astype(float)], axis=-1)
-    return Image.fromarray((rgb * 255).astype(np.uint8))
-
-
-@pytest.fixture(scope="module")
-def mask() -> Image.Image:
-    """White (regenerate) in the middle, black (keep) around it."""
-    image = Image.new("L", (96, 80), 0)
-    image.paste(255, (32, 24, 64, 56))
-    return image
-
-
-@pytest.fixture(scope="module")
-def img2img(tiny_model: Path) -> Any:
-    pipeline = QwenImageImg2ImgPipeline.from_pretrained(tiny_model, dtype=torch.float32)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-@pytest.fixture(scope="module")
-def inpaint(tiny_model: Path) -> Any:
-    pipeline = QwenImageInpaintPipeline.from_pretrained(tiny_model, dtype=torch.float32)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 def run_pipeline(
