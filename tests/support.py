@@ -195,7 +195,9 @@ class StreamWatcher:
             self.seen.append(item)
 
     def join(self) -> None:
+        """Waits for the call to end; a call still running after EVENT_TIMEOUT_S has hung."""
         self._thread.join(EVENT_TIMEOUT_S)
+        assert not self._thread.is_alive(), "the stream call hung"
 
 
 def pixels(result: Any, index: int = 0) -> np.ndarray:
