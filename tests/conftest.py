@@ -23,10 +23,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def reference_pipeline(tiny_model: Path) -> Any:
     """The plain diffusers pipeline on the same weights: the fidelity reference."""
-    import torch
-    from diffusers import QwenImagePipeline
+    return _diffusers_pipeline("QwenImagePipeline", tiny_model)
 
-    pipeline = QwenImagePipeline.from_pretrained(tiny_model, dtype=torch.float32)
+
+def _diffusers_pipeline(name: str, model: Path) -> Any:
+    """diffusers' pipeline class `name` on `model`'s weights, float32, no progress bars."""
+    import diffusers
+    import torch
+
+    pipeline = getattr(diffusers, name).from_pretrained(model, dtype=torch.float32)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -56,23 +61,13 @@ def mask() -> Any:
 @pytest.fixture(scope="session")
 def img2img(tiny_model: Path) -> Any:
     """diffusers' image-to-image pipeline on the tiny model: the edits' fidelity reference."""
-    import torch
-    from diffusers import QwenImageImg2ImgPipeline
-
-    pipeline = QwenImageImg2ImgPipeline.from_pretrained(tiny_model, dtype=torch.float32)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return _diffusers_pipeline("QwenImageImg2ImgPipeline", tiny_model)
 
 
 @pytest.fixture(scope="session")
 def inpaint(tiny_model: Path) -> Any:
     """diffusers' inpainting pipeline on the tiny model."""
-    import torch
-    from diffusers import QwenImageInpaintPipeline
-
-    pipeline = QwenImageInpaintPipeline.from_pretrained(tiny_model, dtype=torch.float32)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return _diffusers_pipeline("QwenImageInpaintPipeline", tiny_model)
 
 
 @pytest.fixture(scope="module")

@@ -200,6 +200,20 @@ class StreamWatcher:
         assert not self._thread.is_alive(), "the stream call hung"
 
 
+def run_together(server: RunningServer, prompts: list[str], **options: Any) -> list[Any]:
+    """Queues one request per prompt (seed = its index) while the engine is held, then releases
+    it, so they all start in the same step; returns their GenerationResults in order."""
+    client = server.client()
+    server.batcher.set_step_budget(0)
+    watchers = [
+        StreamWatcher(client, prompt, seed=index, **options) for index, prompt in enumerate(prompts)
+    ]
+    for watcher in watchers:
+        watcher.queued()
+    server.batcher.set_step_budget(None)
+    return [watcher.completed().result for watcher in watchers]
+
+
 def pixels(result: Any, index: int = 0) -> np.ndarray:
     """Float32 pixels of an NPY image from a GenerationResult."""
     return np.asarray(result.images[index].to_numpy(), dtype=np.float32)

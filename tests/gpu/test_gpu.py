@@ -112,19 +112,12 @@ def test_the_tiny_model_on_the_gpu_equals_diffusers_on_the_gpu(
 
 
 def test_a_batch_of_four_on_the_gpu_equals_each_row_alone(server_factory: Any) -> None:
-    from support import ALL_ROWS, StreamWatcher, assert_same_image
+    from support import ALL_ROWS, assert_same_image, run_together
 
-    server = server_factory(step_budget=0, **GPU_TINY, **ALL_ROWS)
+    server = server_factory(**GPU_TINY, **ALL_ROWS)
     client = server.client()
     prompts = ["x", "a fox", "a much longer prompt about an old harbour town at night", "山水画"]
-    watchers = [
-        StreamWatcher(client, prompt, seed=i, output_format=OutputFormat.NPY)
-        for i, prompt in enumerate(prompts)
-    ]
-    for watcher in watchers:
-        watcher.queued()
-    server.batcher.set_step_budget(None)
-    batched = [watcher.completed().result for watcher in watchers]
+    batched = run_together(server, prompts, output_format=OutputFormat.NPY)
     assert {result.batch_size for result in batched} == {4}
     for index, (prompt, together) in enumerate(zip(prompts, batched, strict=True)):
         alone = client.generate(prompt, seed=index, output_format=OutputFormat.NPY)

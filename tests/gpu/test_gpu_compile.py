@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from imagegen_client import OutputFormat
-from support import ALL_ROWS, StreamWatcher, assert_same_image, pixels, start_server
+from support import ALL_ROWS, assert_same_image, pixels, run_together, start_server
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(600)]
 # Small sizes: the comparison is about kernels, not resolution; probes and graphs stay quick.
@@ -40,15 +40,7 @@ def images(model: Path, **settings: Any) -> list[np.ndarray]:
     try:
         client = server.client()
         alone = pixels(client.generate(PROMPTS[0], seed=1, output_format=OutputFormat.NPY))
-        server.batcher.set_step_budget(0)
-        watchers = [
-            StreamWatcher(client, prompt, seed=i, output_format=OutputFormat.NPY)
-            for i, prompt in enumerate(PROMPTS)
-        ]
-        for watcher in watchers:
-            watcher.queued()
-        server.batcher.set_step_budget(None)
-        results = [watcher.completed().result for watcher in watchers]
+        results = run_together(server, PROMPTS, output_format=OutputFormat.NPY)
         assert {result.batch_size for result in results} == {3}
         return [alone, *(pixels(result) for result in results)]
     finally:

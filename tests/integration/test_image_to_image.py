@@ -15,24 +15,10 @@ from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from imagegen_client import OutputFormat, Step
 from PIL import Image
-from support import ALL_ROWS, StreamWatcher, assert_same_image, pixels, png
+from support import ALL_ROWS, StreamWatcher, assert_same_image, pipeline_image, pixels, png
 
 NPY = OutputFormat.NPY
-
-
-def run_pipeline(
-    pipeline: Any, seed: int, *, size: int = 64, steps: int = 8, **inputs: Any
-) -> np.ndarray:
-    output = pipeline(
-        "a boat on a lake",
-        height=size,
-        width=size,
-        num_inference_steps=steps,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        output_type="np",
-        **inputs,
-    )
-    return np.asarray(output.images[0], dtype=np.float32)
+PROMPT = "a boat on a lake"  # what the diffusers references are called with
 
 
 # 0.6 of 10 steps: the float32 that carries 0.6 (0.60000002) would run 7 steps where diffusers
@@ -51,7 +37,7 @@ def test_image_to_image_equals_the_diffusers_pipeline(
         seed=11,
         output_format=NPY,
     )
-    expected = run_pipeline(img2img, 11, steps=steps, image=picture, strength=strength)
+    expected = pipeline_image(img2img, PROMPT, 11, steps=steps, image=picture, strength=strength)
     assert_same_image(pixels(result), expected)
 
 
@@ -70,7 +56,9 @@ def test_inpainting_equals_the_diffusers_pipeline(
         seed=11,
         output_format=NPY,
     )
-    expected = run_pipeline(inpaint, 11, image=picture, mask_image=mask, strength=strength)
+    expected = pipeline_image(
+        inpaint, PROMPT, 11, steps=8, image=picture, mask_image=mask, strength=strength
+    )
     assert_same_image(pixels(result), expected)
 
 
@@ -86,7 +74,9 @@ def test_an_edit_is_encoded_alike_before_and_after_a_tiled_decode(
     client.generate("a fox", width=320, height=320, steps=2, seed=1)  # decoded in tiles
     after = pixels(client.generate("a boat on a lake", steps=4, seed=3, output_format=NPY, **edit))
     assert_same_image(after, before)
-    expected = run_pipeline(img2img, 3, size=288, steps=4, image=picture, strength=0.6)
+    expected = pipeline_image(
+        img2img, PROMPT, 3, width=288, height=288, steps=4, image=picture, strength=0.6
+    )
     assert_same_image(before, expected)  # below the threshold: untiled, as diffusers encodes
 
 
