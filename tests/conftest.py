@@ -23,12 +23,51 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def reference_pipeline(tiny_model: Path) -> Any:
     """The plain diffusers pipeline on the same weights: the fidelity reference."""
-    import torch
-    from diffusers import QwenImagePipeline
+    return _diffusers_pipeline("QwenImagePipeline", tiny_model)
 
-    pipeline = QwenImagePipeline.from_pretrained(tiny_model, dtype=torch.float32)
+
+def _diffusers_pipeline(name: str, model: Path) -> Any:
+    """diffusers' pipeline class `name` on `model`'s weights, float32, no progress bars."""
+    import diffusers
+    import torch
+
+    pipeline = getattr(diffusers, name).from_pretrained(model, dtype=torch.float32)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+@pytest.fixture(scope="session")
+def picture() -> Any:
+    """A smooth gradient with a disc: an init image with structure, 96x80 (the server resizes
+    it to the request's size)."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:80, 0:96]
+    rgb = np.stack([x / 96, y / 80, ((x - 48) ** 2 + (y - 40) ** 2 < 400).astype(float)], axis=-1)
+    return Image.fromarray((rgb * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="session")
+def mask() -> Any:
+    """White (regenerate) in the middle, black (keep) around it, 96x80."""
+    from PIL import Image
+
+    image = Image.new("L", (96, 80), 0)
+    image.paste(255, (32, 24, 64, 56))
+    return image
+
+
+@pytest.fixture(scope="session")
+def img2img(tiny_model: Path) -> Any:
+    """diffusers' image-to-image pipeline on the tiny model: the edits' fidelity reference."""
+    return _diffusers_pipeline("QwenImageImg2ImgPipeline", tiny_model)
+
+
+@pytest.fixture(scope="session")
+def inpaint(tiny_model: Path) -> Any:
+    """diffusers' inpainting pipeline on the tiny model."""
+    return _diffusers_pipeline("QwenImageInpaintPipeline", tiny_model)
 
 
 @pytest.fixture(scope="module")

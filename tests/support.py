@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import queue
 import threading
 import urllib.request
@@ -31,10 +32,11 @@ TEST_SETTINGS: dict[str, Any] = {
     "default_steps": 4,
     "max_queue_delay_ms": 0.0,
     "torch_threads": 2,
-    # Which rows step must not depend on measured step times here; tests of cost-aware row
-    # selection ask for it and set the costs.
-    "row_selection": "all",
 }
+# Pixel tests run under the server's default row selection (`cost`), the one users get. Tests
+# that assert which rows shared a step (batch sizes, step counts) ask for this instead, since
+# under `cost` that depends on measured step times.
+ALL_ROWS: dict[str, Any] = {"row_selection": "all"}
 EVENT_TIMEOUT_S = 60.0
 # A bound on start-up, not a timing: compiling the transformer takes over a minute on a busy
 # 2-core CI machine.
@@ -193,7 +195,23 @@ class StreamWatcher:
             self.seen.append(item)
 
     def join(self) -> None:
+        """Waits for the call to end; a call still running after EVENT_TIMEOUT_S has hung."""
         self._thread.join(EVENT_TIMEOUT_S)
+        assert not self._thread.is_alive(), "the stream call hung"
+
+
+def run_together(server: RunningServer, prompts: list[str], **options: Any) -> list[Any]:
+    """Queues one request per prompt (seed = its index) while the engine is held, then releases
+    it, so they all start in the same step; returns their GenerationResults in order."""
+    client = server.client()
+    server.batcher.set_step_budget(0)
+    watchers = [
+        StreamWatcher(client, prompt, seed=index, **options) for index, prompt in enumerate(prompts)
+    ]
+    for watcher in watchers:
+        watcher.queued()
+    server.batcher.set_step_budget(None)
+    return [watcher.completed().result for watcher in watchers]
 
 
 def pixels(result: Any, index: int = 0) -> np.ndarray:
@@ -207,6 +225,43 @@ def assert_same_image(
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     difference = float(np.abs(actual.astype(np.float32) - expected.astype(np.float32)).max())
     assert difference <= tolerance, f"max pixel difference {difference:.2e} > {tolerance:.0e}"
+
+
+def png(image: Any) -> bytes:
+    """A PIL image as PNG bytes (an init or mask image for a request)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def pipeline_image(
+    pipeline: Any,
+    prompt: str,
+    seed: int,
+    *,
+    width: int = 64,
+    height: int = 64,
+    steps: int = 4,
+    negative_prompt: str | None = None,
+    guidance: float = 1.0,
+    **inputs: Any,
+) -> np.ndarray:
+    """A diffusers pipeline's `__call__` with the server's conventions (a CPU generator seeded
+    with the image's seed; float pixels in [0, 1]): the fidelity reference."""
+    import torch
+
+    output = pipeline(
+        prompt,
+        negative_prompt=negative_prompt,
+        true_cfg_scale=guidance,
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="np",
+        **inputs,
+    )
+    return np.asarray(output.images[0], dtype=np.float32)
 
 
 def engine_params(

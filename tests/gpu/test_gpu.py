@@ -1,4 +1,6 @@
-"""On a CUDA device: the full-size stand-in in bfloat16, the memory probe, compiled vs eager."""
+"""On a CUDA device: the tiny model against diffusers on the same GPU and batch invariance there,
+the full-size stand-in in bfloat16 (its blocks do real work: `draw_modulation`), the memory
+probe. Compiled vs eager on the full stand-in: test_gpu_compile.py."""
 
 from __future__ import annotations
 
@@ -13,10 +15,14 @@ import pytest
 from imagegen_client import OutputFormat
 from support import pixels
 
+NPY = OutputFormat.NPY
 # Drawing the 20 B-parameter stand-in, the start-up probe and compiling run in a test's fixture
 # set-up, which the suite's 300 s per-test timeout would cut; a GPU command may run 600 s.
 # scripts/gpu-check.sh bounds each test tighter, to fit its 9-minute run.
-pytestmark = pytest.mark.timeout(float(os.environ.get("IMAGEGEN_GPU_TEST_TIMEOUT_S", "600")))
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.timeout(float(os.environ.get("IMAGEGEN_GPU_TEST_TIMEOUT_S", "600"))),
+]
 GPU = {
     "device": "cuda",
     "dtype": "bfloat16",
@@ -28,7 +34,6 @@ GPU = {
     "max_height": 1328,
     "default_steps": 8,
 }
-NPY = OutputFormat.NPY
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +75,58 @@ def test_the_memory_probe_caps_batches_and_reports_them(full_server: Any) -> Non
     assert metrics['imagegen_max_batch_size{resolution="1024x1024"}'] == limits[(1024, 1024)]
 
 
-def test_compiled_bf16_matches_eager_bf16(server_factory: Any, tiny_model: Path) -> None:
-    settings = {"device": "cuda", "dtype": "bfloat16"}
-    compiled = server_factory(compile="buckets", compile_buckets=[1, 2, 4, 8], **settings)
-    eager = server_factory(**settings)
-    for server in (compiled, eager):
-        server.image = pixels(
-            server.client().generate("compiled", seed=2, output_format=OutputFormat.NPY)
+# Max abs pixel difference in [0, 1] between two bfloat16 computations of one image that differ
+# only in kernels (batch size, padding, the pipeline's two CFG calls against the engine's one):
+# bfloat16 keeps 8 significant bits, a rounding of 2^-9 relative per operation, which a few
+# denoising steps of a random model carry to the pixels as a few 1/256 steps. Stated, not yet
+# measured on this project's GPUs: the first GPU run confirms or corrects it.
+BF16_TOLERANCE = 3e-2
+GPU_TINY = {"device": "cuda", "dtype": "bfloat16"}
+
+
+def test_the_tiny_model_on_the_gpu_equals_diffusers_on_the_gpu(
+    server_factory: Any, tiny_model: Path
+) -> None:
+    import torch
+    from diffusers import QwenImagePipeline
+    from support import assert_same_image, pipeline_image
+
+    client = server_factory(**GPU_TINY).client()
+    pipeline = QwenImagePipeline.from_pretrained(tiny_model, dtype=torch.bfloat16).to("cuda")
+    pipeline.set_progress_bar_config(disable=True)
+    for guidance, negative in ((1.0, ""), (4.0, "blurry")):
+        result = client.generate(
+            "a lighthouse",
+            seed=3,
+            guidance_scale=guidance,
+            negative_prompt=negative,
+            width=96,
+            height=64,
+            output_format=OutputFormat.NPY,
         )
-    assert float(np.abs(compiled.image - eager.image).max()) < 2e-2  # bfloat16 kernels differ
+        expected = pipeline_image(
+            pipeline,
+            "a lighthouse",
+            3,
+            width=96,
+            height=64,
+            negative_prompt=negative if guidance > 1 else None,
+            guidance=guidance,
+        )
+        assert_same_image(pixels(result), expected, BF16_TOLERANCE)
+
+
+def test_a_batch_of_four_on_the_gpu_equals_each_row_alone(server_factory: Any) -> None:
+    from support import ALL_ROWS, assert_same_image, run_together
+
+    server = server_factory(**GPU_TINY, **ALL_ROWS)
+    client = server.client()
+    prompts = ["x", "a fox", "a much longer prompt about an old harbour town at night", "山水画"]
+    batched = run_together(server, prompts, output_format=OutputFormat.NPY)
+    assert {result.batch_size for result in batched} == {4}
+    for index, (prompt, together) in enumerate(zip(prompts, batched, strict=True)):
+        alone = client.generate(prompt, seed=index, output_format=OutputFormat.NPY)
+        assert_same_image(pixels(together), pixels(alone), BF16_TOLERANCE)
 
 
 def test_variants_on_cuda_batch_together_probe_with_their_loras_and_match_alone(

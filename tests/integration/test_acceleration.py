@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 from imagegen_client import Adapter, OutputFormat
-from support import StreamWatcher, assert_same_image, pixels
+from support import ALL_ROWS, StreamWatcher, assert_same_image, pixels
 
 NPY = OutputFormat.NPY
 BIN = Path(sys.executable).parent
@@ -39,7 +39,12 @@ def mixed_batch_images(server: Any) -> list[np.ndarray]:
     return [pixels(watcher.completed().result) for watcher in [first, *second, last]]
 
 
-MIXED_BATCH_SETTINGS: dict[str, Any] = {"step_budget": 0, "max_batch_size": 4, "max_num_images": 1}
+MIXED_BATCH_SETTINGS: dict[str, Any] = {
+    "step_budget": 0,
+    "max_batch_size": 4,
+    "max_num_images": 1,
+    **ALL_ROWS,
+}
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +113,7 @@ def test_adapters_never_make_the_compiled_transformer_compile_while_serving(
         "step_budget": 0,
         "max_batch_size": 4,
         "max_num_images": 1,
+        **ALL_ROWS,
     }
     eager = adapter_batch_images(server_factory(**settings))
     torch._dynamo.reset()

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import pytest
 from imagegen_client import Completed, OutputFormat, Started, Step
-from support import StreamWatcher, assert_same_image, pixels
+from support import ALL_ROWS, StreamWatcher, assert_same_image, pixels
 
 NPY = OutputFormat.NPY
 
@@ -28,7 +28,7 @@ def run_steps(server: Any, watcher: StreamWatcher, steps: int) -> None:
 
 
 def test_concurrent_requests_of_one_key_share_transformer_batches(server_factory: Any) -> None:
-    server = server_factory(step_budget=0, max_batch_size=8)
+    server = server_factory(step_budget=0, max_batch_size=8, **ALL_ROWS)
     client = server.client()
     watchers = [StreamWatcher(client, f"prompt {i}", seed=i, steps=4) for i in range(8)]
     for watcher in watchers:
@@ -43,7 +43,7 @@ def test_concurrent_requests_of_one_key_share_transformer_batches(server_factory
 
 
 def test_requests_of_two_shapes_never_share_a_batch(server_factory: Any) -> None:
-    server = server_factory(step_budget=0, max_batch_size=8, max_active_batches=2)
+    server = server_factory(step_budget=0, max_batch_size=8, max_active_batches=2, **ALL_ROWS)
     client = server.client()
     square = [
         StreamWatcher(client, f"square {i}", seed=i, width=64, height=64, output_format=NPY)
@@ -67,7 +67,7 @@ def test_requests_of_two_shapes_never_share_a_batch(server_factory: Any) -> None
 def test_joining_a_running_batch_at_any_step_changes_no_pixels(
     server_factory: Any, join_at: int
 ) -> None:
-    server = server_factory(step_budget=0, max_batch_size=8)
+    server = server_factory(step_budget=0, max_batch_size=8, **ALL_ROWS)
     client = server.client()
     running = StreamWatcher(client, "an eight-step castle", seed=11, steps=8, output_format=NPY)
     running.queued()
@@ -96,7 +96,7 @@ def test_joining_a_running_batch_at_any_step_changes_no_pixels(
 
 
 def test_a_short_request_finishes_while_a_longer_batch_runs(server_factory: Any) -> None:
-    server = server_factory(step_budget=0)
+    server = server_factory(step_budget=0, **ALL_ROWS)
     client = server.client()
     long = StreamWatcher(client, "eight steps", seed=1, steps=8)
     long.queued()
@@ -111,7 +111,7 @@ def test_a_short_request_finishes_while_a_longer_batch_runs(server_factory: Any)
 
 
 def test_request_level_batching_makes_the_short_request_wait(server_factory: Any) -> None:
-    server = server_factory(step_budget=0, batching="request")
+    server = server_factory(step_budget=0, batching="request", **ALL_ROWS)
     client = server.client()
     long = StreamWatcher(client, "eight steps", seed=1, steps=8)
     long.queued()
@@ -160,6 +160,7 @@ def test_a_higher_priority_request_starts_first(server_factory: Any) -> None:
         max_active_batches=1,
         priority_levels=2,
         default_priority=2,
+        **ALL_ROWS,
     )
     client = server.client()
     low = [StreamWatcher(client, f"low {i}", seed=i) for i in range(3)]
@@ -177,7 +178,7 @@ def test_a_higher_priority_request_starts_first(server_factory: Any) -> None:
 def test_cancelling_mid_run_frees_the_row_and_leaves_the_others_unchanged(
     server_factory: Any,
 ) -> None:
-    server = server_factory(step_budget=0, max_batch_size=2, max_num_images=2)
+    server = server_factory(step_budget=0, max_batch_size=2, max_num_images=2, **ALL_ROWS)
     client = server.client()
     keeper = StreamWatcher(client, "the keeper", seed=21, steps=8, output_format=NPY)
     leaver = client.stream("the leaver", seed=22, steps=8)

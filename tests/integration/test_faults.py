@@ -13,16 +13,17 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from imagegen_client import OutputFormat, RetryPolicy
 from imagegen_server.base.engine_api import EngineRequest
+from imagegen_server.base.errors import EngineUnavailable
 from imagegen_server.engine.engine import Engine
 from imagegen_server.engine.model import load_model
-from support import StreamWatcher, assert_same_image, engine_params, pixels
+from support import ALL_ROWS, StreamWatcher, assert_same_image, engine_params, pixels
 
 NPY = OutputFormat.NPY
 NO_RETRY = RetryPolicy(max_attempts=1)
 
 
 def test_one_poisoned_request_in_a_batch_of_eight_fails_alone(server_factory: Any) -> None:
-    server = server_factory(step_budget=0, fault_injection_request_marker="poison")
+    server = server_factory(step_budget=0, fault_injection_request_marker="poison", **ALL_ROWS)
     client = server.client(retry=NO_RETRY)
     names = [f"ok-{i}" for i in range(7)] + ["poison-7"]
     watchers = [
@@ -49,8 +50,77 @@ def test_one_poisoned_request_in_a_batch_of_eight_fails_alone(server_factory: An
     assert client.health() == "SERVING"
 
 
+@pytest.mark.parametrize("stage", ["text_encode", "vae_decode"])
+def test_a_failing_encode_or_decode_fails_only_the_poisoned_request(
+    server_factory: Any, stage: str
+) -> None:
+    """The requests admitted together share one text-encoder call, and rows that finish
+    together one VAE decode: when it fails, the engine retries request by request (row by row
+    for the decode), so only the poisoned request fails, a two-image request among the others
+    included, and every other image equals its image alone."""
+    server = server_factory(
+        step_budget=0,
+        fault_injection_request_marker="poison",
+        fault_injection_stage=stage,
+        **ALL_ROWS,
+    )
+    client = server.client(retry=NO_RETRY)
+    asks = [("ok-0", 1), ("ok-1", 2), ("poison-2", 1), ("ok-3", 1)]
+    watchers = [
+        StreamWatcher(
+            client, f"prompt {i}", seed=i, output_format=NPY, request_id=name, num_images=images
+        )
+        for i, (name, images) in enumerate(asks)
+    ]
+    for watcher in watchers:
+        watcher.queued()
+    server.batcher.set_step_budget(None)
+    poisoned = watchers[2].error()
+    assert poisoned.code() == grpc.StatusCode.INTERNAL
+    assert poisoned.details() == "generation failed; see the server log"
+    for index, (name, images) in enumerate(asks):
+        if name.startswith("poison"):
+            continue
+        result = watchers[index].completed().result
+        alone = client.generate(f"prompt {index}", seed=index, output_format=NPY, num_images=images)
+        assert len(result.images) == images
+        for image in range(images):
+            assert_same_image(pixels(result, image), pixels(alone, image))
+    assert client.health() == "SERVING"
+
+
+def test_a_failing_init_image_encode_fails_only_the_poisoned_edit(server_factory: Any) -> None:
+    """The init images of edits admitted together share one VAE encode call."""
+    from PIL import Image
+    from support import png
+
+    server = server_factory(
+        step_budget=0,
+        fault_injection_request_marker="poison",
+        fault_injection_stage="image_encode",
+        **ALL_ROWS,
+    )
+    client = server.client(retry=NO_RETRY)
+    init = png(Image.radial_gradient("L").resize((64, 64)).convert("RGB"))
+    edit = {"init_image": init, "strength": 0.75, "steps": 4, "output_format": NPY}
+    asks = [("edit-0", edit), ("poison-1", edit), ("text-2", {"output_format": NPY})]
+    watchers = [
+        StreamWatcher(client, f"prompt {i}", seed=i, request_id=name, **options)
+        for i, (name, options) in enumerate(asks)
+    ]
+    for watcher in watchers:
+        watcher.queued()
+    server.batcher.set_step_budget(None)
+    assert watchers[1].error().code() == grpc.StatusCode.INTERNAL
+    for index in (0, 2):
+        result = watchers[index].completed().result
+        alone = client.generate(f"prompt {index}", seed=index, **asks[index][1])
+        assert_same_image(pixels(result), pixels(alone))
+    assert client.health() == "SERVING"
+
+
 def test_out_of_memory_halves_the_batch_and_caps_the_key(server_factory: Any) -> None:
-    server = server_factory(step_budget=0, fault_injection_oom_rows=3)
+    server = server_factory(step_budget=0, fault_injection_oom_rows=3, **ALL_ROWS)
     client = server.client(retry=NO_RETRY)
     watchers = [StreamWatcher(client, f"prompt {i}", seed=i, output_format=NPY) for i in range(8)]
     for watcher in watchers:
@@ -103,8 +173,9 @@ def test_a_dead_engine_thread_fails_waiting_requests_and_turns_not_serving(
     def die(engine: Any) -> None:
         raise SystemExit("the engine thread dies (what no exception handler may swallow)")
 
-    future = server.run(_call_on_engine(server, die), timeout=30)
-    assert isinstance(future, Exception)
+    answer = server.run(_call_on_engine(server, die), timeout=30)
+    assert isinstance(answer, EngineUnavailable), answer  # its caller is answered, not left
+    assert "SystemExit" in str(answer)
     for watcher in waiting:
         assert watcher.error().code() == grpc.StatusCode.UNAVAILABLE
     with grpc.insecure_channel(server.target) as channel:

@@ -10,32 +10,7 @@ import pytest
 import torch
 from imagegen_client import OutputFormat
 from PIL import Image
-from support import StreamWatcher, assert_same_image, pixels
-
-
-def reference(
-    pipeline: Any,
-    prompt: str,
-    seed: int,
-    *,
-    width: int = 64,
-    height: int = 64,
-    steps: int = 4,
-    negative_prompt: str | None = None,
-    guidance: float = 1.0,
-) -> np.ndarray:
-    """QwenImagePipeline.__call__ with the server's conventions (CPU generator seeded per image)."""
-    output = pipeline(
-        prompt,
-        negative_prompt=negative_prompt,
-        true_cfg_scale=guidance,
-        width=width,
-        height=height,
-        num_inference_steps=steps,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        output_type="np",
-    )
-    return np.asarray(output.images[0], dtype=np.float32)
+from support import ALL_ROWS, StreamWatcher, assert_same_image, pipeline_image, pixels
 
 
 @pytest.mark.parametrize("width,height", [(64, 64), (96, 48)])
@@ -54,7 +29,7 @@ def test_server_image_equals_the_diffusers_pipeline(
         seed=1234,
         output_format=OutputFormat.NPY,
     )
-    expected = reference(
+    expected = pipeline_image(
         reference_pipeline,
         "a lighthouse on a cliff at dusk",
         1234,
@@ -67,15 +42,13 @@ def test_server_image_equals_the_diffusers_pipeline(
     assert_same_image(pixels(result), expected)
 
 
-def test_a_request_gives_the_same_image_alone_and_inside_a_batch_of_four(
+def test_every_request_gives_the_same_image_alone_and_inside_a_batch_of_four(
     server_factory: Any,
 ) -> None:
-    server = server_factory()
+    """Every row of one transformer batch, prompts of 1 to 56 tokens among them, against its
+    image alone (the `all` policy: the four must really share each step)."""
+    server = server_factory(step_budget=0, **ALL_ROWS)
     client = server.client()
-    alone = client.generate("a red fox in the snow", seed=7, output_format=OutputFormat.NPY)
-    assert alone.batch_size == 1
-
-    server.batcher.set_step_budget(0)  # hold the engine so all four queue up and share steps
     prompts = [
         "a red fox in the snow",
         "x",
@@ -91,7 +64,10 @@ def test_a_request_gives_the_same_image_alone_and_inside_a_batch_of_four(
     server.batcher.set_step_budget(None)
     batched = [watcher.completed().result for watcher in watchers]
     assert [result.batch_size for result in batched] == [4, 4, 4, 4]
-    assert_same_image(pixels(batched[0]), pixels(alone))
+    for index, (prompt, together) in enumerate(zip(prompts, batched, strict=True)):
+        alone = client.generate(prompt, seed=7 + index * 100, output_format=OutputFormat.NPY)
+        assert alone.batch_size == 1
+        assert_same_image(pixels(together), pixels(alone))
 
 
 def test_num_images_uses_consecutive_seeds(server: Any) -> None:
@@ -163,7 +139,9 @@ def test_a_negative_prompt_keeps_its_tokens_past_the_prompt_limit(
             output_format=OutputFormat.NPY,
         )
         images.append(pixels(result))
-        expected = reference(reference_pipeline, "a fox", 5, negative_prompt=negative, guidance=4.0)
+        expected = pipeline_image(
+            reference_pipeline, "a fox", 5, negative_prompt=negative, guidance=4.0
+        )
         assert_same_image(images[-1], expected)
     assert float(np.abs(images[0] - images[1]).max()) > 1e-3
 

@@ -5,72 +5,20 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 import torch
-from diffusers import QwenImageImg2ImgPipeline, QwenImageInpaintPipeline
 from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from imagegen_client import OutputFormat, Step
 from PIL import Image
-from support import StreamWatcher, assert_same_image, pixels
+from support import ALL_ROWS, StreamWatcher, assert_same_image, pipeline_image, pixels, png
 
 NPY = OutputFormat.NPY
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def picture() -> Image.Image:
-    """A smooth gradient with a disc: an init image with structure, 96x80 (resized to 64x64)."""
-    y, x = np.mgrid[0:80, 0:96]
-    rgb = np.stack([x / 96, y / 80, ((x - 48) ** 2 + (y - 40) ** 2 < 400).astype(float)], axis=-1)
-    return Image.fromarray((rgb * 255).astype(np.uint8))
-
-
-@pytest.fixture(scope="module")
-def mask() -> Image.Image:
-    """White (regenerate) in the middle, black (keep) around it."""
-    image = Image.new("L", (96, 80), 0)
-    image.paste(255, (32, 24, 64, 56))
-    return image
-
-
-@pytest.fixture(scope="module")
-def img2img(tiny_model: Path) -> Any:
-    pipeline = QwenImageImg2ImgPipeline.from_pretrained(tiny_model, dtype=torch.float32)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-@pytest.fixture(scope="module")
-def inpaint(tiny_model: Path) -> Any:
-    pipeline = QwenImageInpaintPipeline.from_pretrained(tiny_model, dtype=torch.float32)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-def run_pipeline(
-    pipeline: Any, seed: int, *, size: int = 64, steps: int = 8, **inputs: Any
-) -> np.ndarray:
-    output = pipeline(
-        "a boat on a lake",
-        height=size,
-        width=size,
-        num_inference_steps=steps,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        output_type="np",
-        **inputs,
-    )
-    return np.asarray(output.images[0], dtype=np.float32)
+PROMPT = "a boat on a lake"  # what the diffusers references are called with
 
 
 # 0.6 of 10 steps: the float32 that carries 0.6 (0.60000002) would run 7 steps where diffusers
@@ -89,7 +37,7 @@ def test_image_to_image_equals_the_diffusers_pipeline(
         seed=11,
         output_format=NPY,
     )
-    expected = run_pipeline(img2img, 11, steps=steps, image=picture, strength=strength)
+    expected = pipeline_image(img2img, PROMPT, 11, steps=steps, image=picture, strength=strength)
     assert_same_image(pixels(result), expected)
 
 
@@ -108,7 +56,9 @@ def test_inpainting_equals_the_diffusers_pipeline(
         seed=11,
         output_format=NPY,
     )
-    expected = run_pipeline(inpaint, 11, image=picture, mask_image=mask, strength=strength)
+    expected = pipeline_image(
+        inpaint, PROMPT, 11, steps=8, image=picture, mask_image=mask, strength=strength
+    )
     assert_same_image(pixels(result), expected)
 
 
@@ -124,7 +74,9 @@ def test_an_edit_is_encoded_alike_before_and_after_a_tiled_decode(
     client.generate("a fox", width=320, height=320, steps=2, seed=1)  # decoded in tiles
     after = pixels(client.generate("a boat on a lake", steps=4, seed=3, output_format=NPY, **edit))
     assert_same_image(after, before)
-    expected = run_pipeline(img2img, 3, size=288, steps=4, image=picture, strength=0.6)
+    expected = pipeline_image(
+        img2img, PROMPT, 3, width=288, height=288, steps=4, image=picture, strength=0.6
+    )
     assert_same_image(before, expected)  # below the threshold: untiled, as diffusers encodes
 
 
@@ -185,7 +137,7 @@ def test_the_least_strength_runs_one_step(server: Any, picture: Image.Image) -> 
 def test_edits_share_batches_with_text_to_image_rows(
     server_factory: Any, picture: Image.Image, mask: Image.Image
 ) -> None:
-    server = server_factory(step_budget=0)
+    server = server_factory(step_budget=0, **ALL_ROWS)
     client = server.client()
     requests = [
         {"prompt": "text only", "seed": 1},

@@ -12,8 +12,7 @@ import torch
 from diffusers import QwenImagePipeline
 from imagegen_client import OutputFormat
 from imagegen_server.engine.model import lightning_scheduler
-from support import assert_same_image, pixels
-from test_generation import reference
+from support import assert_same_image, pipeline_image, pixels
 
 NPY = OutputFormat.NPY
 
@@ -34,7 +33,7 @@ def test_a_base_lora_applies_like_load_lora_weights(
 ) -> None:
     server = server_factory(lora=[f"{tiny_model}/adapters/ink.safetensors@0.8"], fuse_lora=fuse)
     result = server.client().generate("a fox", seed=5, output_format=NPY)
-    assert_same_image(pixels(result), reference(lora_reference, "a fox", 5))
+    assert_same_image(pixels(result), pipeline_image(lora_reference, "a fox", 5))
     info = server.client().server_info()
     assert list(info.fused_adapters) == (["ink.safetensors@0.8"] if fuse else [])
 
@@ -42,7 +41,7 @@ def test_a_base_lora_applies_like_load_lora_weights(
 def test_the_base_lora_changes_the_image(
     server: Any, lora_reference: Any, reference_pipeline: Any
 ) -> None:
-    with_lora = reference(lora_reference, "a fox", 5)
+    with_lora = pipeline_image(lora_reference, "a fox", 5)
     without = pixels(server.client().generate("a fox", seed=5, output_format=NPY))
     assert float(np.abs(with_lora - without).max()) > 0.01
 
@@ -61,7 +60,7 @@ def test_the_lightning_preset_uses_its_scheduler_settings(
     assert config.base_shift == config.max_shift == pytest.approx(math.log(3))
     assert config.shift_terminal is None and config.time_shift_type == "exponential"
     result = server.client().generate("a fox", seed=5, output_format=NPY)
-    assert_same_image(pixels(result), reference(pipeline, "a fox", 5, steps=8))
+    assert_same_image(pixels(result), pipeline_image(pipeline, "a fox", 5, steps=8))
     default = pixels(
         server_factory().client().generate("a fox", seed=5, steps=8, output_format=NPY)
     )

@@ -16,7 +16,7 @@ from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from imagegen_client import Completed, Queued, RetryPolicy, Started, Step
 from PIL import Image
-from support import StreamWatcher
+from support import ALL_ROWS, StreamWatcher
 
 INVALID_FIELDS = [
     # (request fields, field named in the message, part of the allowed range in the message)
@@ -110,7 +110,7 @@ def test_a_full_queue_answers_unavailable(server_factory: Any) -> None:
 
 
 def test_a_request_cancelled_while_queued_never_reaches_the_engine(server_factory: Any) -> None:
-    server = server_factory(step_budget=0)
+    server = server_factory(step_budget=0, **ALL_ROWS)
     client = server.client()
     started_before = server.metrics()["imagegen_request_queue_seconds_count"]
     cancelled = client.stream("never runs", seed=1)
@@ -200,7 +200,7 @@ def test_server_info_reports_model_limits_and_batching(server: Any) -> None:
     assert info.limits.size_multiple == 16
     assert (info.limits.min_width, info.limits.max_width, info.limits.default_steps) == (32, 256, 4)
     assert info.batching.policy == "step" and info.batching.max_batch_size == 8
-    assert info.batching.row_selection == "all"  # as the test settings ask
+    assert info.batching.row_selection == "cost"  # the default, as the test settings keep it
     assert pb.OUTPUT_FORMAT_NPY in info.limits.output_formats
     assert info.limits.default_output_quality == 90  # the setting's default
 

@@ -272,7 +272,12 @@ class Settings(BaseSettings):
 
     # --- testing only: make the model fail on purpose ---
     fault_injection_request_marker: str | None = Field(
-        None, description="TESTING ONLY: requests whose id contains this fail in the transformer"
+        None,
+        description="TESTING ONLY: requests whose id contains this fail in the"
+        " fault_injection_stage call",
+    )
+    fault_injection_stage: Literal["denoise", "text_encode", "image_encode", "vae_decode"] = Field(
+        "denoise", description="TESTING ONLY: the model call fault_injection_request_marker fails"
     )
     fault_injection_oom_rows: int = Field(
         0, ge=0, description="TESTING ONLY: transformer calls above this many rows raise OOM"

@@ -18,7 +18,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from ..base.engine_api import EngineRequest
 from ..base.types import AdapterSpec, GenerationParams
 from .batch import Batch, chunks
-from .denoise import Row
+from .denoise import FaultInjection, Row
 from .init_image import InitImageEncoder, InpaintState
 from .model import LoadedModel
 from .prompts import PromptEncoder
@@ -53,12 +53,14 @@ class Admission:
         variants: VariantTable,
         init_images: InitImageEncoder,
         vae_rows: VaeRows,
+        faults: FaultInjection | None = None,
     ) -> None:
         self._model = model
         self._prompts = prompts
         self._variants = variants  # each variant's schedules and LoRAs
         self._init_images = init_images
         self._vae_rows = vae_rows  # the memory probe's limit on one VAE call
+        self._faults = faults or FaultInjection()  # testing only: poisoned encoder calls
 
     def prepare(self, requests: Sequence[EngineRequest]) -> list[PreparedRequest]:
         """Text states for every request and VAE posteriors for those with an init image; an
@@ -66,6 +68,7 @@ class Admission:
         prompts = [request.params.prompt for request in requests]
         negatives = [r.params.negative_prompt for r in requests if r.params.cfg]
         # One encoder call for both.
+        self._faults.check_stage("text_encode", [request.request_id for request in requests])
         states = self._prompts.encode(prompts + negatives, self._model.device, self._model.dtype)
         negative_states = iter(states[len(prompts) :])
         posteriors = iter(self._encode_init_images(requests))
@@ -104,6 +107,8 @@ class Admission:
         images = [r.params.init_image for r in requests if r.params.init_image is not None]
         if not images:
             return []
+        with_images = [r.request_id for r in requests if r.params.init_image is not None]
+        self._faults.check_stage("image_encode", with_images)
         width, height = requests[0].params.width, requests[0].params.height
         chunk = self._vae_rows("encode", width, height)
         return [

@@ -54,18 +54,31 @@ class Row:
         )
 
 
+# Where an injected fault strikes (`FaultInjection.stage`): the four model calls a request's
+# rows go through.
+FAULT_STAGES = ("denoise", "text_encode", "image_encode", "vae_decode")
+
+
 @dataclass(frozen=True, slots=True)
 class FaultInjection:
-    """Testing only (settings `fault_injection_*`): make the transformer call fail on purpose."""
+    """Testing only (settings `fault_injection_*`): make a model call fail on purpose, so the
+    tests can prove that every stage's failure stays with the request that caused it."""
 
-    request_marker: str | None = None  # a call holding a row of such a request id raises
-    oom_above_rows: int = 0  # a call with more rows raises out-of-memory; 0 = never
+    request_marker: str | None = None  # a `stage` call holding such a request id raises
+    oom_above_rows: int = 0  # a transformer call with more rows raises out-of-memory; 0 = never
+    stage: str = "denoise"  # which call the marker poisons: one of FAULT_STAGES
 
     def check(self, rows: Sequence[Row]) -> None:
-        if self.request_marker and any(self.request_marker in row.request_id for row in rows):
-            raise RuntimeError("injected fault (fault_injection_request_marker)")
+        """Before a transformer call for `rows`."""
+        self.check_stage("denoise", [row.request_id for row in rows])
         if self.oom_above_rows and len(rows) > self.oom_above_rows:
             raise torch.OutOfMemoryError(f"injected out-of-memory above {self.oom_above_rows} rows")
+
+    def check_stage(self, stage: str, request_ids: Sequence[str]) -> None:
+        """Before a `stage` call for the rows or requests `request_ids`."""
+        marker = self.request_marker
+        if stage == self.stage and marker and any(marker in rid for rid in request_ids):
+            raise RuntimeError(f"injected fault in {stage} (fault_injection_request_marker)")
 
 
 @dataclass(slots=True)

@@ -92,7 +92,8 @@ class Engine:
         self._batches: dict[Hashable, Batch] = {}
         self.adapters = LoraBank(pipeline.transformer)
         self.runner = runner or TransformerRunner.build(pipeline.transformer, "off", ())
-        self._denoiser = Denoiser(self.runner, self.adapters, model.device, faults)
+        self._faults = faults or FaultInjection()
+        self._denoiser = Denoiser(self.runner, self.adapters, model.device, self._faults)
         # The VAE's two directions, public for the start-up probes (`probes`).
         self.decoder = Decoder(
             pipeline.vae, model.vae_scale_factor, model.device, vae_tiling_min_pixels
@@ -101,7 +102,12 @@ class Engine:
             pipeline, model.device, model.dtype, vae_tiling_min_pixels
         )
         self._admission = Admission(
-            model, self._prompts, self.variants, self.init_images, self._rows_per_vae_call
+            model,
+            self._prompts,
+            self.variants,
+            self.init_images,
+            self._rows_per_vae_call,
+            self._faults,
         )
         self._vae_budget: tuple[MemoryBudget, int] | None = None  # None: all at once
 
@@ -348,6 +354,7 @@ class Engine:
 
     def _decode_rows(self, batch: Batch, positions: list[int]) -> list[np.ndarray]:
         assert batch.latents is not None
+        self._faults.check_stage("vae_decode", [batch.rows[p].request_id for p in positions])
         return self.decoder.images(
             batch.latents[positions],
             batch.key.height,

@@ -118,7 +118,11 @@ def _new_engine(settings: Settings, model: LoadedModel) -> Engine:
         model,
         settings.prompt_cache_size,
         settings.max_prompt_tokens,
-        FaultInjection(settings.fault_injection_request_marker, settings.fault_injection_oom_rows),
+        FaultInjection(
+            settings.fault_injection_request_marker,
+            settings.fault_injection_oom_rows,
+            settings.fault_injection_stage,
+        ),
         TransformerRunner.build(
             transformer, settings.compile, settings.compile_buckets, settings.compile_scope
         ),
