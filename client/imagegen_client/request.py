@@ -29,11 +29,15 @@ def build_request(
     init_image: bytes | str | Path | None = None,
     strength: float | None = None,
     mask_image: bytes | str | Path | None = None,
+    reference_images: Sequence[bytes | str | Path] = (),
 ) -> pb.GenerateRequest:
     """A GenerateRequest; 0 means "the server's default" for sizes, steps, quality, priority.
 
     `init_image` (bytes or a file path) turns it into image-to-image with `strength`, and
-    `mask_image` (white = regenerate) into inpainting.
+    `mask_image` (white = regenerate) into inpainting. `reference_images` (bytes or file paths,
+    "Picture 1" first) make it an instruction edit, for a server whose model is Qwen-Image-Edit
+    (one) or Edit-Plus (up to three); without a size the output takes about one megapixel at
+    the last reference's aspect ratio.
     """
     request = pb.GenerateRequest(
         prompt=prompt,
@@ -49,6 +53,7 @@ def build_request(
         preview_every_n_steps=preview_every_n_steps,
         init_image=_image_bytes(init_image),
         mask_image=_image_bytes(mask_image),
+        reference_images=[_image_bytes(image) for image in reference_images],
     )
     if strength is not None:
         request.strength = strength

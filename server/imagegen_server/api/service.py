@@ -35,6 +35,7 @@ from ..batching.requests import RequestHandle
 from .adapters import AdapterRegistry
 from .admin import adapter_message
 from .codec import encode_image, encode_preview
+from .references import decode_references
 from .validation import OUTPUT_FORMATS, RequestValidator
 
 if TYPE_CHECKING:  # generic only in grpc-stubs, not at run time
@@ -128,6 +129,7 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
             model = self._model
             info.model, info.device, info.dtype = model.name, model.device, model.dtype
             info.scheduler_preset = model.scheduler_preset
+            info.pipeline = model.pipeline
             info.fused_adapters.extend(model.fused_adapters)
             info.limits.CopyFrom(self._limits_message())
         info.adapters.extend(
@@ -148,11 +150,16 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
         validator = self._validator
         if validator is None:
             raise EngineUnavailable("model loading; retry shortly")
-        images = None
-        if request.init_image:  # decoding and resizing take a while: not on the event loop
-            loop = asyncio.get_running_loop()
+        images = references = None
+        loop = asyncio.get_running_loop()
+        # Decoding and resizing take a while: not on the event loop.
+        if request.init_image:
             images = await loop.run_in_executor(self._codec_pool, validator.decode_images, request)
-        return validator.validate(request, streaming, images)
+        if request.reference_images:
+            references = await loop.run_in_executor(
+                self._codec_pool, decode_references, request, validator.limits
+            )
+        return validator.validate(request, streaming, images, references)
 
     @contextlib.contextmanager
     def _admitted(

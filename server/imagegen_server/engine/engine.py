@@ -51,6 +51,7 @@ from .lora import LoraBank
 from .memory import MemoryBudget
 from .model import LoadedModel
 from .prompts import PromptEncoder
+from .references import ReferenceEncoder
 from .sampling import LatentShape, ScheduleTable
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,18 @@ class Engine:
         self.init_images = InitImageEncoder(
             pipeline, model.device, model.dtype, vae_tiling_min_pixels
         )
+        references = None
+        if model.max_reference_images:
+            references = ReferenceEncoder(
+                model, prompt_cache_size, self._prompts.stats, vae_tiling_min_pixels
+            )
         self._admission = Admission(
-            model, self._prompts, self._schedules, self.init_images, self._rows_per_vae_call
+            model,
+            self._prompts,
+            self._schedules,
+            self.init_images,
+            self._rows_per_vae_call,
+            references,
         )
         self._vae_budget: tuple[MemoryBudget, int] | None = None  # None: all at once
 
@@ -212,7 +223,9 @@ class Engine:
         batch = self._batches.get(group)
         if batch is None:
             shape = self.latent_shape(params.width, params.height)
-            batch = self._batches[group] = Batch(key=params.batch_key, shape=shape)
+            factor = self.model.size_multiple  # pixels per token side
+            grids = tuple((1, h // factor, w // factor) for w, h in params.batch_key.references)
+            batch = self._batches[group] = Batch(params.batch_key, shape, reference_grids=grids)
         elif batch.key != params.batch_key:
             raise ValueError(f"request of shape {params.batch_key} sent to batch of {batch.key}")
         return batch
@@ -232,7 +245,7 @@ class Engine:
                 rows,
                 positions,
                 batch.latents[positions],
-                batch.shape,
+                batch.rope_shapes,
                 batch.key.cfg,
                 batch.text if whole else None,
             )

@@ -121,7 +121,9 @@ def _describe(settings: Settings, engine: Engine) -> EngineSetup:
     min_steps = engine.min_steps(settings.default_width, settings.default_height)
     return EngineSetup(
         engine=engine,
-        limits=RequestLimits.from_settings(settings, model.size_multiple, min_steps),
+        limits=RequestLimits.from_settings(
+            settings, model.size_multiple, min_steps, model.max_reference_images
+        ),
         count_tokens=PromptTokenizer(model.pipeline).count,
         description=ModelDescription(
             name=settings.model,
@@ -129,6 +131,7 @@ def _describe(settings: Settings, engine: Engine) -> EngineSetup:
             dtype=str(model.dtype).removeprefix("torch."),
             scheduler_preset=settings.scheduler_preset,
             fused_adapters=tuple(model.fused_loras),
+            pipeline=model.kind,
         ),
     )
 
