@@ -1,0 +1,230 @@
+"""Instruction editing with reference images (Qwen-Image-Edit and Edit-Plus): the server's
+image equals diffusers' edit pipelines, is the same alone and in any batch, and bad references
+are refused naming the field.
+
+Every reference is VAE-encoded at about one megapixel, as the pipelines do, so each adds about
+4,000 tokens to its row: the tests keep to 2 steps and 64-pixel targets.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
+from imagegen_client import OutputFormat
+from imagegen_server.base.references import VAE_IMAGE_AREA
+from imagegen_server.base.references import calculate_dimensions as served_dimensions
+from imagegen_server.engine.edit_model import load_processor
+from PIL import Image
+from support import StreamWatcher, assert_same_image, pixels
+
+NPY = OutputFormat.NPY
+STEPS = 2
+
+
+def picture(width: int, height: int, seed: int) -> Image.Image:
+    """Smooth colour fields with structure (a reference the VAE sees as an image)."""
+    y, x = np.mgrid[0:height, 0:width]
+    phase = seed * 0.7
+    rgb = np.stack(
+        [
+            0.5 + 0.5 * np.sin(x / 7 + phase),
+            0.5 + 0.5 * np.cos(y / 5 - phase),
+            ((x - width / 2) ** 2 + (y - height / 2) ** 2 < (width / 3) ** 2) * (seed % 2),
+        ],
+        axis=-1,
+    )
+    return Image.fromarray((rgb * 255).astype(np.uint8))
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def diffusers_pipeline(cls: Any, directory: Path) -> Any:
+    pipeline = cls.from_pretrained(
+        directory, processor=load_processor(directory / "processor"), dtype=torch.float32
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def diffusers_edit(pipeline: Any, references: list[Image.Image], **options: Any) -> np.ndarray:
+    """The pipeline's own image, as float32 HxWx3 in [0, 1]."""
+    image = references[0] if isinstance(pipeline, QwenImageEditPipeline) else references
+    output = pipeline(
+        image=image,
+        prompt=options["prompt"],
+        negative_prompt=options.get("negative_prompt") or None,
+        true_cfg_scale=options.get("guidance_scale", 1.0),
+        num_inference_steps=STEPS,
+        width=options["width"],
+        height=options["height"],
+        generator=torch.Generator("cpu").manual_seed(options["seed"]),
+        output_type="np",
+    )
+    return np.asarray(output.images[0], dtype=np.float32)
+
+
+def served_edit(client: Any, references: list[Image.Image], **options: Any) -> np.ndarray:
+    result = client.edit_with_references(
+        options.pop("prompt"),
+        [png(image) for image in references],
+        steps=STEPS,
+        output_format=NPY,
+        **options,
+    )
+    return pixels(result)
+
+
+@pytest.fixture(scope="module")
+def edit_plus_pipeline(tiny_edit_models: dict[str, Path]) -> Any:
+    return diffusers_pipeline(QwenImageEditPlusPipeline, tiny_edit_models["edit-plus"])
+
+
+CASES = {
+    # references (width, height, seed), target (width, height), CFG
+    "one reference": ([(48, 64, 1)], (64, 64), None),
+    "two references, true CFG, non-square": ([(64, 48, 2), (40, 40, 3)], (64, 48), 4.0),
+    "three references": ([(48, 48, 4), (64, 32, 5), (32, 48, 6)], (48, 64), None),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_edit_plus_equals_the_diffusers_pipeline(
+    edit_plus_server: Any, edit_plus_pipeline: Any, case: str
+) -> None:
+    shapes, (width, height), guidance = CASES[case]
+    references = [picture(w, h, seed) for w, h, seed in shapes]
+    options: dict[str, Any] = {"prompt": "put picture 1 on picture 2", "width": width}
+    options.update(height=height, seed=7)
+    if guidance:
+        options.update(guidance_scale=guidance, negative_prompt="blurry")
+    expected = diffusers_edit(edit_plus_pipeline, references, **options)
+    served = served_edit(edit_plus_server.client(), references, **options)
+    assert served.shape == (height, width, 3)
+    assert_same_image(served, expected)
+
+
+@pytest.mark.parametrize("guidance", [None, 3.0])
+def test_edit_equals_the_diffusers_pipeline(
+    server_factory: Any, tiny_edit_models: dict[str, Path], guidance: float | None
+) -> None:
+    server = server_factory(model=tiny_edit_models["edit"])
+    pipeline = diffusers_pipeline(QwenImageEditPipeline, tiny_edit_models["edit"])
+    references = [picture(80, 48, 9)]
+    options: dict[str, Any] = {"prompt": "make the sky red", "width": 64, "height": 32}
+    options.update(seed=3)
+    if guidance:
+        options.update(guidance_scale=guidance, negative_prompt="dark")
+    expected = diffusers_edit(pipeline, references, **options)
+    assert_same_image(served_edit(server.client(), references, **options), expected)
+    info = server.client().server_info()
+    assert (info.pipeline, info.limits.max_reference_images) == ("edit", 1)
+
+
+def test_sizes_follow_the_pipelines() -> None:
+    for width, height in ((1, 1), (48, 64), (1920, 1080), (333, 777), (3000, 200)):
+        ratio = width / height
+        assert served_dimensions(VAE_IMAGE_AREA, ratio) == calculate_dimensions(
+            VAE_IMAGE_AREA, ratio
+        )
+
+
+def test_edit_rows_are_the_same_alone_in_a_batch_and_joining_mid_way(
+    server_factory: Any,
+    tiny_edit_models: dict[str, Path],
+) -> None:
+    server = server_factory(model=tiny_edit_models["edit-plus"], max_batch_size=8)
+    client = server.client()
+    mine = [png(picture(64, 48, 1)), png(picture(40, 40, 2))]
+    theirs = [png(picture(64, 48, 3)), png(picture(40, 40, 4))]  # same shapes, other pictures
+    common = {"steps": 4, "output_format": NPY, "width": 64, "height": 48}
+    alone = pixels(client.edit_with_references("swap them", mine, seed=5, **common))
+
+    server.batcher.set_step_budget(0)
+    together = [
+        StreamWatcher(client, "swap them", reference_images=mine, seed=5, **common),
+        StreamWatcher(
+            client, "other", reference_images=theirs, seed=6, guidance_scale=1.0, **common
+        ),
+    ]
+    for watcher in together:
+        watcher.queued()
+    server.batcher.set_step_budget(None)
+    batched = together[0].completed().result
+    assert batched.batch_size == 2
+    assert_same_image(pixels(batched), alone)
+
+    server.batcher.set_step_budget(0)
+    running = StreamWatcher(client, "other", reference_images=theirs, seed=6, **common)
+    running.queued()
+    server.batcher.set_step_budget(2)
+    running.step(2)
+    joiner = StreamWatcher(client, "swap them", reference_images=mine, seed=5, **common)
+    joiner.queued()
+    server.batcher.set_step_budget(None)
+    joined = joiner.completed().result
+    running.completed()
+    assert joined.batch_size == 2
+    assert_same_image(pixels(joined), alone)
+
+
+BAD = {
+    "too many": ([png(picture(32, 32, i)) for i in range(4)], "reference_images", "4 given"),
+    "undecodable": ([png(picture(32, 32, 1)), b"not an image"], "reference_images[1]", "decodable"),
+    "oversized": ([png(Image.new("RGB", (5000, 4000)))], "reference_images[0]", "allowed at most"),
+    "default size over the limits": (
+        [png(picture(64, 64, 1))],
+        "reference_images",
+        "gives a 1024x1024 output",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_references_are_refused_naming_the_field(edit_plus_server: Any, case: str) -> None:
+    references, field, message = BAD[case]
+    client = edit_plus_server.client(max_message_bytes=64 << 20)
+    size = {} if case == "default size over the limits" else {"width": 64, "height": 64}
+    with pytest.raises(grpc.RpcError) as failure:
+        client.edit_with_references("edit", references, steps=STEPS, **size)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert failure.value.details().startswith(f"{field}:"), failure.value.details()
+    assert message in failure.value.details(), failure.value.details()
+    assert client.health() == "SERVING"
+
+
+def test_an_edit_model_needs_references_and_refuses_init_images(edit_plus_server: Any) -> None:
+    client = edit_plus_server.client()
+    for options, field in (
+        ({}, "reference_images"),
+        ({"init_image": png(picture(64, 64, 1))}, "init_image"),
+    ):
+        with pytest.raises(grpc.RpcError) as failure:
+            client.generate("edit", steps=STEPS, **options)
+        assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert failure.value.details().startswith(f"{field}:"), failure.value.details()
+    info = client.server_info()
+    assert (info.pipeline, info.limits.max_reference_images) == ("edit-plus", 3)
+
+
+def test_references_to_a_text_to_image_model_are_refused(server: Any) -> None:
+    client = server.client()
+    with pytest.raises(grpc.RpcError) as failure:
+        client.edit_with_references("edit", [png(picture(32, 32, 1))], steps=STEPS)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert failure.value.details().startswith("reference_images:"), failure.value.details()
+    assert "text-to-image" in failure.value.details()
+    info = client.server_info()
+    assert (info.pipeline, info.limits.max_reference_images) == ("text-to-image", 0)
+    assert client.health() == "SERVING"
