@@ -131,11 +131,15 @@ class Engine:
             height, width, self.model.latent_channels, self.model.vae_scale_factor
         )
 
-    def tokens_per_row(self, width: int, height: int) -> int:
-        """The tokens a row attends over at this size, at most: its image tokens and the
-        longest text's, prompt or negative (what its activation memory grows with)."""
+    def tokens_per_row(
+        self, width: int, height: int, references: tuple[tuple[int, int], ...] = ()
+    ) -> int:
+        """The tokens a row attends over at this size, at most: its image tokens, an edit row's
+        reference tokens (each reference's VAE size) and the longest text's, prompt or negative
+        (what its activation memory grows with)."""
         text = self.runner.text_tokens(self._prompts.max_tokens)
-        return self.latent_shape(width, height).seq_len + text
+        image = self.latent_shape(width, height).seq_len
+        return image + sum(self.latent_shape(w, h).seq_len for w, h in references) + text
 
     def image_tokens(self, width: int, height: int) -> int:
         """Latent tokens of one image at this size (what its VAE decode memory grows with)."""

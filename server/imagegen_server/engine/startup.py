@@ -69,7 +69,7 @@ def row_limit(settings: Settings, setup: EngineSetup, key: BatchKey) -> int | No
     fitting_rows = runner.largest_call
     if setup.memory is not None:
         fitting_rows = setup.memory.max_rows(
-            setup.engine.tokens_per_row(key.width, key.height),
+            setup.engine.tokens_per_row(key.width, key.height, key.references),
             cap=fitting_rows or runner.bucket(2 * settings.max_batch_size),
         )
     if fitting_rows is None:
