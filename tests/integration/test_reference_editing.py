@@ -228,3 +228,22 @@ def test_references_to_a_text_to_image_model_are_refused(server: Any) -> None:
     info = client.server_info()
     assert (info.pipeline, info.limits.max_reference_images) == ("text-to-image", 0)
     assert client.health() == "SERVING"
+
+
+def test_edit_prompts_are_cached_by_text_and_references(edit_plus_server: Any) -> None:
+    client = edit_plus_server.client()
+    first, second = [png(picture(48, 48, 1))], [png(picture(48, 48, 2))]
+
+    def counts() -> tuple[float, float]:
+        metrics = edit_plus_server.metrics()
+        return metrics["imagegen_prompt_cache_hits_total"], metrics[
+            "imagegen_prompt_cache_misses_total"
+        ]
+
+    options = {"steps": STEPS, "width": 32, "height": 32, "seed": 1}
+    client.edit_with_references("make it blue", first, **options)
+    hits, misses = counts()
+    client.edit_with_references("make it blue", first, **options)
+    assert counts() == (hits + 1, misses)  # same text, same pictures: cached
+    client.edit_with_references("make it blue", second, **options)
+    assert counts() == (hits + 1, misses + 1)  # same text, other pictures: encoded again
