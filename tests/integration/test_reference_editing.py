@@ -247,3 +247,16 @@ def test_edit_prompts_are_cached_by_text_and_references(edit_plus_server: Any) -
     assert counts() == (hits + 1, misses)  # same text, same pictures: cached
     client.edit_with_references("make it blue", second, **options)
     assert counts() == (hits + 1, misses + 1)  # same text, other pictures: encoded again
+
+
+def test_the_output_size_defaults_to_the_last_references_at_one_megapixel(
+    server_factory: Any, tiny_edit_models: dict[str, Path]
+) -> None:
+    server = server_factory(
+        model=tiny_edit_models["edit-plus"], max_width=2048, max_height=2048, max_pixels=2 << 20
+    )
+    references = [png(picture(48, 64, 1)), png(picture(64, 48, 2))]
+    result = server.client().edit_with_references("widen it", references, steps=STEPS, seed=1)
+    width, height = calculate_dimensions(VAE_IMAGE_AREA, 64 / 48)  # the last reference's
+    image = result.images[0]
+    assert (image.width, image.height) == (width // 16 * 16, height // 16 * 16) == (1184, 896)
