@@ -8,6 +8,7 @@ Every reference is VAE-encoded at about one megapixel, as the pipelines do, so e
 
 from __future__ import annotations
 
+import asyncio
 import io
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 import torch
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
-from imagegen_client import OutputFormat
+from imagegen_client import AsyncImageGenClient, OutputFormat
 from imagegen_server.base.references import VAE_IMAGE_AREA
 from imagegen_server.base.references import calculate_dimensions as served_dimensions
 from imagegen_server.engine.edit_model import load_processor
@@ -202,6 +203,23 @@ def test_bad_references_are_refused_naming_the_field(edit_plus_server: Any, case
     assert failure.value.details().startswith(f"{field}:"), failure.value.details()
     assert message in failure.value.details(), failure.value.details()
     assert client.health() == "SERVING"
+
+
+def test_the_async_client_edits_with_references(edit_plus_server: Any) -> None:
+    async def edit() -> tuple[Any, grpc.StatusCode]:
+        async with AsyncImageGenClient(edit_plus_server.target) as client:
+            result = await client.edit_with_references(
+                "make it blue", [png(picture(48, 48, 1))], steps=STEPS, width=32, height=32
+            )
+            try:
+                await client.edit_with_references("x", [png(picture(32, 32, 1))] * 4)
+            except grpc.aio.AioRpcError as error:
+                return result, error.code()
+            raise AssertionError("four references were accepted")
+
+    result, refused = asyncio.run(edit())
+    assert (result.images[0].width, result.images[0].height) == (32, 32)
+    assert refused == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_an_edit_model_needs_references_and_refuses_init_images(edit_plus_server: Any) -> None:
