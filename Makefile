@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # Extra options for the benchmarks, e.g. BENCH_ARGS="--device cuda --resolution 1024x1024".
 BENCH_ARGS ?=
 
-.PHONY: install run test lint proto docs bench bench-adapters bench-mfu tools clean
+.PHONY: install run test lint proto docs bench bench-adapters bench-edits bench-mfu tools clean
 
 install: $(VENV)/.installed
 
@@ -55,13 +55,17 @@ proto: install
 docs: install
 	$(BIN)/python scripts/configdoc.py
 
-# The batching benchmark (under 15 min on 2 cores), the adapter benchmark (about 6 min) and the
-# engine against the hardware peak (MFU; made for a GPU, where it uses the full-size model).
+# The batching benchmark (under 15 min on 2 cores), the adapter benchmark (about 6 min), the
+# Edit-Plus one (reference images) and the engine against the hardware peak (MFU; made for a
+# GPU, where it uses the full-size model).
 bench: install
 	$(BIN)/python -m bench batching $(BENCH_ARGS)
 
 bench-adapters: install
 	$(BIN)/python -m bench adapters $(BENCH_ARGS)
+
+bench-edits: install
+	$(BIN)/python -m bench edits $(BENCH_ARGS)
 
 bench-mfu: install
 	$(BIN)/python -m bench mfu $(BENCH_ARGS)

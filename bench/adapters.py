@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import statistics
 import time
 from contextlib import ExitStack
@@ -33,7 +34,7 @@ from typing import Any
 
 from .cli import add_engine_arguments, add_quick_argument, ints, resolution
 from .launch import Metrics, ServerProcess
-from .loads import ClosedLoop, LoadGenerator
+from .loads import ClosedLoop, LoadGenerator, Picker
 from .machine import describe_machine
 from .output import (
     add_output_arguments,
@@ -116,7 +117,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 for clients in args.clients:
                     for system in rotated(SYSTEMS, round_number):
                         server, generator = servers[system], generators[system]
-                        run = await _closed_run(server, generator, args, clients, sizing)
+                        pick = functools.partial(_class_of, args, system)
+                        run = await closed_run(server, generator, pick, clients, args.steps, sizing)
                         runs.append({"system": system, "clients": clients, **run})
                         _print_run(round_number, runs[-1])
         finally:
@@ -165,25 +167,27 @@ def _class_of(args: argparse.Namespace, system: str, client: int) -> RequestClas
     return RequestClass(width, height, args.steps, adapter)
 
 
-async def _closed_run(
+async def closed_run(
     server: ServerProcess,
     generator: LoadGenerator,
-    args: argparse.Namespace,
+    pick: Picker,
     clients: int,
+    steps: int,
     sizing: Sizing,
 ) -> dict[str, Any]:
     """One turn: `clients` clients for about one cycle (their first requests, not counted)
-    plus the window. Request i asks for adapter i mod 4: a quarter of the load each."""
+    plus the window; request i is of class `pick(i)` (here: adapter i mod 4, a quarter of the
+    load each), of `steps` steps."""
 
     async def drive(before: Metrics) -> tuple[list[RequestRecord], float]:
-        duration_s = _cycle_s(before, args, clients) + sizing.window_s
+        duration_s = _cycle_s(before, steps, clients) + sizing.window_s
         load = ClosedLoop(
             clients=clients,
             duration_s=duration_s,
             min_samples=round(sizing.samples_per_client * clients),
             max_duration_s=3 * duration_s,
         )
-        return await generator.closed_loop(load, lambda i: _class_of(args, server.name, i))
+        return await generator.closed_loop(load, pick)
 
     measured = await measure(server, drive)
     stats = closed_loop_stats(measured.records, clients, 0.0, measured.end_s)
@@ -196,13 +200,13 @@ async def _closed_run(
     }
 
 
-def _cycle_s(samples: Metrics, args: argparse.Namespace, clients: int) -> float:
+def _cycle_s(samples: Metrics, steps: int, clients: int) -> float:
     """About one closed-loop cycle (every client's first request waits behind the others), from
     the server's step seconds per row so far."""
     seconds = samples.value("imagegen_stage_seconds_sum", stage="denoise_step")
     rows = samples.value("imagegen_batch_size_sum")
     per_row_step = seconds / rows if rows else 0.1
-    return max(2.0, float(clients * args.steps * per_row_step))
+    return max(2.0, float(clients * steps * per_row_step))
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:

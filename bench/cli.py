@@ -41,6 +41,12 @@ COMMANDS = {
         "per-request LoRA adapters: mixed in a batch or one per batch (make bench-adapters)",
         "bench-adapters",
     ),
+    "edits": Command(
+        "bench.edits",
+        "Edit-Plus with reference images: step- against request-level batching, engine limit"
+        " (make bench-edits)",
+        "bench-edits",
+    ),
     "mfu": Command(
         "bench.mfu",
         "the engine against the device's matmul peak, by batch and compile setting "

@@ -3,12 +3,13 @@
 
 - Prompt states: the edit template with one vision block per reference ("Picture i: ..." for
   Edit-Plus, whose text encoder sees each reference at about 384x384; Edit shows its one
-  reference at the output's megapixel size), through the processor and the Qwen2.5-VL encoder,
+  reference at about one megapixel), through the processor and the Qwen2.5-VL encoder,
   the template's prefix dropped. The texts of all requests admitted together share one encoder
   call, padded on the right; states are cached by text plus a digest of the references.
 - Reference latents: each reference resized to about one megapixel at its own aspect ratio,
   VAE-encoded (the posterior's mode), normalised and packed; a row's references follow its
-  noisy latents along the sequence in every transformer call (`denoise`).
+  noisy latents along the sequence in every transformer call (`denoise`). The latents of the
+  last few reference sets are cached by digest.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ from .sampling import LatentShape, pack
 
 # Edit-Plus names each reference in the instruction (diffusers' img_prompt_template).
 PICTURE_TEMPLATE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
+
+# Reference sets whose latents stay cached (by digest): a few megabytes each at one megapixel
+# per reference, and the VAE encode they save is most of an edit's admission on a CPU.
+LATENT_CACHE_ENTRIES = 16
 
 # A text and the digest of the references it is encoded with.
 PromptKey = tuple[str, str]
@@ -59,6 +64,8 @@ class ReferenceEncoder:
         self._vae = pipeline.vae
         self._tiling_min_pixels = vae_tiling_min_pixels
         self._cache: EmbeddingCache[PromptKey] = EmbeddingCache(cache_size, stats)
+        self.latent_stats = PromptCacheStats()  # hits and misses of the reference latents
+        self._latents: EmbeddingCache[str] = EmbeddingCache(LATENT_CACHE_ENTRIES, self.latent_stats)
 
     @torch.no_grad()
     def encode_prompts(self, texts: Sequence[tuple[str, ReferenceImages]]) -> list[torch.Tensor]:
@@ -71,7 +78,12 @@ class ReferenceEncoder:
 
     @torch.no_grad()
     def latents(self, references: ReferenceImages) -> torch.Tensor:
-        """[1, tokens, channels * 4]: every reference's packed latents, in order."""
+        """[1, tokens, channels * 4]: every reference's packed latents, in order; cached by
+        the references' digest (several instructions on one picture encode it once)."""
+        found = self._latents.resolve([references.digest], lambda _: [self._encode(references)])
+        return found[0]
+
+    def _encode(self, references: ReferenceImages) -> torch.Tensor:
         return torch.cat(
             [
                 self._encode_reference(image, width, height)
