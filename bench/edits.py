@@ -16,29 +16,21 @@ round not counted (as `adapters`).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import time
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from .adapters import FULL, QUICK, Sizing, closed_run, summarize
 from .cli import add_engine_arguments, add_quick_argument, ints, resolution
-from .launch import ServerProcess
 from .limit import EngineBench
-from .loads import LoadGenerator
 from .machine import describe_machine
 from .output import (
     add_output_arguments,
     fmt,
-    read_json,
-    resolve_outputs,
     results_header,
-    write_block,
-    write_json,
 )
-from .servers import ServerOptions, ensure_model, real_server_command, rotated, start_server
+from .rounds import FULL, QUICK, Sizing, closed_rounds, print_run, run_or_report, summaries
+from .servers import ServerOptions, ensure_model, real_server_command
 from .workloads import RequestClass
 
 SYSTEMS = ("step", "request")  # the servers' --batching
@@ -63,17 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    resolve_outputs(args)
     args.clients = args.clients or ([4] if args.quick else [1, 4, 8])
     args.batch_sizes = args.batch_sizes or ([1, 4] if args.quick else [1, 2, 4])
-    if args.report_only:
-        results = read_json(args.report_only)
-    else:
-        results = asyncio.run(run_bench(args))
-        write_json(results, args.out / JSON_NAME)
-    write_block(args.markdown, "bench-edits", "bench-edits", summary_lines(results))
-    print("\n".join(summary_lines(results)))
-    return 0
+    return run_or_report(args, run_bench, JSON_NAME, "bench-edits", summary_lines)
 
 
 async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -84,32 +68,16 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     request_class = RequestClass(width, height, args.steps, references=args.references)
     limit = _engine_limit(args, request_class)
     options = ServerOptions.from_args(args, 4 * max(args.clients), min(width, height))
-    runs: list[dict[str, Any]] = []
-    with ExitStack() as stack:
-        servers: dict[str, ServerProcess] = {}
-        for system in SYSTEMS:  # one at a time: each loads the model on both cores
-            command = real_server_command(options, system)
-            servers[system] = stack.enter_context(await start_server(system, command))
-        generators = {name: LoadGenerator(s.target, run_name=name) for name, s in servers.items()}
-        try:
-            for generator in generators.values():
-                await generator.warm_up([request_class])
-            for round_number in range(sizing.rounds):
-                for clients in args.clients:
-                    for system in rotated(SYSTEMS, round_number):
-                        run = await closed_run(
-                            servers[system],
-                            generators[system],
-                            lambda _index: request_class,
-                            clients,
-                            args.steps,
-                            sizing,
-                        )
-                        runs.append({"system": system, "clients": clients, **run})
-                        print(f"  round {round_number + 1} {_line(runs[-1])}", flush=True)
-        finally:
-            for generator in generators.values():
-                await generator.close()
+    commands = {system: real_server_command(options, system) for system in SYSTEMS}
+    runs = await closed_rounds(
+        commands,
+        lambda _system, _index: request_class,
+        1,
+        args.clients,
+        args.steps,
+        sizing,
+        print_run,
+    )
     return _results(args, request_class, sizing, limit, runs, started)
 
 
@@ -148,11 +116,7 @@ def _results(
             "window_s": sizing.window_s,
         },
         "limit": limit,
-        "summaries": [
-            summarize([run for run in runs if (run["system"], run["clients"]) == (system, n)])
-            for n in args.clients
-            for system in SYSTEMS
-        ],
+        "summaries": summaries(runs, SYSTEMS, args.clients),
         "runs": runs,
         "wall_s": round(time.monotonic() - started, 1),
     }
@@ -191,14 +155,4 @@ def _limit_point(point: dict[str, Any]) -> str:
     return (
         f"batch {point['batch_size']} {point['images_per_s']:.3f} img/s"
         f" ({point['ms_per_step']:.0f} ms/step)"
-    )
-
-
-def _line(run: dict[str, Any]) -> str:
-    stats = run["stats"]
-    latency = stats["latency"]
-    return (
-        f"{run['system']:8} {run['clients']:2} clients: {stats['throughput_ips']:.3f} img/s, "
-        f"p50 {fmt(latency['p50'])} s, p95 {fmt(latency['p95'])} s, n={latency['count']}, "
-        f"rows/step {fmt(run['rows_per_step'])}"
     )
