@@ -1,9 +1,9 @@
 """Admitting requests into a batch: what `Engine.add` does before any step.
 
 `prepare` conditions the requests admitted together: every prompt and negative prompt goes
-through the text encoder in one call (cached texts skip it; an edit model's requests with
-reference images in one more, with their pictures, `references`), every init image through the
-VAE encoder in as few calls as fit, and each edit request's references through the VAE.
+through the text encoder in one call (cached texts skip it; edit requests' texts go in a second
+call, with their reference pictures: `references`), every init image through the VAE encoder in
+as few calls as fit, and each edit request's references through the VAE.
 `start_rows` then gives each image of a request its row: its own seed, sigma schedule and
 starting latents (noise from its seed, or its noised init image), so a row's pixels never depend
 on which rows it shares a batch with.
