@@ -53,7 +53,7 @@ def png(image: Image.Image) -> bytes:
 
 def diffusers_pipeline(cls: Any, directory: Path) -> Any:
     pipeline = cls.from_pretrained(
-        directory, processor=load_processor(directory / "processor"), dtype=torch.float32
+        directory, processor=load_processor(str(directory)), dtype=torch.float32
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -278,3 +278,11 @@ def test_the_output_size_defaults_to_the_last_references_at_one_megapixel(
     width, height = calculate_dimensions(VAE_IMAGE_AREA, 64 / 48)  # the last reference's
     image = result.images[0]
     assert (image.width, image.height) == (width // 16 * 16, height // 16 * 16) == (1184, 896)
+
+
+def test_a_checkpoint_of_another_pipeline_is_refused_naming_it(tmp_path: Path) -> None:
+    from imagegen_server.engine.edit_model import pipeline_kind
+
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    with pytest.raises(ValueError, match="holds a 'FluxPipeline'; this server serves"):
+        pipeline_kind(str(tmp_path))

@@ -15,7 +15,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline
+from diffusers import (
+    DiffusionPipeline,
+    QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
+    QwenImagePipeline,
+)
 from transformers import Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor
 
 from ..base.references import EDIT, EDIT_PLUS, TEXT_TO_IMAGE
@@ -43,12 +48,16 @@ class ImagesOnlyProcessor(Qwen2VLProcessor):  # type: ignore[misc]
 
 
 def pipeline_kind(model: str) -> str:
-    """ "text-to-image", "edit" or "edit-plus", from the directory's `model_index.json` (a hub
-    id or a directory without one: text-to-image, as before edit models were served)."""
+    """ "text-to-image", "edit" or "edit-plus", from the checkpoint's `model_index.json` (a
+    directory's own, or a hub id's through the hub cache); a directory without one is taken
+    for text-to-image, and `from_pretrained` then says what is missing."""
     index = Path(model) / "model_index.json"
-    if not index.is_file():
+    if index.is_file():
+        class_name = json.loads(index.read_text()).get("_class_name", "")
+    elif Path(model).exists():
         return TEXT_TO_IMAGE
-    class_name = json.loads(index.read_text()).get("_class_name", "")
+    else:
+        class_name = DiffusionPipeline.load_config(model).get("_class_name", "")
     for kind, cls in PIPELINE_CLASSES.items():
         if cls.__name__ == class_name:
             return kind
@@ -58,16 +67,18 @@ def pipeline_kind(model: str) -> str:
     )
 
 
-def load_processor(directory: Path) -> Qwen2VLProcessor:
-    """The checkpoint's processor: the stock class when it loads, else the images-only one
-    from the same files."""
+def load_processor(model: str) -> Qwen2VLProcessor:
+    """The checkpoint's processor (its `processor/` folder, in a directory or a hub id): the
+    stock class when it loads, else the images-only one from the same files."""
+    local = Path(model) / "processor"
+    source, options = (str(local), {}) if local.is_dir() else (model, {"subfolder": "processor"})
     try:
-        return Qwen2VLProcessor.from_pretrained(directory)
+        return Qwen2VLProcessor.from_pretrained(source, **options)
     except Exception as error:  # transformers raises several kinds for a missing video backend
         log.info("the stock Qwen2VLProcessor did not load (%s); using its image half", error)
     return ImagesOnlyProcessor(
-        image_processor=Qwen2VLImageProcessor.from_pretrained(directory),
-        tokenizer=Qwen2Tokenizer.from_pretrained(directory),
+        image_processor=Qwen2VLImageProcessor.from_pretrained(source, **options),
+        tokenizer=Qwen2Tokenizer.from_pretrained(source, **options),
         video_processor=None,
     )
 

@@ -138,7 +138,7 @@ def _from_pretrained(model: str, kind: str, dtype: torch.dtype) -> Any:
     here (`edit_model.load_processor`) so that hosts without torchvision load it too."""
     components: dict[str, Any] = {}
     if kind != TEXT_TO_IMAGE:
-        components["processor"] = load_processor(Path(model) / "processor")
+        components["processor"] = load_processor(model)
     return PIPELINE_CLASSES[kind].from_pretrained(model, dtype=dtype, **components)
 
 
