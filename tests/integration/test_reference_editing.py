@@ -286,3 +286,23 @@ def test_a_checkpoint_of_another_pipeline_is_refused_naming_it(tmp_path: Path) -
     (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     with pytest.raises(ValueError, match="holds a 'FluxPipeline'; this server serves"):
         pipeline_kind(str(tmp_path))
+
+
+@pytest.mark.parametrize("kind", ["edit", "edit-plus"])
+def test_an_edit_rows_vision_tokens_are_known_before_it_runs(
+    tiny_edit_models: dict[str, Path], kind: str
+) -> None:
+    """What the row limit counts (`text_tokens`) is what the encoder makes of the pictures."""
+    from imagegen_server.base.engine_api import PromptCacheStats
+    from imagegen_server.base.references import ReferenceImages
+    from imagegen_server.engine.model import load_model
+    from imagegen_server.engine.prompts import PromptTokenizer
+    from imagegen_server.engine.references import ReferenceEncoder
+
+    model = load_model(str(tiny_edit_models[kind]), device="cpu", dtype="float32")
+    encoder = ReferenceEncoder(model, 4, PromptCacheStats())
+    pictures = [picture(64, 48, 1), picture(40, 40, 2)][: 1 if kind == "edit" else 2]
+    references = ReferenceImages(tuple(pictures), kind)
+    states = encoder.encode_prompts([("put it on the left", references)])[0]
+    text = PromptTokenizer(model.pipeline).count("put it on the left")
+    assert states.shape[0] == text + encoder.text_tokens(references.vae_sizes)

@@ -99,9 +99,9 @@ class Engine:
         self.init_images = InitImageEncoder(
             pipeline, model.device, model.dtype, vae_tiling_min_pixels
         )
-        references = None
+        self._references: ReferenceEncoder | None = None  # edit models only
         if model.max_reference_images:
-            references = ReferenceEncoder(
+            self._references = ReferenceEncoder(
                 model, prompt_cache_size, self._prompts.stats, vae_tiling_min_pixels
             )
         self._admission = Admission(
@@ -110,7 +110,7 @@ class Engine:
             self._schedules,
             self.init_images,
             self._rows_per_vae_call,
-            references,
+            self._references,
         )
         self._vae_budget: tuple[MemoryBudget, int] | None = None  # None: all at once
 
@@ -135,9 +135,10 @@ class Engine:
         self, width: int, height: int, references: tuple[tuple[int, int], ...] = ()
     ) -> int:
         """The tokens a row attends over at this size, at most: its image tokens, an edit row's
-        reference tokens (each reference's VAE size) and the longest text's, prompt or negative
-        (what its activation memory grows with)."""
-        text = self.runner.text_tokens(self._prompts.max_tokens)
+        reference tokens (each reference's VAE size) and the longest text's, prompt or negative,
+        with an edit row's vision tokens (what its activation memory grows with)."""
+        pictures = self._references.text_tokens(references) if self._references else 0
+        text = self.runner.text_tokens(self._prompts.max_tokens + pictures)
         image = self.latent_shape(width, height).seq_len
         return image + sum(self.latent_shape(w, h).seq_len for w, h in references) + text
 

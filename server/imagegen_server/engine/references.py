@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from PIL import Image
 from PIL.Image import Image as PILImage
 
 from ..base.engine_api import PromptCacheStats
@@ -29,7 +30,7 @@ from ..base.references import (
 )
 from .decode import set_vae_tiling
 from .model import LoadedModel
-from .prompts import EmbeddingCache
+from .prompts import VISION_BLOCK, EmbeddingCache
 from .sampling import LatentShape, pack
 
 # Edit-Plus names each reference in the instruction (diffusers' img_prompt_template).
@@ -64,6 +65,7 @@ class ReferenceEncoder:
         self._vae = pipeline.vae
         self._tiling_min_pixels = vae_tiling_min_pixels
         self._cache: EmbeddingCache[PromptKey] = EmbeddingCache(cache_size, stats)
+        self._vision_token_counts: dict[tuple[int, int], int] = {}  # by picture size
         self.latent_stats = PromptCacheStats()  # hits and misses of the reference latents
         self._latents: EmbeddingCache[str] = EmbeddingCache(LATENT_CACHE_ENTRIES, self.latent_stats)
 
@@ -75,6 +77,34 @@ class ReferenceEncoder:
         return self._cache.resolve(
             keys, lambda missing: self._run_encoder([(t, by_digest[d]) for t, d in missing])
         )
+
+    def text_tokens(self, vae_sizes: Sequence[tuple[int, int]]) -> int:
+        """The tokens references of these VAE sizes (a batch key's) add to an edit row's
+        text: each picture's vision tokens and its label (what the row's memory grows with).
+        Exact when the pictures' aspect ratios are their VAE sizes'; close otherwise."""
+        tokens = 0
+        for index, (width, height) in enumerate(vae_sizes):
+            # Edit-Plus shows the encoder each picture at about 384x384, Edit at its VAE size.
+            shown = (
+                calculate_dimensions(CONDITION_IMAGE_AREA, width / height)
+                if self._plus
+                else (width, height)
+            )
+            label = PICTURE_TEMPLATE.format(index + 1) if self._plus else VISION_BLOCK
+            # The label holds one image placeholder, which the vision tokens replace.
+            tokens += len(self._processor.tokenizer(label).input_ids) - 1
+            tokens += self._vision_tokens(*shown)
+        return tokens
+
+    def _vision_tokens(self, width: int, height: int) -> int:
+        """A picture's vision tokens at this size, as the processor itself counts them."""
+        if (width, height) not in self._vision_token_counts:
+            blank = Image.new("RGB", (width, height))
+            grid = self._processor.image_processor(images=[blank], return_tensors="pt")
+            merge = int(self._processor.image_processor.merge_size)
+            count = int(grid["image_grid_thw"].prod()) // (merge * merge)
+            self._vision_token_counts[(width, height)] = count
+        return self._vision_token_counts[(width, height)]
 
     @torch.no_grad()
     def latents(self, references: ReferenceImages) -> torch.Tensor:
