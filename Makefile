@@ -21,8 +21,8 @@ BENCH_ARGS ?=
 GPU_CHECK_OUT ?= bench/results/gpu-check
 GPU_CHECK_ARGS ?=
 
-.PHONY: install run test lint proto docs bench bench-adapters bench-variants bench-mfu gpu-check \
-	gpu-check-docs tools clean
+.PHONY: install run test lint proto docs bench bench-adapters bench-variants bench-edits bench-mfu \
+	gpu-check gpu-check-docs tools clean
 
 install: $(VENV)/.installed
 
@@ -60,8 +60,9 @@ proto: install
 docs: install
 	$(BIN)/python scripts/configdoc.py
 
-# The batching benchmark (under 15 min on 2 cores), the adapter benchmark (about 6 min) and the
-# engine against the hardware peak (MFU; made for a GPU, where it uses the full-size model).
+# The batching benchmark (under 15 min on 2 cores), the adapter benchmark (about 6 min), the
+# Edit-Plus one (reference images) and the engine against the hardware peak (MFU; made for a
+# GPU, where it uses the full-size model).
 bench: install
 	$(BIN)/python -m bench batching $(BENCH_ARGS)
 
@@ -70,6 +71,9 @@ bench-adapters: install
 
 bench-variants: install
 	$(BIN)/python -m bench variants $(BENCH_ARGS)
+
+bench-edits: install
+	$(BIN)/python -m bench edits $(BENCH_ARGS)
 
 bench-mfu: install
 	$(BIN)/python -m bench mfu $(BENCH_ARGS)

@@ -25,43 +25,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
+import functools
 import time
-from contextlib import ExitStack
-from dataclasses import dataclass
 from typing import Any
 
 from .cli import add_engine_arguments, add_quick_argument, ints, resolution
-from .launch import Metrics, ServerProcess
-from .loads import ClosedLoop, LoadGenerator
 from .machine import describe_machine
 from .output import add_output_arguments, fmt, results_header, run_and_report
+from .rounds import FULL, QUICK, closed_rounds, print_run, summaries
 from .servers import (
     DEFAULT_MODEL,
     ServerOptions,
     ensure_model,
-    measure,
     real_server_command,
-    rotated,
-    start_server,
 )
-from .stats import RequestRecord, closed_loop_stats, percentile, records_from_table, records_table
 from .workloads import RequestClass
 
 SYSTEMS = ("none", "shared", "separate")
 ADAPTERS = ("ink", "neon", "sepia", "pastel")  # written by `tiny-model` next to the pipeline
 JSON_NAME = "adapters.json"
-
-
-@dataclass(frozen=True, slots=True)
-class Sizing:
-    rounds: int  # turns of each server
-    window_s: float  # each turn's clients send for this long after their first request ...
-    samples_per_client: float  # ... and on (up to 3 x as long) until this many were measured
-
-
-FULL = Sizing(rounds=2, window_s=15.0, samples_per_client=1.5)
-QUICK = Sizing(rounds=1, window_s=10.0, samples_per_client=0.5)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,26 +70,11 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     sizing = QUICK if args.quick else FULL
     width, height = args.resolution
     options = ServerOptions.from_args(args, 4 * max(args.clients), min(width, height))
-    runs: list[dict[str, Any]] = []
-    with ExitStack() as stack:
-        servers: dict[str, ServerProcess] = {}
-        for system in SYSTEMS:  # one at a time: each loads the model on both cores
-            command = real_server_command(options, "step", _flags(args, system))
-            servers[system] = stack.enter_context(await start_server(system, command))
-        generators = {name: LoadGenerator(s.target, run_name=name) for name, s in servers.items()}
-        try:
-            for system, generator in generators.items():
-                await generator.warm_up([_class_of(args, system, i) for i in range(4)])
-            for round_number in range(sizing.rounds):
-                for clients in args.clients:
-                    for system in rotated(SYSTEMS, round_number):
-                        server, generator = servers[system], generators[system]
-                        run = await _closed_run(server, generator, args, clients, sizing)
-                        runs.append({"system": system, "clients": clients, **run})
-                        _print_run(round_number, runs[-1])
-        finally:
-            for generator in generators.values():
-                await generator.close()
+    commands = {
+        system: real_server_command(options, "step", _flags(args, system)) for system in SYSTEMS
+    }
+    pick = functools.partial(_class_of, args)
+    runs = await closed_rounds(commands, pick, 4, args.clients, args.steps, sizing, print_run)
     machine = describe_machine(args.torch_threads, "auto")
     return {
         **results_header(args, machine),
@@ -120,11 +87,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "rounds": sizing.rounds,
             "window_s": sizing.window_s,
         },
-        "summaries": [
-            summarize([run for run in runs if (run["system"], run["clients"]) == (system, n)])
-            for n in args.clients
-            for system in SYSTEMS
-        ],
+        "summaries": summaries(runs, SYSTEMS, args.clients),
         "runs": runs,
         "wall_s": round(time.monotonic() - started, 1),
     }
@@ -149,71 +112,6 @@ def _class_of(args: argparse.Namespace, system: str, client: int) -> RequestClas
     width, height = args.resolution
     adapter = "" if system == "none" else ADAPTERS[client % len(ADAPTERS)]
     return RequestClass(width, height, args.steps, adapter)
-
-
-async def _closed_run(
-    server: ServerProcess,
-    generator: LoadGenerator,
-    args: argparse.Namespace,
-    clients: int,
-    sizing: Sizing,
-) -> dict[str, Any]:
-    """One turn: `clients` clients for about one cycle (their first requests, not counted)
-    plus the window. Request i asks for adapter i mod 4: a quarter of the load each."""
-
-    async def drive(before: Metrics) -> tuple[list[RequestRecord], float]:
-        duration_s = _cycle_s(before, args, clients) + sizing.window_s
-        load = ClosedLoop(
-            clients=clients,
-            duration_s=duration_s,
-            min_samples=round(sizing.samples_per_client * clients),
-            max_duration_s=3 * duration_s,
-        )
-        return await generator.closed_loop(load, lambda i: _class_of(args, server.name, i))
-
-    measured = await measure(server, drive)
-    stats = closed_loop_stats(measured.records, clients, 0.0, measured.end_s)
-    return {
-        "stats": stats.to_dict(),
-        "rows_per_step": measured.rows_per_step,
-        "background_cores": round(measured.cpu.background, 3),
-        "duration_s": round(measured.end_s, 2),
-        "records": records_table(measured.records),
-    }
-
-
-def _cycle_s(samples: Metrics, args: argparse.Namespace, clients: int) -> float:
-    """About one closed-loop cycle (every client's first request waits behind the others), from
-    the server's step seconds per row so far."""
-    seconds = samples.value("imagegen_stage_seconds_sum", stage="denoise_step")
-    rows = samples.value("imagegen_batch_size_sum")
-    per_row_step = seconds / rows if rows else 0.1
-    return max(2.0, float(clients * args.steps * per_row_step))
-
-
-def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Pools the rounds of one server and client count: throughput is clients / mean latency
-    over all of them."""
-    clients = runs[0]["clients"]
-    latencies = sorted(
-        record.latency_s
-        for run in runs
-        for record in records_from_table(run["records"])
-        if record.ok and not record.first_of_client and record.latency_s is not None
-    )
-    rows = [run["rows_per_step"] for run in runs if run["rows_per_step"] is not None]
-    return {
-        "system": runs[0]["system"],
-        "clients": clients,
-        "throughput_ips": clients / statistics.fmean(latencies) if latencies else 0.0,
-        "p50_s": percentile(latencies, 50),
-        "p95_s": percentile(latencies, 95),
-        "rows_per_step": statistics.fmean(rows) if rows else None,
-        "requests": len(latencies),
-        "failed": sum(sum(run["stats"]["failed"].values()) for run in runs),
-        "background_cores": max(run["background_cores"] for run in runs),
-        "per_round_ips": [round(run["stats"]["throughput_ips"], 4) for run in runs],
-    }
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
@@ -256,15 +154,3 @@ SYSTEM_NAMES = {
     "shared": "shared: 4 adapters mixed in every batch",
     "separate": "separate: one adapter per batch",
 }
-
-
-def _print_run(round_number: int, run: dict[str, Any]) -> None:
-    stats = run["stats"]
-    latency = stats["latency"]
-    print(
-        f"  round {round_number + 1} {run['system']:8} {run['clients']:2} clients: "
-        f"{stats['throughput_ips']:.3f} img/s, p50 {fmt(latency['p50'])} s, "
-        f"p95 {fmt(latency['p95'])} s, n={latency['count']}, "
-        f"rows/step {fmt(run['rows_per_step'])}, other CPU {run['background_cores']:.2f}",
-        flush=True,
-    )

@@ -50,6 +50,12 @@ COMMANDS = {
         " (make bench-variants)",
         "bench-variants",
     ),
+    "edits": Command(
+        "bench.edits",
+        "Edit-Plus with reference images: step- against request-level batching, engine limit"
+        " (make bench-edits)",
+        "bench-edits",
+    ),
     "mfu": Command(
         "bench.mfu",
         "the engine against the device's matmul peak, by batch and compile setting "

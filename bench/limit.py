@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .machine import BUSY_CORES, CpuMeter
-from .workloads import RequestClass
+from .workloads import RequestClass, reference_pictures
 
 PROMPT_CACHE_SIZE = 256  # the server's defaults
 MAX_PROMPT_TOKENS = 512
@@ -234,7 +234,23 @@ class EngineBench:
             num_images=1,
             output_format=OutputFormat.PNG,
             output_quality=90,
+            references=_references(request_class.references),
         )
+
+
+def _references(count: int) -> Any:
+    """The fixed reference pictures the load generators send, as the server decodes them."""
+    if not count:
+        return None
+    import hashlib
+    import io
+
+    from imagegen_server.base.references import ReferenceImages
+    from PIL import Image
+
+    pictures = reference_pictures(count)
+    images = tuple(Image.open(io.BytesIO(data)).convert("RGB") for data in pictures)
+    return ReferenceImages(images, hashlib.sha256(b"".join(pictures)).hexdigest())
 
 
 def _prompt(number: int) -> str:

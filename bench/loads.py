@@ -21,7 +21,7 @@ import grpc
 from imagegen_client import Adapter, AsyncImageGenClient, RetryPolicy
 
 from .stats import OK, RequestRecord
-from .workloads import RequestClass
+from .workloads import RequestClass, reference_pictures
 
 REQUEST_TIMEOUT_S = 600.0  # far beyond any run; the bench cancels what is left itself
 FAILURE_PAUSE_S = 0.1  # a closed-loop client that got an error waits this before the next request
@@ -164,6 +164,7 @@ class LoadGenerator:
                 adapters=[Adapter(cls.adapter)] if cls.adapter else (),
                 variant=cls.variant,
                 guidance_scale=cls.guidance_scale,
+                reference_images=reference_pictures(cls.references),
             )
         except grpc.RpcError as error:
             record.finished_s = self._clock() - start

@@ -153,14 +153,17 @@ def rotated(systems: Sequence[T], by: int) -> list[T]:
     return list(systems[shift:]) + list(systems[:shift])
 
 
-def ensure_model(directory: Path, preset: str = "bench") -> None:
-    """Writes `preset` of the random-weight model to `directory` if it is missing."""
+def ensure_model(
+    directory: Path, preset: str = "bench", pipeline_kind: str = "text-to-image"
+) -> None:
+    """Writes `preset` of the random-weight model (as a `pipeline_kind` checkpoint) to
+    `directory` if it is missing."""
     if (directory / "model_index.json").exists():
         return
     from imagegen_server.engine.tiny_model import write_tiny_model
 
-    print(f"writing the {preset} preset model to {directory}", flush=True)
-    write_tiny_model(directory, preset=preset)
+    print(f"writing the {preset} preset {pipeline_kind} model to {directory}", flush=True)
+    write_tiny_model(directory, preset=preset, pipeline_kind=pipeline_kind)
 
 
 def describe_model(directory: Path) -> str:

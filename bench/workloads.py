@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import io
 import random
 from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -16,13 +21,30 @@ class RequestClass:
     adapter: str = ""  # LoRA adapter applied at scale 1 ("" = none)
     variant: str = ""  # the server variant it names ("" = the server's default)
     guidance_scale: float = 1.0  # true CFG (1.0 = off)
+    references: int = 0  # reference images of an instruction edit (an edit model's server)
 
     @property
     def label(self) -> str:
         suffix = f"+{self.adapter}" if self.adapter else ""
         suffix += "+cfg" if self.guidance_scale > 1 else ""
         suffix += f"@{self.variant}" if self.variant else ""
+        suffix += f"+{self.references}ref" if self.references else ""
         return f"{self.width}x{self.height}/{self.steps}{suffix}"
+
+
+@functools.cache
+def reference_pictures(count: int) -> tuple[bytes, ...]:
+    """`count` fixed PNG pictures for edit requests, 640x480 then 480x480 alternately (each is
+    VAE-encoded at about one megapixel whatever its size, as the edit pipelines do)."""
+    pictures = []
+    for index in range(count):
+        width, height = (640, 480) if index % 2 == 0 else (480, 480)
+        y, x = np.mgrid[0:height, 0:width]
+        rgb = np.stack([x / width, y / height, np.full(x.shape, index / max(count, 1))], axis=-1)
+        buffer = io.BytesIO()
+        Image.fromarray((rgb * 255).astype(np.uint8)).save(buffer, format="PNG")
+        pictures.append(buffer.getvalue())
+    return tuple(pictures)
 
 
 @dataclass(frozen=True, slots=True)

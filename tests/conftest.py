@@ -96,3 +96,25 @@ def server_factory(tiny_model: Path) -> Iterator[Any]:
     yield start
     for running in started:
         running.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_edit_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny model written as a Qwen-Image-Edit and a Qwen-Image-Edit-Plus checkpoint
+    (processor included), by kind: "edit", "edit-plus"."""
+    from imagegen_server.engine.tiny_model import write_tiny_model
+
+    return {
+        kind: write_tiny_model(tmp_path_factory.mktemp(f"tiny-{kind}"), pipeline_kind=kind)
+        for kind in ("edit", "edit-plus")
+    }
+
+
+@pytest.fixture(scope="module")
+def edit_plus_server(tiny_edit_models: dict[str, Path]) -> Iterator[Any]:
+    """One Qwen-Image-Edit-Plus server per test module, default test settings."""
+    from support import start_server
+
+    running = start_server(tiny_edit_models["edit-plus"])
+    yield running
+    running.stop()

@@ -3,6 +3,7 @@
 imagegen generate "a red fox in snow" -o fox.png --steps 8 --seed 42 --size 1024x1024
 imagegen generate "a red fox in snow" -o fox.png --idempotency-key fox-1   (safe to repeat)
 imagegen cancel --idempotency-key fox-1
+imagegen edit-with-references "the cat from picture 1 on the sofa" -r cat.png -r sofa.png -o a.png
 imagegen info
 imagegen health
 """
@@ -83,7 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_generation_options(generate)
     generate.set_defaults(handler=_generate)
 
-    edit = commands.add_parser("edit", help="image-to-image, or inpainting with --mask")
+    edit = commands.add_parser(
+        "edit", help="image-to-image (SDEdit) of an init image, or inpainting with --mask"
+    )
     edit.add_argument("image", type=Path, help="the init image (PNG, JPEG or WebP)")
     edit.add_argument("prompt", type=_text)
     edit.add_argument(
@@ -101,6 +104,23 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--request-id", type=_text, default="")
     cancel.set_defaults(handler=_cancel)
 
+    references = commands.add_parser(
+        "edit-with-references",
+        help="instruction editing from 1-3 reference images (a Qwen-Image-Edit/Edit-Plus server)",
+    )
+    references.add_argument("prompt", metavar="instruction", type=_text)
+    references.add_argument(
+        "-r",
+        "--reference",
+        dest="references",
+        action="append",
+        required=True,
+        type=Path,
+        help="a reference image (PNG, JPEG or WebP); repeat for Picture 1, 2, 3 in order",
+    )
+    _add_generation_options(references)
+    references.set_defaults(handler=_generate)
+
     info = commands.add_parser("info", help="print the server's model, limits and batching as JSON")
     info.set_defaults(handler=_info)
     health = commands.add_parser(
@@ -112,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_generation_options(generate: argparse.ArgumentParser) -> None:
-    """The options `generate` and `edit` share."""
+    """The options `generate`, `edit` and `edit-with-references` share."""
     generate.add_argument(
         "-o", "--output", required=True, type=Path, help="file; with --num-images N, NAME-i.EXT"
     )
@@ -190,6 +210,8 @@ def _generate(client: ImageGenClient, args: argparse.Namespace) -> int:
     }
     if args.command == "edit":
         options.update(init_image=args.image, strength=args.strength, mask_image=args.mask)
+    if args.command == "edit-with-references":
+        options.update(reference_images=args.references)
     if args.no_progress:
         result = client.generate(args.prompt, **options)
     else:

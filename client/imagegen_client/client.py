@@ -192,6 +192,26 @@ class ImageGenClient(_ClientBase):
         request = build_request(prompt, **options)
         return self._unary(self._stub.Generate, request, GenerationResult.from_proto, timeout_s)
 
+    def edit_with_references(
+        self,
+        instruction: str,
+        reference_images: Sequence[bytes | str | Path],
+        *,
+        timeout_s: float | None = None,
+        **options: Any,
+    ) -> GenerationResult:
+        """An instruction edit ("put the cat from picture 1 on the sofa from picture 2") of
+        `reference_images` (bytes or file paths) on a Qwen-Image-Edit(-Plus) server; the other
+        keyword options are those of `build_request`. Not SDEdit: that is `init_image`.
+
+        Raises:
+            grpc.RpcError: INVALID_ARGUMENT naming reference_images when the server's model
+                takes fewer (or none).
+        """
+        return self.generate(
+            instruction, reference_images=reference_images, timeout_s=timeout_s, **options
+        )
+
     def stream(
         self, prompt: str, *, timeout_s: float | None = None, **options: Any
     ) -> Iterator[ProgressEvent]:
@@ -313,6 +333,18 @@ class AsyncImageGenClient(_ClientBase):
         request = build_request(prompt, **options)
         return await self._unary(
             self._stub.Generate, request, GenerationResult.from_proto, timeout_s
+        )
+
+    async def edit_with_references(
+        self,
+        instruction: str,
+        reference_images: Sequence[bytes | str | Path],
+        *,
+        timeout_s: float | None = None,
+        **options: Any,
+    ) -> GenerationResult:
+        return await self.generate(
+            instruction, reference_images=reference_images, timeout_s=timeout_s, **options
         )
 
     async def stream(

@@ -31,14 +31,18 @@ def build_request(
     strength: float | None = None,
     mask_image: bytes | str | Path | None = None,
     variant: str = "",
+    reference_images: Sequence[bytes | str | Path] = (),
 ) -> pb.GenerateRequest:
     """A GenerateRequest; 0 means "the server's default" for sizes, steps, quality, priority.
 
     `init_image` (bytes or a file path) turns it into image-to-image with `strength`, and
-    `mask_image` (white = regenerate) into inpainting. `variant` picks one of the variants
-    the server lists (`ServerInfo.variants`); "" = its default. With an `idempotency_key` the
-    call is safe to repeat: a repeat joins the request in flight or gets its images again, and
-    the request runs on if the connection drops (README, "Safe retries and cancel").
+    `mask_image` (white = regenerate) into inpainting. `reference_images` (bytes or file paths,
+    "Picture 1" first) make it an instruction edit, for a server whose model is Qwen-Image-Edit
+    (one) or Edit-Plus (up to three); without a size the output takes about one megapixel at
+    the last reference's aspect ratio. `variant` picks one of the variants the server lists
+    (`ServerInfo.variants`); "" = its default. With an `idempotency_key` the call is safe to
+    repeat: a repeat joins the request in flight or gets its images again, and the request runs
+    on if the connection drops (README, "Safe retries and cancel").
     """
     request = pb.GenerateRequest(
         prompt=prompt,
@@ -56,6 +60,7 @@ def build_request(
         init_image=_image_bytes(init_image),
         mask_image=_image_bytes(mask_image),
         variant=variant,
+        reference_images=[_image_bytes(image) for image in reference_images],
     )
     if strength is not None:
         request.strength = strength

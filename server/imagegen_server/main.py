@@ -33,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument(
+        "--pipeline",
+        choices=("text-to-image", "edit", "edit-plus"),
+        default="text-to-image",
+        help="edit / edit-plus: a Qwen-Image-Edit / Edit-Plus checkpoint (reference images)",
+    )
+    tiny.add_argument(
         "--weights-at-load",
         action="store_true",
         help="write only configs; the server draws the weights on its device when it loads",
@@ -40,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "tiny-model":
-        return _tiny_model(args.directory, args.preset, args.seed, args.weights_at_load)
+        return _tiny_model(
+            args.directory, args.preset, args.seed, args.weights_at_load, args.pipeline
+        )
     # pydantic's ValidationError is a ValueError; OSError: a config file missing or unreadable.
     try:
         settings = load_settings(cli_source, args)
@@ -56,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     return asyncio.run(serve(settings))
 
 
-def _tiny_model(directory: Path, preset: str, seed: int, weights_at_load: bool) -> int:
+def _tiny_model(
+    directory: Path, preset: str, seed: int, weights_at_load: bool, pipeline: str
+) -> int:
     import torch
 
     from .engine.tiny_model import WEIGHTS_AT_LOAD, write_tiny_model
@@ -68,11 +78,18 @@ def _tiny_model(directory: Path, preset: str, seed: int, weights_at_load: bool) 
             file=sys.stderr,
         )
         return 2
-    write_tiny_model(directory, preset=preset, seed=seed, weights_at_load=weights_at_load)
+    try:
+        write_tiny_model(directory, preset, seed, weights_at_load, pipeline_kind=pipeline)
+    except ValueError as error:
+        print(f"imagegen-server: {error}", file=sys.stderr)
+        return 2
     where = (
         "drawn on the device at load" if weights_at_load or preset in WEIGHTS_AT_LOAD else "saved"
     )
-    print(f"wrote the {preset} random-weight Qwen-Image pipeline to {directory} (weights {where})")
+    print(
+        f"wrote the {preset} random-weight Qwen-Image {pipeline} pipeline to {directory}"
+        f" (weights {where})"
+    )
     return 0
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from .conftest import launch
+
 BIN = Path(sys.executable).parent
 
 
@@ -176,3 +178,40 @@ def test_generate_with_an_idempotency_key_is_safe_to_repeat_and_cancel_names_the
     assert "NOT_FOUND" in result.stderr and "request_id" in result.stderr
     result = imagegen(server_process, "cancel", "--idempotency-key", "cli-key-1")
     assert result.returncode == 1 and "already finished" in result.stderr
+
+
+def test_edit_with_references_writes_the_edit_and_is_refused_by_a_text_to_image_server(
+    server_process: object, tmp_path: Path
+) -> None:
+    model = tmp_path / "edit-plus"
+    written = subprocess.run(
+        [str(BIN / "imagegen-server"), "tiny-model", str(model), "--pipeline", "edit-plus"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert written.returncode == 0, written.stderr
+    first, second = tmp_path / "cat.png", tmp_path / "sofa.jpg"
+    Image.new("RGB", (96, 64), (200, 40, 40)).save(first)
+    Image.new("RGB", (48, 48), (40, 40, 200)).save(second)
+    options = ("-r", str(first), "-r", str(second), "--size", "64x48", "--steps", "2")
+    refused = imagegen(
+        server_process, "edit-with-references", "x", *options, "-o", str(tmp_path / "no.png")
+    )
+    assert refused.returncode == 1
+    assert "INVALID_ARGUMENT: reference_images: 2 given" in refused.stderr
+
+    server = launch(model)
+    try:
+        server.wait_serving()
+        info = json.loads(imagegen(server, "info").stdout)
+        assert (info["pipeline"], info["limits"]["max_reference_images"]) == ("edit-plus", 3)
+        output = tmp_path / "cat-on-sofa.png"
+        instruction = "put the cat from picture 1 on the sofa from picture 2"
+        result = imagegen(server, "edit-with-references", instruction, *options, "-o", str(output))
+        assert result.returncode == 0, result.stderr
+        with Image.open(output) as image:
+            assert image.format == "PNG" and image.size == (64, 48)
+    finally:
+        server.stop(grace_s=60)

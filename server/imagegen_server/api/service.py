@@ -38,6 +38,7 @@ from .auth import current_identity
 from .codec import encode_preview
 from .idempotency import check_key
 from .jobs import JobOrder, JobResult, JobTable, Subscription
+from .references import decode_references
 from .validation import OUTPUT_FORMATS, RequestValidator
 
 if TYPE_CHECKING:  # generic only in grpc-stubs, not at run time
@@ -164,6 +165,7 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
             model = self._model
             info.model, info.device, info.dtype = model.name, model.device, model.dtype
             info.scheduler_preset = model.scheduler_preset
+            info.pipeline = model.pipeline
             info.fused_adapters.extend(model.fused_adapters)
             info.limits.CopyFrom(self._limits_message())
             info.variants.extend(_variant_message(variant) for variant in self._variants)
@@ -202,14 +204,19 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
         if validator is None:
             raise EngineUnavailable("model loading; retry shortly")
         check_key(request.idempotency_key)
-        images = None
-        if request.init_image:  # decoding and resizing take a while: not on the event loop
-            loop = asyncio.get_running_loop()
+        images = references = None
+        loop = asyncio.get_running_loop()
+        # Decoding and resizing take a while: not on the event loop.
+        if request.init_image:
             images = await loop.run_in_executor(self._codec_pool, validator.decode_images, request)
+        if request.reference_images:
+            references = await loop.run_in_executor(
+                self._codec_pool, decode_references, request, validator.limits
+            )
         # Adapters on demand: loaded (once, however many ask) before validation, which then
         # runs with no await before the job holds them, so none is evicted in between.
         await self._adapters.ensure_loaded(adapter.name for adapter in request.adapters)
-        return validator.validate(request, streaming, images)
+        return validator.validate(request, streaming, images, references)
 
     @contextlib.contextmanager
     def _subscribed(

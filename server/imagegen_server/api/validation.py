@@ -20,9 +20,11 @@ from PIL.Image import Image as PILImage
 from ..base.config import MIN_STRENGTH
 from ..base.errors import InvalidArgument, NotFound
 from ..base.limits import RequestLimits
+from ..base.references import ReferenceImages
 from ..base.types import AdapterSpec, GenerationParams, InitImage, OutputFormat, strength_steps
 from ..base.variants import Variant
 from .codec import decode_image, resize
+from .references import check_edit_inputs, decode_references
 
 OUTPUT_FORMATS = {
     pb.OUTPUT_FORMAT_UNSPECIFIED: OutputFormat.PNG,
@@ -90,16 +92,26 @@ class RequestValidator:
         return DecodedImages(resize(image, width, height, "RGB"), mask, width, height)
 
     def validate(
-        self, request: pb.GenerateRequest, streaming: bool, images: DecodedImages | None = None
+        self,
+        request: pb.GenerateRequest,
+        streaming: bool,
+        images: DecodedImages | None = None,
+        references: ReferenceImages | None = None,
     ) -> GenerationParams:
         """Raises InvalidArgument (or NotFound for an unknown adapter) naming the field;
-        `images` comes from decode_images when the request has an init image."""
+        `images` comes from decode_images when the request has an init image, `references`
+        from `references.decode_references` when it has reference images."""
         limits = self.limits
+        check_edit_inputs(request, limits, bool(request.reference_images))
+        if references is None:
+            references = decode_references(request, limits)
         if images is None:  # text-to-image: checks only that no image-only field is set
             images = self.decode_images(request)
         num_images = _in_range("num_images", request.num_images or 1, 1, limits.max_num_images)
         if images is not None:
             width, height = images.width, images.height
+        elif references is not None:
+            width, height = self._reference_size(request, references)
         else:
             width, height = self._size(
                 request.width or limits.default_width, request.height or limits.default_height
@@ -140,6 +152,7 @@ class RequestValidator:
             init_image=init_image,
             schedule_steps=schedule_steps,
             variant=variant.name if variant else "",
+            references=references,
         )
 
     def _init_image(
@@ -158,22 +171,41 @@ class RequestValidator:
 
     def _edit_size(self, request: pb.GenerateRequest, image: PILImage) -> tuple[int, int]:
         """Edits keep the init image's size (down to the size multiple) unless the request
-        names one. What is wrong with a side the client sent is reported on that side; what
-        involves a side taken from the image (that side, or the area) on init_image."""
+        names one."""
+        multiple = self.limits.size_multiple
+        width, height = image.width // multiple * multiple, image.height // multiple * multiple
+        described = f"{image.width}x{image.height}"
+        return self._derived_size(request, width, height, "init_image", described)
+
+    def _reference_size(
+        self, request: pb.GenerateRequest, references: ReferenceImages
+    ) -> tuple[int, int]:
+        """Edits with references default, as diffusers' edit pipelines, to about one megapixel
+        at the last reference's aspect ratio."""
+        width, height = references.default_size(self.limits.size_multiple)
+        last = references.images[-1]
+        described = f"the last reference ({last.width}x{last.height}, at about 1 megapixel)"
+        return self._derived_size(request, width, height, "reference_images", described)
+
+    def _derived_size(
+        self, request: pb.GenerateRequest, width: int, height: int, source: str, described: str
+    ) -> tuple[int, int]:
+        """The output size: the request's sides where it sends them, else `width` and `height`
+        derived from the image field `source`. What is wrong with a side the client sent is
+        reported on that side; what involves a derived side (that side, or the area) on
+        `source`."""
         if request.width and request.height:
             return self._size(request.width, request.height)
         for name in ("width", "height"):
             if getattr(request, name):
                 self._side(name, getattr(request, name))
-        multiple = self.limits.size_multiple
-        width = request.width or image.width // multiple * multiple
-        height = request.height or image.height // multiple * multiple
+        width, height = request.width or width, request.height or height
         try:
             return self._size(width, height)
         except InvalidArgument as error:
             raise InvalidArgument(
-                "init_image",
-                f"{image.width}x{image.height} gives a {width}x{height} output, and {error}; "
+                source,
+                f"{described} gives a {width}x{height} output, and {error}; "
                 "send width and height to resize it",
             ) from error
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL.Image import Image as PILImage
 
+from .references import ReferenceImages
+
 
 class OutputFormat(enum.Enum):
     PNG = "png"
@@ -47,6 +49,7 @@ class ModelDescription:
     dtype: str
     scheduler_preset: str
     fused_adapters: tuple[str, ...]
+    pipeline: str = "text-to-image"  # or "edit", "edit-plus" (base.references)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +65,7 @@ class BatchKey:
 
     Image-to-image and inpainting rows differ only in how their latents start and in a blend
     after each step, not in the transformer call, so they share batches with text-to-image rows.
+    Edit rows append their references' latents to the sequence, so their shapes are in the key.
     """
 
     height: int  # pixels; the rotary embedding uses one image shape per batch
@@ -69,10 +73,13 @@ class BatchKey:
     cfg: bool  # true classifier-free guidance doubles the transformer batch
     # Only with `adapter_batching = "separate"`: the adapter names every row of the batch uses.
     adapters: tuple[str, ...] = ()
+    # Edit rows: each reference's VAE (width, height), which fixes its latent shape; () = none.
+    references: tuple[tuple[int, int], ...] = ()
 
     def __str__(self) -> str:
         adapters = "".join(f"+{name}" for name in self.adapters)
-        return f"{self.width}x{self.height}{'+cfg' if self.cfg else ''}{adapters}"
+        references = "".join(f"+ref{width}x{height}" for width, height in self.references)
+        return f"{self.width}x{self.height}{'+cfg' if self.cfg else ''}{adapters}{references}"
 
 
 def strength_steps(steps: int, strength: float) -> int:
@@ -112,6 +119,7 @@ class GenerationParams:
     init_image: InitImage | None = None
     schedule_steps: int = 0  # length of the full schedule img2img starts into; 0 = steps
     variant: str = ""  # the variant it runs as (base.variants); "" = the server has none
+    references: ReferenceImages | None = None  # instruction editing (edit models only)
 
     @property
     def cfg(self) -> bool:
@@ -119,13 +127,25 @@ class GenerationParams:
 
     @property
     def batch_key(self) -> BatchKey:
-        return BatchKey(height=self.height, width=self.width, cfg=self.cfg)
+        return BatchKey(
+            height=self.height, width=self.width, cfg=self.cfg, references=self._reference_sizes
+        )
 
     @property
     def adapter_batch_key(self) -> BatchKey:
         """The batch key when rows of different adapters must not share a batch."""
         names = tuple(sorted({spec.name for spec in self.adapters if spec.scale != 0}))
-        return BatchKey(height=self.height, width=self.width, cfg=self.cfg, adapters=names)
+        return BatchKey(
+            height=self.height,
+            width=self.width,
+            cfg=self.cfg,
+            adapters=names,
+            references=self._reference_sizes,
+        )
+
+    @property
+    def _reference_sizes(self) -> tuple[tuple[int, int], ...]:
+        return self.references.vae_sizes if self.references is not None else ()
 
 
 @dataclass(slots=True)

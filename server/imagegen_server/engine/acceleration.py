@@ -143,8 +143,10 @@ class TransformerRunner:
         timesteps: torch.Tensor,
         states: torch.Tensor,
         mask: torch.Tensor | None,
-        rope_shape: tuple[int, int, int],
+        rope_shapes: Sequence[tuple[int, int, int]],
     ) -> torch.Tensor:
+        """The transformer's output for `hidden`, whose sequence holds one grid per entry of
+        `rope_shapes` (the image's, then an edit row's references: the pipelines' img_shapes)."""
         rows = hidden.shape[0]
         padded = self.bucket(rows)
         if self.mode == "buckets":
@@ -154,7 +156,7 @@ class TransformerRunner:
             timestep=timesteps,
             encoder_hidden_states=states,
             encoder_hidden_states_mask=mask,
-            img_shapes=[[rope_shape]] * hidden.shape[0],
+            img_shapes=[list(rope_shapes)] * hidden.shape[0],
             return_dict=False,
         )[0]
         return output[:rows]
@@ -198,7 +200,7 @@ class TransformerRunner:
                     torch.full((rows,), 0.5, dtype=dtype, device=device),
                     torch.zeros(rows, tokens, text_dim, dtype=dtype, device=device),
                     torch.ones(rows, tokens, dtype=torch.long, device=device) if masked else None,
-                    rope_shape,
+                    [rope_shape],
                 )
         seconds = time.perf_counter() - started
         log.info(

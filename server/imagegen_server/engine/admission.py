@@ -1,10 +1,12 @@
 """Admitting requests into a batch: what `Engine.add` does before any step.
 
 `prepare` conditions the requests admitted together: every prompt and negative prompt goes
-through the text encoder in one call (cached texts skip it), every init image through the VAE
-encoder in as few calls as fit. `start_rows` then gives each image of a request its row: its own
-seed, sigma schedule and starting latents (noise from its seed, or its noised init image), so a
-row's pixels never depend on which rows it shares a batch with.
+through the text encoder in one call (cached texts skip it; edit requests' texts go in a second
+call, with their reference pictures: `references`), every init image through the VAE encoder in
+as few calls as fit, and each edit request's references through the VAE.
+`start_rows` then gives each image of a request its row: its own seed, sigma schedule and
+starting latents (noise from its seed, or its noised init image), so a row's pixels never depend
+on which rows it shares a batch with.
 """
 
 from __future__ import annotations
@@ -22,9 +24,14 @@ from .denoise import FaultInjection, Row
 from .init_image import InitImageEncoder, InpaintState
 from .model import LoadedModel
 from .prompts import PromptEncoder
+from .references import ReferenceEncoder
 from .sampling import SigmaSchedule, initial_noise
 from .variants import VariantTable
 
+# A request's prompt states and, with CFG, its negative prompt's.
+TextStates = tuple[torch.Tensor, torch.Tensor | None]
+# Encodes texts, each given with the request it belongs to, in one call.
+TextEncode = Callable[[list[str], list[GenerationParams]], list[torch.Tensor]]
 # Images one VAE call of a kind ("encode", "decode") takes at a width and height; None: all.
 VaeRows = Callable[[str, int, int], int | None]
 
@@ -37,6 +44,7 @@ class PreparedRequest:
     prompt: torch.Tensor  # [tokens, dim] the prompt's text-encoder states
     negative: torch.Tensor | None  # the same for the negative prompt, when CFG is on
     posterior: DiagonalGaussianDistribution | None  # the init image's, for image-to-image
+    reference: torch.Tensor | None = None  # editing: the references' packed latents
 
     @property
     def params(self) -> GenerationParams:
@@ -54,6 +62,7 @@ class Admission:
         init_images: InitImageEncoder,
         vae_rows: VaeRows,
         faults: FaultInjection | None = None,
+        references: ReferenceEncoder | None = None,
     ) -> None:
         self._model = model
         self._prompts = prompts
@@ -61,26 +70,51 @@ class Admission:
         self._init_images = init_images
         self._vae_rows = vae_rows  # the memory probe's limit on one VAE call
         self._faults = faults or FaultInjection()  # testing only: poisoned encoder calls
+        self._references = references  # None: the model is not an edit model
 
     def prepare(self, requests: Sequence[EngineRequest]) -> list[PreparedRequest]:
-        """Text states for every request and VAE posteriors for those with an init image; an
-        encoder's error propagates (the engine then prepares the requests one by one)."""
-        prompts = [request.params.prompt for request in requests]
-        negatives = [r.params.negative_prompt for r in requests if r.params.cfg]
-        # One encoder call for both.
+        """Text states for every request, VAE posteriors for those with an init image and
+        reference latents for edits; an encoder's error propagates (the engine then prepares
+        the requests one by one)."""
         self._faults.check_stage("text_encode", [request.request_id for request in requests])
-        states = self._prompts.encode(prompts + negatives, self._model.device, self._model.dtype)
-        negative_states = iter(states[len(prompts) :])
+        states = self._text_states(requests)
         posteriors = iter(self._encode_init_images(requests))
         return [
             PreparedRequest(
                 request=request,
-                prompt=states[index],
-                negative=next(negative_states) if request.params.cfg else None,
+                prompt=prompt,
+                negative=negative,
                 posterior=next(posteriors) if request.params.init_image else None,
+                reference=self._reference_latents(request.params),
             )
-            for index, request in enumerate(requests)
+            for request, (prompt, negative) in zip(requests, states, strict=True)
         ]
+
+    def _text_states(self, requests: Sequence[EngineRequest]) -> list[TextStates]:
+        """Each request's prompt states and, with CFG, its negative's: texts alone in one
+        encoder call, texts with reference pictures in another."""
+        device, dtype = self._model.device, self._model.dtype
+        plain = [r.params for r in requests if r.params.references is None]
+        edits = [r.params for r in requests if r.params.references is not None]
+        plain_states = iter(
+            _states_of(plain, lambda texts, _: self._prompts.encode(texts, device, dtype))
+        )
+        edit_states = iter(_states_of(edits, self._encode_with_pictures))
+        return [
+            next(plain_states if r.params.references is None else edit_states) for r in requests
+        ]
+
+    def _encode_with_pictures(
+        self, texts: list[str], owners: list[GenerationParams]
+    ) -> list[torch.Tensor]:
+        assert self._references is not None, "validation admits references to edit models only"
+        pairs = [(text, params.references) for text, params in zip(texts, owners, strict=True)]
+        return self._references.encode_prompts(pairs)  # type: ignore[arg-type]
+
+    def _reference_latents(self, params: GenerationParams) -> torch.Tensor | None:
+        if params.references is None or self._references is None:
+            return None
+        return self._references.latents(params.references)
 
     def start_rows(self, prepared: PreparedRequest, batch: Batch) -> None:
         """Appends one row per image of the request to `batch`, at its starting latents."""
@@ -136,6 +170,18 @@ class Admission:
         return initial_noise(batch.shape, generator, self._model.dtype, self._model.device), None
 
 
+def _states_of(params: list[GenerationParams], encode: TextEncode) -> list[TextStates]:
+    """(prompt, negative or None) states of each of `params`, from one `encode` call over
+    their prompts then their negatives (CFG only)."""
+    if not params:
+        return []
+    cfg = [p for p in params if p.cfg]
+    texts = [p.prompt for p in params] + [p.negative_prompt for p in cfg]
+    states = encode(texts, params + cfg)  # each text with the request it belongs to
+    negatives = iter(states[len(params) :])
+    return [(states[i], next(negatives) if p.cfg else None) for i, p in enumerate(params)]
+
+
 def _row(
     prepared: PreparedRequest,
     image_index: int,
@@ -159,4 +205,5 @@ def _row(
         inpaint=inpaint,
         variant=params.variant,
         variant_loras=variant_loras,
+        reference=prepared.reference,
     )

@@ -28,6 +28,14 @@ class Batch:
     # Padded text states + mask (None: no padding) for a call of every row; rebuilt when the
     # rows change.
     text: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    # Edit batches: each reference's token grid (frames, rows, columns), after the image's.
+    reference_grids: tuple[tuple[int, int, int], ...] = ()
+
+    @property
+    def rope_shapes(self) -> list[tuple[int, int, int]]:
+        """The token grids of a row's sequence: its image's, then its references' (the
+        pipelines' img_shapes for one row)."""
+        return [self.shape.rope_shape, *self.reference_grids]
 
     def append(self, rows: list[Row], latents: list[torch.Tensor]) -> None:
         """New rows join at the end, starting from `latents` (one [1, seq, channels * 4] each)."""

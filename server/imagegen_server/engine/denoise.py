@@ -17,7 +17,7 @@ from .acceleration import TransformerRunner, host_to_device
 from .init_image import InpaintState
 from .lora import LoraBank
 from .prompts import pad_embeddings
-from .sampling import LatentShape, SigmaSchedule
+from .sampling import SigmaSchedule
 
 
 @dataclass(slots=True, eq=False)
@@ -35,6 +35,9 @@ class Row:
     preview_every: int  # 0 = none
     float_output: bool  # decode to float32 (NPY) instead of uint8
     inpaint: InpaintState | None = None  # inpainting: keeps the unmasked region
+    # Editing: the references' packed latents [1, tokens, channels * 4] (shared by the rows of
+    # a request), after the row's own latents in every transformer call.
+    reference: torch.Tensor | None = None
     step: int = 0  # index of the next step in `schedule`
     variant: str = ""  # the variant it runs as ("" = a server without variants)
     variant_loras: tuple[AdapterSpec, ...] = ()  # its variant's LoRAs, applied before `adapters`
@@ -123,17 +126,18 @@ class Denoiser:
         rows: Sequence[Row],
         indices: list[int],
         latents: torch.Tensor,
-        shape: LatentShape,
+        rope_shapes: list[tuple[int, int, int]],
         cfg: bool,
         text: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> Advance:
-        """One step for `rows` (at positions `indices` of their batch) from `latents`.
+        """One step for `rows` (at positions `indices` of their batch) from `latents`;
+        `rope_shapes`: the image's token grid, then each reference's (`Batch.rope_shapes`).
 
         Rows whose result is not finite are reported failed; a model error raises.
         """
         self._faults.check(rows)
         scalars = self._scalars(rows)
-        velocity = self._velocity(rows, latents, shape, cfg, text, scalars)
+        velocity = self._velocity(rows, latents, rope_shapes, cfg, text, scalars)
         sigmas, dts = scalars.sigmas, scalars.dts
         # Per-row Euler step, in float32 like FlowMatchEulerDiscreteScheduler.step.
         stepped = (latents.float() + dts * velocity).to(velocity.dtype)
@@ -162,24 +166,29 @@ class Denoiser:
         self,
         rows: Sequence[Row],
         latents: torch.Tensor,
-        shape: LatentShape,
+        rope_shapes: list[tuple[int, int, int]],
         cfg: bool,
         text: tuple[torch.Tensor, torch.Tensor | None] | None,
         scalars: _StepScalars,
     ) -> torch.Tensor:
-        """The transformer's velocity for every row, with true CFG in the same call."""
+        """The transformer's velocity for every row, with true CFG in the same call. Edit
+        rows' references follow their latents in the sequence; their outputs are dropped."""
         if text is None:
             text = text_inputs(rows, cfg)
         states, mask = text
         # As QwenImagePipeline: the timestep is cast to the latents' dtype, then scaled to [0, 1].
         timesteps = scalars.timesteps.to(latents.dtype) / 1000
         hidden = latents
+        if rows[0].reference is not None:  # a batch's rows all edit, or none does (its key)
+            references = torch.cat([row.reference for row in rows])  # type: ignore[misc]
+            hidden = torch.cat([latents, references], dim=1)
         row_adapters = [row.variant_loras + row.adapters for row in rows]
         if cfg:
             hidden, timesteps = torch.cat([hidden, hidden]), torch.cat([timesteps, timesteps])
             row_adapters += row_adapters  # the unconditional half uses the same adapters
         with self._adapters.applied(row_adapters):
-            output = self._transformer(hidden, timesteps, states, mask, shape.rope_shape)
+            output = self._transformer(hidden, timesteps, states, mask, rope_shapes)
+        output = output[:, : latents.shape[1]]
         if not cfg:
             return output
         cond, uncond = output.chunk(2)

@@ -51,6 +51,7 @@ from .lora import LoraBank
 from .memory import MemoryBudget
 from .model import LoadedModel
 from .prompts import PromptEncoder
+from .references import ReferenceEncoder
 from .sampling import LatentShape, ScheduleTable
 from .variants import VariantTable
 
@@ -101,6 +102,11 @@ class Engine:
         self.init_images = InitImageEncoder(
             pipeline, model.device, model.dtype, vae_tiling_min_pixels
         )
+        self._references: ReferenceEncoder | None = None  # edit models only
+        if model.max_reference_images:
+            self._references = ReferenceEncoder(
+                model, prompt_cache_size, self._prompts.stats, vae_tiling_min_pixels
+            )
         self._admission = Admission(
             model,
             self._prompts,
@@ -108,6 +114,7 @@ class Engine:
             self.init_images,
             self._rows_per_vae_call,
             self._faults,
+            self._references,
         )
         self._vae_budget: tuple[MemoryBudget, int] | None = None  # None: all at once
 
@@ -128,11 +135,16 @@ class Engine:
             height, width, self.model.latent_channels, self.model.vae_scale_factor
         )
 
-    def tokens_per_row(self, width: int, height: int) -> int:
-        """The tokens a row attends over at this size, at most: its image tokens and the
-        longest text's, prompt or negative (what its activation memory grows with)."""
-        text = self.runner.text_tokens(self._prompts.max_tokens)
-        return self.latent_shape(width, height).seq_len + text
+    def tokens_per_row(
+        self, width: int, height: int, references: tuple[tuple[int, int], ...] = ()
+    ) -> int:
+        """The tokens a row attends over at this size, at most: its image tokens, an edit row's
+        reference tokens (each reference's VAE size) and the longest text's, prompt or negative,
+        with an edit row's vision tokens (what its activation memory grows with)."""
+        pictures = self._references.text_tokens(references) if self._references else 0
+        text = self.runner.text_tokens(self._prompts.max_tokens + pictures)
+        image = self.latent_shape(width, height).seq_len
+        return image + sum(self.latent_shape(w, h).seq_len for w, h in references) + text
 
     def image_tokens(self, width: int, height: int) -> int:
         """Latent tokens of one image at this size (what its VAE decode memory grows with)."""
@@ -220,7 +232,9 @@ class Engine:
         batch = self._batches.get(group)
         if batch is None:
             shape = self.latent_shape(params.width, params.height)
-            batch = self._batches[group] = Batch(key=params.batch_key, shape=shape)
+            factor = self.model.size_multiple  # pixels per token side
+            grids = tuple((1, h // factor, w // factor) for w, h in params.batch_key.references)
+            batch = self._batches[group] = Batch(params.batch_key, shape, reference_grids=grids)
         elif batch.key != params.batch_key:
             raise ValueError(f"request of shape {params.batch_key} sent to batch of {batch.key}")
         return batch
@@ -240,7 +254,7 @@ class Engine:
                 rows,
                 positions,
                 batch.latents[positions],
-                batch.shape,
+                batch.rope_shapes,
                 batch.key.cfg,
                 batch.text if whole else None,
             )

@@ -1,6 +1,7 @@
 """Loading a Qwen-Image pipeline the way real deployments do.
 
-`QwenImagePipeline.from_pretrained` on a local directory or hub id, base LoRAs through
+`QwenImagePipeline.from_pretrained` (or the edit class `model_index.json` names) on a local
+directory or hub id, base LoRAs through
 `load_lora_weights` (optionally fused into the weights), and the scheduler either as shipped or
 with the Qwen-Image-Lightning settings. The engine then uses the components, never `pipe(...)`.
 """
@@ -19,6 +20,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 from diffusers.utils import logging as diffusers_logging
 from transformers import Qwen2Tokenizer
 
+from ..base.references import MAX_REFERENCE_IMAGES, TEXT_TO_IMAGE
+from .edit_model import PIPELINE_CLASSES, load_processor, pipeline_kind
 from .sampling import LIGHTNING_SCHEDULER_OVERRIDES
 from .tiny_model import PRESETS, RANDOM_WEIGHTS_FILE, build_pipeline, draw_modulation
 
@@ -44,12 +47,17 @@ class BaseLora:
 
 @dataclass(slots=True)
 class LoadedModel:
-    pipeline: QwenImagePipeline  # the components the engine runs (never called as a whole)
+    pipeline: QwenImagePipeline  # its components run (never called whole); or an edit class
     name: str  # what --model named
     device: torch.device  # where every component lives
     dtype: torch.dtype  # the pipeline was loaded in
     scheduler_preset: str  # "default", or "lightning" (`lightning_scheduler`)
     fused_loras: list[str] = field(default_factory=list)  # names of base LoRAs in the weights
+    kind: str = TEXT_TO_IMAGE  # or "edit", "edit-plus": the pipeline class (base.references)
+
+    @property
+    def max_reference_images(self) -> int:
+        return MAX_REFERENCE_IMAGES[self.kind]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -110,18 +118,28 @@ def load_model(
     # Loading progress bars are noise in a server log.
     diffusers_logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    kind = pipeline_kind(model)
     if (Path(model) / RANDOM_WEIGHTS_FILE).is_file():
         pipeline = random_pipeline(Path(model), torch_device, torch_dtype)
     else:
-        pipeline = QwenImagePipeline.from_pretrained(model, dtype=torch_dtype)
+        pipeline = _from_pretrained(model, kind, torch_dtype)
         pipeline.to(torch_device)
     pipeline.set_progress_bar_config(disable=True)
     if scheduler_preset == "lightning":
         pipeline.scheduler = lightning_scheduler(pipeline.scheduler)
-    loaded = LoadedModel(pipeline, model, torch_device, torch_dtype, scheduler_preset)
+    loaded = LoadedModel(pipeline, model, torch_device, torch_dtype, scheduler_preset, kind=kind)
     if loras:
         _apply_base_loras(loaded, [BaseLora.parse(spec) for spec in loras], fuse_lora)
     return loaded
+
+
+def _from_pretrained(model: str, kind: str, dtype: torch.dtype) -> Any:
+    """The pipeline class `kind` names, from `model`; an edit checkpoint's processor is loaded
+    here (`edit_model.load_processor`) so that hosts without torchvision load it too."""
+    components: dict[str, Any] = {}
+    if kind != TEXT_TO_IMAGE:
+        components["processor"] = load_processor(model)
+    return PIPELINE_CLASSES[kind].from_pretrained(model, dtype=dtype, **components)
 
 
 def random_pipeline(directory: Path, device: torch.device, dtype: torch.dtype) -> QwenImagePipeline:

@@ -124,7 +124,7 @@ def peak_step_bytes(engine: Engine, width: int, height: int, rows: int) -> int:
             torch.full((rows,), 0.5, dtype=model.dtype, device=model.device),
             torch.zeros(rows, text, dim, dtype=model.dtype, device=model.device),
             torch.ones(rows, text, dtype=torch.long, device=model.device),
-            shape.rope_shape,
+            [shape.rope_shape],
         )
     return peak.bytes
 

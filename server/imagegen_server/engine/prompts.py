@@ -11,13 +11,25 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Generic, TypeVar
 
 import torch
 from diffusers import QwenImagePipeline
 
 from ..base.config import MAX_TEXT_TOKENS
 from ..base.engine_api import PromptCacheStats
+
+# Qwen-Image-Edit's template shows the text encoder its one picture here.
+VISION_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def text_template(pipeline: QwenImagePipeline) -> str:
+    """The pipeline's prompt template for text alone. An edit pipeline's rows without pictures
+    (the warm-up, the probes) and its prompt limit use it without the picture placeholder:
+    Qwen-Image-Edit's template less that block is Edit-Plus's, and both drop the same prefix."""
+    template: str = pipeline.prompt_template_encode
+    return template.replace(VISION_BLOCK, "")
 
 
 class PromptTokenizer:
@@ -26,7 +38,7 @@ class PromptTokenizer:
     def __init__(self, pipeline: QwenImagePipeline) -> None:
         # A private copy: a fast tokenizer is not safe to share with the engine thread.
         self._tokenizer = copy.deepcopy(pipeline.tokenizer)
-        self._template = pipeline.prompt_template_encode
+        self._template = text_template(pipeline)
         self._drop = pipeline.prompt_template_encode_start_idx
 
     def count(self, prompt: str) -> int:
@@ -48,13 +60,12 @@ class PromptEncoder:
     def __init__(self, pipeline: QwenImagePipeline, cache_size: int, max_tokens: int) -> None:
         self._tokenizer = pipeline.tokenizer
         self._text_encoder = pipeline.text_encoder
-        self._template = pipeline.prompt_template_encode
+        self._template = text_template(pipeline)
         self._drop = pipeline.prompt_template_encode_start_idx
         self._max_tokens = min(max_tokens, MAX_TEXT_TOKENS)
         self._tokenizer_max_length = pipeline.tokenizer_max_length + self._drop
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._cache_size = cache_size
         self.stats = PromptCacheStats()
+        self._cache: EmbeddingCache[str] = EmbeddingCache(cache_size, self.stats)
 
     @property
     def max_tokens(self) -> int:
@@ -67,17 +78,7 @@ class PromptEncoder:
         self, texts: Sequence[str], device: torch.device, dtype: torch.dtype
     ) -> list[torch.Tensor]:
         """Returns one [tokens, dim] tensor per text; uncached texts share one encoder call."""
-        found = {text: self._lookup(text) for text in dict.fromkeys(texts)}
-        missing = [text for text, embedding in found.items() if embedding is None]
-        self.stats.hits += len(texts) - len(missing)
-        self.stats.misses += len(missing)
-        if missing:
-            for text, embedding in zip(
-                missing, self._run_encoder(missing, device, dtype), strict=True
-            ):
-                found[text] = embedding
-                self._store(text, embedding)
-        return [found[text] for text in texts]  # type: ignore[misc]
+        return self._cache.resolve(texts, lambda missing: self._run_encoder(missing, device, dtype))
 
     def _run_encoder(
         self, texts: list[str], device: torch.device, dtype: torch.dtype
@@ -106,18 +107,44 @@ class PromptEncoder:
             for row, length in enumerate(lengths)
         ]
 
-    def _lookup(self, text: str) -> torch.Tensor | None:
-        embedding = self._cache.get(text)
-        if embedding is not None:
-            self._cache.move_to_end(text)
-        return embedding
 
-    def _store(self, text: str, embedding: torch.Tensor) -> None:
-        if self._cache_size <= 0:
+K = TypeVar("K", bound=Hashable)
+
+
+class EmbeddingCache(Generic[K]):
+    """Text-encoder states by key, least recently used first out; counts hits and misses."""
+
+    def __init__(self, size: int, stats: PromptCacheStats) -> None:
+        self._entries: OrderedDict[K, torch.Tensor] = OrderedDict()
+        self._size = size  # entries kept; 0 = no caching
+        self._stats = stats  # shared by every cache of the engine (one metric)
+
+    def resolve(
+        self, keys: Sequence[K], compute: Callable[[list[K]], list[torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        """One tensor per key; the keys not cached go to `compute` together, in one call."""
+        found = {key: self._lookup(key) for key in dict.fromkeys(keys)}
+        missing = [key for key, value in found.items() if value is None]
+        self._stats.hits += len(keys) - len(missing)
+        self._stats.misses += len(missing)
+        if missing:
+            for key, value in zip(missing, compute(missing), strict=True):
+                found[key] = value
+                self._store(key, value)
+        return [found[key] for key in keys]  # type: ignore[misc]
+
+    def _lookup(self, key: K) -> torch.Tensor | None:
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def _store(self, key: K, value: torch.Tensor) -> None:
+        if self._size <= 0:
             return
-        self._cache[text] = embedding
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self._entries[key] = value
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
 
 
 def pad_embeddings(

@@ -85,7 +85,7 @@ def row_limit(settings: Settings, setup: EngineSetup, key: BatchKey) -> int | No
     fitting_rows = runner.largest_call
     if setup.memory is not None:
         fitting_rows = setup.memory.max_rows(
-            setup.engine.tokens_per_row(key.width, key.height),
+            setup.engine.tokens_per_row(key.width, key.height, key.references),
             cap=fitting_rows or runner.bucket(2 * settings.max_batch_size),
         )
     if fitting_rows is None:
@@ -146,7 +146,9 @@ def _describe(settings: Settings, engine: Engine, variants: list[Variant]) -> En
         preset = next(variant for variant in variants if variant.is_default).scheduler_preset
     return EngineSetup(
         engine=engine,
-        limits=RequestLimits.from_settings(settings, model.size_multiple, min_steps),
+        limits=RequestLimits.from_settings(
+            settings, model.size_multiple, min_steps, model.max_reference_images
+        ),
         count_tokens=PromptTokenizer(model.pipeline).count,
         description=ModelDescription(
             name=settings.model,
@@ -154,6 +156,7 @@ def _describe(settings: Settings, engine: Engine, variants: list[Variant]) -> En
             dtype=str(model.dtype).removeprefix("torch."),
             scheduler_preset=preset,
             fused_adapters=tuple(model.fused_loras),
+            pipeline=model.kind,
         ),
         variants=variants,
     )

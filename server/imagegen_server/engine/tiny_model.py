@@ -29,6 +29,9 @@ from safetensors.torch import save_file
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from ..base.references import TEXT_TO_IMAGE
+from .edit_model import make_edit_model
+
 # Special tokens of the real Qwen2.5 tokenizer that the prompt template and the VL config use.
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -126,16 +129,27 @@ RANDOM_WEIGHTS_FILE = "random_weights.json"
 
 
 def write_tiny_model(
-    directory: Path, preset: str = "tiny", seed: int = 0, weights_at_load: bool = False
+    directory: Path,
+    preset: str = "tiny",
+    seed: int = 0,
+    weights_at_load: bool = False,
+    pipeline_kind: str = TEXT_TO_IMAGE,
 ) -> Path:
     """Writes the pipeline and its adapters under `directory`; returns the directory.
 
     The same (preset, seed) always gives the same bytes, so tests and benchmarks are repeatable.
     With `weights_at_load` (always for "full") only configurations and the tokenizer are
     written, plus a marker: load_model then draws the weights directly on its device.
+    `pipeline_kind` "edit" or "edit-plus" writes the same weights as a Qwen-Image-Edit(-Plus)
+    checkpoint (`edit_model`), with its processor.
+
+    Raises:
+        ValueError: an edit model asked for with weights drawn at load.
     """
     sizes = PRESETS[preset]
     weights_at_load = weights_at_load or preset in WEIGHTS_AT_LOAD
+    if weights_at_load and pipeline_kind != TEXT_TO_IMAGE:
+        raise ValueError("edit models are written with their weights (presets tiny and bench)")
     directory.mkdir(parents=True, exist_ok=True)
     _write_tokenizer_files(directory / "tokenizer")
     tokenizer = Qwen2Tokenizer.from_pretrained(directory / "tokenizer")
@@ -155,6 +169,8 @@ def write_tiny_model(
     shutil.rmtree(directory / "tokenizer")
     _write_tokenizer_files(directory / "tokenizer")
     _write_adapters(directory / "adapters", pipeline.transformer)
+    if pipeline_kind != TEXT_TO_IMAGE:
+        make_edit_model(directory, pipeline_kind, _write_tokenizer_files)
     return directory
 
 
