@@ -13,6 +13,7 @@ import enum
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+from .cost import request_cost
 from .engine_api import EngineRequest
 from .types import GenerationParams
 
@@ -51,6 +52,9 @@ class Request:
     started_at: float | None = None  # clock time it left the queue (set by the batcher)
     rows_seen: int = 0  # sum of the rows of the transformer calls it stepped in
     max_batch: int = 0  # most rows in one transformer call it stepped in
+    tenant: str = ""  # who it is billed to (the token's tenant); fair share groups by it
+    weight: float = 1.0  # its tenant's share weight (the token policy's `weight`)
+    fair_tag: float = 0.0  # virtual start time, set by the scheduler's fair share on `add`
 
     @property
     def request_id(self) -> str:
@@ -73,9 +77,15 @@ class Request:
         return self.params.priority
 
     @property
+    def cost(self) -> float:
+        """Its denoising work in megapixel-steps (base/cost.py)."""
+        return request_cost(self.params)
+
+    @property
     def rank(self) -> tuple[int, float, int]:
-        """Queue order: priority, then arrival (FIFO within a level)."""
-        return (self.priority, self.arrival, self.seq)
+        """Queue order: priority, then the fair-share tag (arrival order for one tenant: see
+        batching/fair_share.py), then arrival order."""
+        return (self.priority, self.fair_tag, self.seq)
 
     @property
     def remaining_steps(self) -> int:
