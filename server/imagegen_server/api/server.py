@@ -34,7 +34,10 @@ from ..engine.startup import EngineSetup, build_engine, row_limit
 from .adapters import AdapterRegistry
 from .admin import AdapterAdminService
 from .interceptors import StatusInterceptor
+from .quota import QuotaBook
+from .quota_stores import open_store
 from .service import ImageGenerationService
+from .tokens_reload import TokensWatcher
 from .transport import EXCLUSIVE_PORT, build_guard, server_credentials, server_options
 from .validation import RequestValidator
 
@@ -91,11 +94,25 @@ class ImageGenServer:
             self.metrics,
         )
         self._setup: EngineSetup | None = None  # once the engine thread has built the engine
+        store, blocking = open_store(settings.quota_store)
+        quotas = QuotaBook(store, settings.quota_store_failure, self.metrics, blocking=blocking)
         self._service = ImageGenerationService(
-            self._batcher, self._batching_info(), self.metrics, self._codec_pool, self._adapters
+            self._batcher,
+            self._batching_info(),
+            self.metrics,
+            self._codec_pool,
+            self._adapters,
+            quotas=quotas,
+            log_prompts=settings.log_prompts,
+        )
+        guard = build_guard(settings)
+        self.tokens = (  # None without a tokens file
+            TokensWatcher(guard, settings.auth_tokens_file, settings.auth_tokens_poll_s)
+            if guard is not None and settings.auth_tokens_file is not None
+            else None
         )
         self._grpc = grpc.aio.server(
-            interceptors=[StatusInterceptor(self.metrics, build_guard(settings))],
+            interceptors=[StatusInterceptor(self.metrics, guard)],
             options=server_options(settings),
         )
         # A plaintext health-only port for probes that cannot speak TLS (the kubelet's).
@@ -151,6 +168,15 @@ class ImageGenServer:
             self.metrics_port,
         )
         self._batcher.start()
+        if self.tokens is not None:
+            self.tokens.start()
+
+    def reload_tokens(self) -> None:
+        """SIGHUP: re-reads the tokens file (see tokens_reload.py)."""
+        if self.tokens is None:
+            log.warning("SIGHUP: no tokens file to reload (auth_tokens_file is unset)")
+        else:
+            self.tokens.reload()
 
     async def wait_ready(self) -> bool:
         """Waits until SERVING (True) or the engine failed to start (False)."""
@@ -183,11 +209,15 @@ class ImageGenServer:
             await self._health_grpc.stop(grace=0)
         self._batcher.stop()
         self._codec_pool.shutdown(wait=False)
+        if self.tokens is not None:
+            await self.tokens.stop()
         log.info("drained %s", "cleanly" if finished else "with requests left at the timeout")
         return finished
 
     async def stop_now(self) -> None:
         self.metrics.ready.set(0)
+        if self.tokens is not None:
+            await self.tokens.stop()
         await self._grpc.stop(grace=0)
         if self._health_grpc is not None:
             await self._health_grpc.stop(grace=0)
@@ -272,6 +302,7 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(signum, signals.put_nowait, signum)
     try:
         server = ImageGenServer(settings)
+        loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)
         await server.start()
     except (ValueError, OSError, RuntimeError) as error:  # bad token file, port in use, ...
         log.error("cannot start: %s", error)

@@ -19,8 +19,10 @@ from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 
 from .. import __version__
+from ..base.cost import COST_UNIT, request_cost
 from ..base.errors import EngineUnavailable
 from ..base.metrics import Metrics
+from ..base.request import RequestStatus
 from ..base.types import (
     CompletedEvent,
     FailedEvent,
@@ -32,9 +34,13 @@ from ..base.types import (
 )
 from ..batching.batcher import Batcher
 from ..batching.requests import RequestHandle
+from .access_log import CURRENT_RECORD
 from .adapters import AdapterRegistry
 from .admin import adapter_message
+from .auth import CURRENT_CALLER
 from .codec import encode_image, encode_preview
+from .policy import OTHER_TENANT, Tenant
+from .quota import QuotaBook
 from .validation import OUTPUT_FORMATS, RequestValidator
 
 if TYPE_CHECKING:  # generic only in grpc-stubs, not at run time
@@ -49,8 +55,12 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
         metrics: Metrics,
         codec_pool: Executor,
         adapters: AdapterRegistry,
+        quotas: QuotaBook | None = None,
+        log_prompts: bool = False,
     ) -> None:
         self._batcher = batcher
+        self._quotas = quotas  # per-tenant cost limits; None = no token policies, no quotas
+        self._log_prompts = log_prompts  # access-log lines carry the prompt text
         self._adapters = adapters
         self._batching = batching
         self._metrics = metrics
@@ -74,7 +84,8 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
         params = await self._validate(request, streaming=False)
-        with self._admitted(params, context, wants_progress=False) as handle:
+        tenant = await self._authorize(params, request)
+        with self._admitted(params, context, wants_progress=False, tenant=tenant) as handle:
             while True:
                 event = await handle.events.get()
                 if isinstance(event, FailedEvent):
@@ -87,7 +98,8 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
     ) -> AsyncIterator[pb.ProgressEvent]:
         params = await self._validate(request, streaming=True)
         request_id = params.request_id
-        with self._admitted(params, context, wants_progress=True) as handle:
+        tenant = await self._authorize(params, request)
+        with self._admitted(params, context, wants_progress=True, tenant=tenant) as handle:
             while True:
                 event = await handle.events.get()
                 if isinstance(event, FailedEvent):
@@ -130,6 +142,7 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
             info.scheduler_preset = model.scheduler_preset
             info.fused_adapters.extend(model.fused_adapters)
             info.limits.CopyFrom(self._limits_message())
+        info.cost_unit = COST_UNIT
         info.adapters.extend(
             adapter_message(file, loaded=True) for file in self._adapters.loaded_files()
         )
@@ -154,23 +167,70 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
             images = await loop.run_in_executor(self._codec_pool, validator.decode_images, request)
         return validator.validate(request, streaming, images)
 
+    async def _authorize(
+        self, params: GenerationParams, request: pb.GenerateRequest
+    ) -> Tenant | None:
+        """Applies the caller's token policy (priority, adapters, variant) and charges the
+        request's cost to its tenant's quota; returns the tenant (None without token policies).
+
+        Raises:
+            PermissionDenied: naming the field the policy refuses.
+            RateLimited: the tenant's quota is spent (RESOURCE_EXHAUSTED, retry-after-ms).
+        """
+        record = CURRENT_RECORD.get()
+        if record is not None:
+            record.note_params(params, request.variant, self._log_prompts)
+            record.cost = request_cost(params)
+        caller = CURRENT_CALLER.get()
+        policy = caller.policy if caller is not None else None
+        if policy is None:
+            return None
+        if record is not None:
+            record.tenant, record.token = policy.tenant.name, policy.name
+        policy.check(params, request.variant)
+        cost = request_cost(params)
+        if self._quotas is not None:
+            await self._quotas.charge(policy.tenant, cost)
+        self._metrics.tenant_cost_admitted.labels(tenant=policy.tenant.name).inc(cost)
+        return policy.tenant
+
     @contextlib.contextmanager
     def _admitted(
-        self, params: GenerationParams, context: Context, wants_progress: bool
+        self,
+        params: GenerationParams,
+        context: Context,
+        wants_progress: bool,
+        tenant: Tenant | None = None,
     ) -> Iterator[RequestHandle]:
-        """Queues the request and holds its adapters until it ends; when the RPC ends early
-        (cancelled, past its deadline, stream closed) its work is dropped."""
+        """Queues the request (billed to `tenant`, for fair share) and holds its adapters until
+        it ends; when the RPC ends early (cancelled, past its deadline, stream closed) its work
+        is dropped."""
         self._adapters.hold(params.adapters)
         try:
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
-            handle = self._batcher.submit(params, deadline, wants_progress)
+            name, weight = (tenant.name, tenant.weight) if tenant else ("", 1.0)
+            handle = self._batcher.submit(params, deadline, wants_progress, name, weight)
             try:
                 yield handle
             finally:
                 self._batcher.cancel(handle)  # a no-op once the request ended
+                self._account(handle, tenant)
         finally:
             self._adapters.release(params.adapters)
+
+    def _account(self, handle: RequestHandle, tenant: Tenant | None) -> None:
+        """The request ended: its access-log timings and its tenant's metrics."""
+        request = handle.request
+        record = CURRENT_RECORD.get()
+        if record is not None:
+            record.note_run(request, time.monotonic())
+        label = tenant.name if tenant is not None else OTHER_TENANT
+        if request.started_at is not None:
+            queued = request.started_at - request.arrival
+            self._metrics.tenant_queue_time.labels(tenant=label).observe(queued)
+        if request.status is RequestStatus.FINISHED:
+            self._metrics.tenant_cost_served.labels(tenant=label).inc(request.cost)
 
     async def _response(
         self, params: GenerationParams, event: CompletedEvent, handle: RequestHandle
@@ -201,6 +261,7 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
             batch_size=event.max_batch_size,
             mean_batch_size=event.mean_batch_size,
             model=self._model.name if self._model else "",
+            cost=request_cost(params),
         )
         for image, data in zip(event.images, encoded, strict=True):
             response.images.add(
@@ -210,6 +271,9 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
                 height=params.height,
                 seed=image.seed,
             )
+        record = CURRENT_RECORD.get()
+        if record is not None:
+            record.bytes_out = sum(len(data) for data in encoded)
         return response
 
     async def _step_message(self, event: StepEvent) -> pb.Step:
