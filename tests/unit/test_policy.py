@@ -81,35 +81,34 @@ def test_adapter_and_variant_patterns(tmp_path: Path) -> None:
     object.__setattr__(params, "adapters", (AdapterSpec("style-ink", 1.0),))
     policy.check(params, variant="fast-4step")
     policy.check(params)  # the default variant is always allowed
-    with pytest.raises(PermissionDenied, match="^variant: .*'full'"):
+    with pytest.raises(PermissionDenied, match=r"^variant: .*'full'"):
         policy.check(params, variant="full")
     object.__setattr__(params, "adapters", (AdapterSpec("ink", 1.0),))
-    with pytest.raises(PermissionDenied, match="^adapters: .*'ink'"):
+    with pytest.raises(PermissionDenied, match=r"^adapters: .*'ink'"):
         policy.check(params)
 
 
 @pytest.mark.parametrize(
     "entry,message",
     [
-        ("- {name: bad, token: %s, role: root}" % BATCH, r"tokens\[0\] \(bad\): role must be"),
-        ("- {token: %s, role: client, colour: red}" % BATCH, r"tokens\[0\]: unknown keys"),
+        (f"- {{name: bad, token: {BATCH}, role: root}}", r"tokens\[0\] \(bad\): role must be"),
+        (f"- {{token: {BATCH}, role: client, colour: red}}", r"tokens\[0\]: unknown keys"),
         ("- {name: short, token: abc, role: client}", r"\(short\): tokens need at least 16"),
         ("- {name: both, role: client}", r"\(both\): give exactly one of token and sha256"),
         (
-            "- {name: inverted, token: %s, role: client, priority: {highest: 3, lowest: 2}}"
-            % BATCH,
+            f"- {{name: inverted, token: {BATCH}, role: client, priority: {{highest: 3, lowest: 2}}}}",
             r"\(inverted\): priority.lowest \(2\) is above highest \(3\)",
         ),
         (
-            "- {name: zero, token: %s, role: client, priority: {highest: 0}}" % BATCH,
+            f"- {{name: zero, token: {BATCH}, role: client, priority: {{highest: 0}}}}",
             r"\(zero\): priority.highest must be an integer >= 1",
         ),
         (
-            "- {name: pat, token: %s, role: client, adapters: style-*}" % BATCH,
+            f"- {{name: pat, token: {BATCH}, role: client, adapters: style-*}}",
             r"\(pat\): adapters must be a list",
         ),
         (
-            "- {name: who, token: %s, role: client, tenant: 'a b'}" % BATCH,
+            f"- {{name: who, token: {BATCH}, role: client, tenant: 'a b'}}",
             r"\(who\): tenant must be",
         ),
     ],
