@@ -96,7 +96,8 @@ def test_adapter_and_variant_patterns(tmp_path: Path) -> None:
         ("- {name: short, token: abc, role: client}", r"\(short\): tokens need at least 16"),
         ("- {name: both, role: client}", r"\(both\): give exactly one of token and sha256"),
         (
-            f"- {{name: inverted, token: {BATCH}, role: client, priority: {{highest: 3, lowest: 2}}}}",
+            f"- {{name: inverted, token: {BATCH}, role: client,"
+            " priority: {highest: 3, lowest: 2}}",
             r"\(inverted\): priority.lowest \(2\) is above highest \(3\)",
         ),
         (
