@@ -16,7 +16,7 @@ from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from imagegen_client import Adapter, OutputFormat, RetryPolicy
 from imagegen_server.api.access_log import ACCESS_LOGGER, JsonFormatter
-from support import StreamWatcher
+from support import StreamWatcher, start_server
 
 NO_RETRY = RetryPolicy(max_attempts=1)
 NPY = OutputFormat.NPY
@@ -31,7 +31,7 @@ POLICY = f"""
 tenants:
   light: {{weight: 1}}
   heavy: {{weight: 3}}
-  thrifty: {{per_hour: {COST_64 * 8}}}
+  thrifty: {{per_day: {COST_64 * 8}}}  # a UTC day: no window rolls over mid-test
 tokens:
   - {{name: ops, token: {ADMIN}, role: admin}}
   - name: capped
@@ -106,12 +106,12 @@ def test_a_spent_quota_is_resource_exhausted_with_retry_after(
 ) -> None:
     server = start(server_factory, tmp_path, tiny_model)
     thrifty = server.client(token=THRIFTY, retry=NO_RETRY)
-    thrifty.generate("big", num_images=4)  # 4 of the hour's 8 units of one image
+    thrifty.generate("big", num_images=4)  # 4 of the day's 8 units of one image
     thrifty.generate("big", num_images=4)
     error = refused(lambda: thrifty.generate("one more"))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "thrifty" in error.details()
-    assert 0 < int(dict(error.trailing_metadata())["retry-after-ms"]) <= 3_600_000
+    assert 0 < int(dict(error.trailing_metadata())["retry-after-ms"]) <= 86_400_000
     assert server.client(token=LIGHT).generate("other tenants are unaffected").images
     metrics = server.metrics()
     assert metrics['imagegen_tenant_cost_admitted_total{tenant="thrifty"}'] == pytest.approx(
@@ -238,9 +238,32 @@ def test_one_access_line_per_call_success_failure_cancel_and_rejection(
     assert ok["bytes_out"] > 64 * 64 * 3 * 4 * 2 and ok["max_batch"] == 2 and ok["total_s"] > 0
     assert by_status["INTERNAL"]["request_id"] == "poison-1"
     assert by_status["UNAUTHENTICATED"]["tenant"] == ""
-    assert by_status["PERMISSION_DENIED"]["request_id"] == "too-big"  # over the hour's quota
+    assert by_status["PERMISSION_DENIED"]["request_id"] == "too-big"  # over the whole day's quota
     cancel = by_status["CANCELLED"]
     assert (cancel["request_id"], cancel["method"], cancel["compute_s"]) == (
         "cancel-1", "StreamProgress", 0
     )  # fmt: skip
     assert len(access_lines.lines) == 5
+
+
+def test_sqlite_quota_state_survives_a_restart(
+    server_factory: Any, tmp_path: Path, tiny_model: Path
+) -> None:
+    store = f"sqlite:{tmp_path / 'quota.db'}"
+    before = start_server(
+        tiny_model,
+        auth_tokens_file=str(write_tokens(tmp_path)),
+        auth_tokens_poll_s=0,
+        quota_store=store,
+    )
+    try:
+        thrifty = before.client(token=THRIFTY, retry=NO_RETRY)
+        thrifty.generate("most of the day", num_images=4)
+        thrifty.generate("most of the day", num_images=3)
+    finally:
+        before.stop()  # the restart: a new server process state, the same file
+    after = start(server_factory, tmp_path, tiny_model, quota_store=store)
+    thrifty = after.client(token=THRIFTY, retry=NO_RETRY)
+    thrifty.generate("the last unit")
+    error = refused(lambda: thrifty.generate("over"))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
