@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ from ..base.request import Request
 from ..base.types import GenerationParams
 
 ACCESS_LOGGER = "imagegen.access"
+PLAIN = re.compile(r"^[A-Za-z0-9._:/@+-]+$")  # text-mode values written without quotes
 access_log = logging.getLogger(ACCESS_LOGGER)
 
 
@@ -95,8 +97,8 @@ def write(record: AccessRecord, status: str, message: str = "") -> None:
 def _text(value: Any) -> str:
     if isinstance(value, list):
         return ",".join(value) or "-"
-    if isinstance(value, str):
-        return json.dumps(value) if (not value or " " in value or '"' in value) else value
+    if isinstance(value, str):  # quoted (and escaped) unless plainly safe: no log injection
+        return value if PLAIN.match(value) else json.dumps(value)
     return str(value)
 
 

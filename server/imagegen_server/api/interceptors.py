@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 API_PREFIX = "/imagegen.v1."
 ACCESS_LOGGED = ("Generate", "StreamProgress")  # the RPCs that get an access-log line
+MAX_LOGGED_ID_CHARS = 128  # a refused request's id is unchecked: log no more than a valid one
 if TYPE_CHECKING:  # generic only in grpc-stubs, not at run time
     Context = grpc.aio.ServicerContext[Any, Any]
     Handler = grpc.RpcMethodHandler[Any, Any]
@@ -112,6 +113,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         counts the RPC with its final status."""
         started = time.perf_counter()
         record = self._open_record(method)
+        if record is not None:  # the client's id, even when validation then refuses the call
+            record.request_id = str(getattr(request, "request_id", ""))[:MAX_LOGGED_ID_CHARS]
         try:
             _reject_malformed(request)
             if self._guard is not None:
