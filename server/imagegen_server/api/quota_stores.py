@@ -117,7 +117,12 @@ class RedisStore:
     """One budget per tenant for every replica that points at the same Redis."""
 
     def __init__(self, url: str) -> None:
-        import redis  # only servers configured for Redis need the client
+        try:
+            import redis  # only servers configured for Redis need the client
+        except ImportError as error:
+            raise ValueError(
+                "quota_store: a redis:// store needs the `redis` package (pip install redis)"
+            ) from error
 
         self._errors: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OSError)
         self._client: Any = redis.Redis.from_url(
