@@ -19,6 +19,7 @@ from . import access_log
 from .access_log import CURRENT_RECORD, AccessRecord
 from .auth import CURRENT_CALLER, Guard
 from .policy import OTHER_TENANT
+from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,12 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     anything else to INTERNAL with a safe message (details go to the log), and counts every RPC
     of the imagegen API by method and final status."""
 
-    def __init__(self, metrics: Metrics, guard: Guard | None = None) -> None:
+    def __init__(
+        self, metrics: Metrics, guard: Guard | None = None, tracing: Tracing | None = None
+    ) -> None:
         self._metrics = metrics
         self._guard = guard
+        self._tracing = tracing or Tracing(None)  # spans of generation calls; off by default
 
     async def intercept_service(
         self,
@@ -109,12 +113,28 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     @contextlib.asynccontextmanager
     async def _accounted(self, method: str, request: Any, context: Context) -> AsyncIterator[None]:
-        """Guards the call, maps errors raised inside to statuses and, for the imagegen API,
-        counts the RPC with its final status."""
+        """For a generation call, opens its access record and its trace span around the rest."""
         started = time.perf_counter()
         record = self._open_record(method)
+        traced: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if record is not None:  # the client's id, even when validation then refuses the call
             record.request_id = str(getattr(request, "request_id", ""))[:MAX_LOGGED_ID_CHARS]
+            traced = self._tracing.request_span(record.method, context.invocation_metadata() or ())
+        with traced:
+            async with self._guarded(method, request, context, record, started):
+                yield
+
+    @contextlib.asynccontextmanager
+    async def _guarded(
+        self,
+        method: str,
+        request: Any,
+        context: Context,
+        record: AccessRecord | None,
+        started: float,
+    ) -> AsyncIterator[None]:
+        """Guards the call, maps errors raised inside to statuses and, for the imagegen API,
+        counts the RPC with its final status and writes its access line."""
         try:
             _reject_malformed(request)
             if self._guard is not None:

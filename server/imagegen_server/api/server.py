@@ -38,6 +38,7 @@ from .quota import QuotaBook
 from .quota_stores import open_store
 from .service import ImageGenerationService
 from .tokens_reload import TokensWatcher
+from .tracing import Tracing
 from .transport import EXCLUSIVE_PORT, build_guard, server_credentials, server_options
 from .validation import RequestValidator
 
@@ -67,8 +68,9 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
 class ImageGenServer:
     """One server process: gRPC + health + reflection + metrics around one engine thread."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tracing: Tracing | None = None) -> None:
         self.settings = settings
+        tracing = tracing or Tracing.from_environment()  # OTEL_* variables; off by default
         self.metrics = Metrics()
         self.port = 0
         self.metrics_port = 0
@@ -104,6 +106,7 @@ class ImageGenServer:
             self._adapters,
             quotas=quotas,
             log_prompts=settings.log_prompts,
+            tracing=tracing,
         )
         guard = build_guard(settings)
         self.tokens = (  # None without a tokens file
@@ -112,7 +115,7 @@ class ImageGenServer:
             else None
         )
         self._grpc = grpc.aio.server(
-            interceptors=[StatusInterceptor(self.metrics, guard)],
+            interceptors=[StatusInterceptor(self.metrics, guard, tracing)],
             options=server_options(settings),
         )
         # A plaintext health-only port for probes that cannot speak TLS (the kubelet's).

@@ -41,6 +41,7 @@ from .auth import CURRENT_CALLER
 from .codec import encode_image, encode_preview
 from .policy import OTHER_TENANT, Tenant
 from .quota import QuotaBook
+from .tracing import Tracing
 from .validation import OUTPUT_FORMATS, RequestValidator
 
 if TYPE_CHECKING:  # generic only in grpc-stubs, not at run time
@@ -57,7 +58,9 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
         adapters: AdapterRegistry,
         quotas: QuotaBook | None = None,
         log_prompts: bool = False,
+        tracing: Tracing | None = None,
     ) -> None:
+        self._tracing = tracing or Tracing(None)  # request spans; off by default
         self._batcher = batcher
         self._quotas = quotas  # per-tenant cost limits; None = no token policies, no quotas
         self._log_prompts = log_prompts  # access-log lines carry the prompt text
@@ -210,7 +213,8 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
             name, weight = (tenant.name, tenant.weight) if tenant else ("", 1.0)
-            handle = self._batcher.submit(params, deadline, wants_progress, name, weight)
+            traced = self._tracing.enabled
+            handle = self._batcher.submit(params, deadline, wants_progress, name, weight, traced)
             try:
                 yield handle
             finally:
@@ -231,38 +235,19 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
             self._metrics.tenant_queue_time.labels(tenant=label).observe(queued)
         if request.status is RequestStatus.FINISHED:
             self._metrics.tenant_cost_served.labels(tenant=label).inc(request.cost)
+        else:  # a finished request's spans were made when its images arrived (_response)
+            self._tracing.record_run(request, time.monotonic(), decoded=False)
 
     async def _response(
         self, params: GenerationParams, event: CompletedEvent, handle: RequestHandle
     ) -> pb.GenerateResponse:
-        loop = asyncio.get_running_loop()
+        self._tracing.record_run(handle.request, time.monotonic(), decoded=True)
         started = time.perf_counter()
-        encoded = await asyncio.gather(
-            *(
-                loop.run_in_executor(
-                    self._codec_pool,
-                    encode_image,
-                    image.pixels,
-                    params.output_format,
-                    params.output_quality,
-                )
-                for image in event.images
-            )
-        )
+        with self._tracing.span("encode", images=len(event.images)):
+            encoded = await self._encode(params, event)
         self._metrics.stage.labels(stage="image_encode").observe(time.perf_counter() - started)
         self._metrics.images.inc(len(encoded))
-        response = pb.GenerateResponse(
-            request_id=params.request_id,
-            timings=pb.Timings(
-                queued_seconds=event.queued_s,
-                compute_seconds=event.compute_s,
-                total_seconds=time.monotonic() - handle.accepted_at,
-            ),
-            batch_size=event.max_batch_size,
-            mean_batch_size=event.mean_batch_size,
-            model=self._model.name if self._model else "",
-            cost=request_cost(params),
-        )
+        response = self._response_message(params, event, handle)
         for image, data in zip(event.images, encoded, strict=True):
             response.images.add(
                 data=data,
@@ -275,6 +260,38 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
         if record is not None:
             record.bytes_out = sum(len(data) for data in encoded)
         return response
+
+    async def _encode(self, params: GenerationParams, event: CompletedEvent) -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        encoded: list[bytes] = await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    self._codec_pool,
+                    encode_image,
+                    image.pixels,
+                    params.output_format,
+                    params.output_quality,
+                )
+                for image in event.images
+            )
+        )
+        return encoded
+
+    def _response_message(
+        self, params: GenerationParams, event: CompletedEvent, handle: RequestHandle
+    ) -> pb.GenerateResponse:
+        return pb.GenerateResponse(
+            request_id=params.request_id,
+            timings=pb.Timings(
+                queued_seconds=event.queued_s,
+                compute_seconds=event.compute_s,
+                total_seconds=time.monotonic() - handle.accepted_at,
+            ),
+            batch_size=event.max_batch_size,
+            mean_batch_size=event.mean_batch_size,
+            model=self._model.name if self._model else "",
+            cost=request_cost(params),
+        )
 
     async def _step_message(self, event: StepEvent) -> pb.Step:
         step = pb.Step(step=event.step, total_steps=event.total_steps)

@@ -55,6 +55,8 @@ class Request:
     tenant: str = ""  # who it is billed to (the token's tenant); fair share groups by it
     weight: float = 1.0  # its tenant's share weight (the token policy's `weight`)
     fair_tag: float = 0.0  # virtual start time, set by the scheduler's fair share on `add`
+    # (began, ended, batch rows) of each step it ran, kept only while tracing (None = off)
+    step_log: list[tuple[float, float, int]] | None = None
 
     @property
     def request_id(self) -> str:
@@ -96,8 +98,13 @@ class Request:
         """Mean rows of the transformer calls it stepped in."""
         return self.rows_seen / max(1, self.steps_done)
 
-    def count_step(self, batch_rows: int) -> None:
-        """Its rows ran one denoising step in a transformer call of `batch_rows` rows."""
+    def count_step(
+        self, batch_rows: int, began: float | None = None, ended: float | None = None
+    ) -> None:
+        """Its rows ran one denoising step in a transformer call of `batch_rows` rows, from
+        `began` to `ended` (clock times; logged for tracing only)."""
+        if self.step_log is not None and began is not None and ended is not None:
+            self.step_log.append((began, ended, batch_rows))
         self.steps_done += 1
         self.rows_seen += batch_rows
         self.max_batch = max(self.max_batch, batch_rows)

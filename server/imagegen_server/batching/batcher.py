@@ -104,9 +104,11 @@ class Batcher:
         wants_progress: bool,
         tenant: str = "",
         weight: float = 1.0,
+        traced: bool = False,
     ) -> RequestHandle:
         """Queues a validated request, billed to `tenant` with its share `weight` (fair share:
-        batching/fair_share.py); its events arrive on the returned handle.
+        batching/fair_share.py), logging its steps when `traced`; its events arrive on the
+        returned handle.
 
         Raises:
             EngineUnavailable: the model is loading or the engine failed.
@@ -122,6 +124,7 @@ class Batcher:
             ticket = f"{next(self._tickets)}:{params.request_id}"
             request = Request(ticket, params, key, arrival=now, deadline=deadline)
             request.tenant, request.weight = tenant, weight
+            request.step_log = [] if traced else None
             if self._row_limit is not None:
                 self._scheduler.row_limits.probe_once(key, self._row_limit)
             size = f"{params.width}x{params.height}"

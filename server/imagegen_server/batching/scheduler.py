@@ -184,7 +184,7 @@ class Scheduler:
         if outcome.rows == 0:
             return settled
         self.row_limits.after_step(self.key_of(plan.group), outcome.out_of_memory_rows, now)
-        self._count_step(plan.group, outcome)
+        self._count_step(plan.group, outcome, now)
         if outcome.timed_cleanly:
             self.costs.observe(self.key_of(plan.group), outcome.rows, outcome.seconds)
         finished = self._running.of(outcome.finished)
@@ -398,10 +398,10 @@ class Scheduler:
 
     # --- after a step ---
 
-    def _count_step(self, group: Hashable, outcome: StepOutcome) -> None:
+    def _count_step(self, group: Hashable, outcome: StepOutcome, now: float) -> None:
         """Each request of the batch either ran the step or sat it out."""
         for request in self.running_in(group):
             if outcome.stepped is None or request.ticket in outcome.stepped:
-                request.count_step(outcome.rows)
+                request.count_step(outcome.rows, now - outcome.seconds, now)
             else:
                 request.count_deferred()
