@@ -4,6 +4,7 @@
     python -m bench adapters          # `make bench-adapters`: per-request LoRA adapters
     python -m bench mfu               # `make bench-mfu`: the engine against the hardware peak
     python -m bench simulate          # the real scheduler on simulated cost curves (seconds)
+    python -m bench tenants           # fair share between tenants vs first come first served
     python -m bench COMMAND --help    # a command's options
 
 A command is a module of this package with `add_arguments(parser)` and `run(args) -> int`. Only
@@ -49,6 +50,9 @@ COMMANDS = {
     ),
     "simulate": Command(
         "bench.simulate", "the server's scheduler on simulated cost curves (seconds, no torch)"
+    ),
+    "tenants": Command(
+        "bench.tenants", "fair share between tenants against first come first served (seconds)"
     ),
     "naive-server": Command(
         "bench.naive_server", "the naive one-request-at-a-time server that `batching` measures"
