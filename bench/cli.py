@@ -7,6 +7,7 @@
     python -m bench http              # light load: HTTP against gRPC and the engine alone
     python -m bench simulate          # the real scheduler on simulated cost curves (seconds)
     python -m bench gpu-check STEP    # a step of `make gpu-check` (scripts/gpu-check.sh)
+    python -m bench tenants           # fair share between tenants vs first come first served
     python -m bench COMMAND --help    # a command's options
 
 A command is a module of this package with `add_arguments(parser)` and `run(args) -> int`. Only
@@ -72,6 +73,9 @@ COMMANDS = {
     "gpu-check": Command(
         "bench.gpu_check",
         "the steps of scripts/gpu-check.sh: info, server, engine, report (make gpu-check)",
+    ),
+    "tenants": Command(
+        "bench.tenants", "fair share between tenants against first come first served (seconds)"
     ),
     "naive-server": Command(
         "bench.naive_server", "the naive one-request-at-a-time server that `batching` measures"

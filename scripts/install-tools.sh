@@ -10,6 +10,10 @@
 #   promtool    Debian's `prometheus` package (apt-get download + dpkg -x): checks and
 #               unit-tests the alert rules, checks PromQL syntax.
 #   ShellCheck  Debian's `shellcheck` package: lints this script.
+#   redis-server  Debian's `redis-server` + `redis-tools` (and their libraries liblzf1,
+#               libjemalloc2) unpacked into .tools/redis; .tools/bin/redis-server is a wrapper
+#               that points LD_LIBRARY_PATH at the unpacked libraries. The quota tests start
+#               their own server on a random loopback port (tests/support_redis.py).
 #   checkov     checkov from PyPI, in its own virtual environment (.tools/checkov): its pins
 #               (networkx < 2.7, packaging 23) clash with torch's and the project's.
 # Not installed here: kubectl. tests/deploy render the overlays with the system's
@@ -78,6 +82,31 @@ install_from_deb() {
   log "${name}: installed from Debian package ${package}"
 }
 
+install_redis() {
+  local root="${TOOLS}/redis"
+  if [[ "${force}" -eq 0 ]] && "${BIN}/redis-server" --version >/dev/null 2>&1; then
+    log "redis-server: present"
+    return 0
+  fi
+  local work package
+  work="$(mktemp -d)"
+  rm -rf "${root}" && mkdir -p "${root}"
+  for package in redis-server redis-tools liblzf1 libjemalloc2; do
+    apt_download "${package}" "${work}"
+    dpkg-deb -x "${work}/${package}"_*.deb "${root}"
+  done
+  rm -rf "${work}"
+  cat >"${BIN}/redis-server" <<'WRAPPER'
+#!/usr/bin/env bash
+# Debian's redis-server unpacked without root: its libraries live beside it.
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/../redis" && pwd)"
+export LD_LIBRARY_PATH="${here}/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:${LD_LIBRARY_PATH}}"
+exec "${here}/usr/bin/redis-server" "$@"  # a link: redis picks its mode by name
+WRAPPER
+  chmod 0755 "${BIN}/redis-server"
+  log "redis-server: installed from Debian packages redis-server, redis-tools"
+}
+
 install_checkov() {
   local venv="${TOOLS}/checkov"
   if [[ "${force}" -eq 0 ]] && [[ "$("${venv}/bin/checkov" --version 2>/dev/null)" == "${CHECKOV_VERSION}" ]]; then
@@ -100,8 +129,10 @@ install_checkov() {
 mkdir -p "${BIN}"
 install_from_deb prometheus usr/bin/promtool promtool
 install_from_deb shellcheck usr/bin/shellcheck shellcheck
+install_redis
 install_checkov
 
 log "promtool   $("${BIN}/promtool" --version 2>&1 | head -n 1)"
 log "shellcheck $("${BIN}/shellcheck" --version | sed -n 's/^version: //p')"
+log "redis      $("${BIN}/redis-server" --version)"
 log "checkov    $("${BIN}/checkov" --version)"

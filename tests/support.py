@@ -91,7 +91,11 @@ class RunningServer:
 
 
 def start_server(
-    model_dir: Path, wait_ready: bool = True, step_budget: int | None = None, **overrides: Any
+    model_dir: Path,
+    wait_ready: bool = True,
+    step_budget: int | None = None,
+    tracing: Any = None,
+    **overrides: Any,
 ) -> RunningServer:
     """Starts a server whose engine then runs at most `step_budget` steps until released.
 
@@ -107,7 +111,7 @@ def start_server(
     thread.start()
 
     async def create() -> ImageGenServer:
-        server = ImageGenServer(settings)
+        server = ImageGenServer(settings, tracing)
         if not wait_ready:
             server.batcher.set_step_budget(step_budget)
         await server.start()

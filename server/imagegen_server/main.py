@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, yaml.YAMLError) as error:
         print(f"imagegen-server: invalid settings:\n{error}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from .api.access_log import configure_logging  # grpc-free, but the api layer's
+
+    configure_logging(settings.log_level, settings.log_format)
     logging.getLogger(__name__).info("settings: %s", settings.model_dump_json())
     from .api.server import serve  # torch and diffusers load only when serving
 

@@ -1,9 +1,10 @@
 """Who may call what: bearer tokens with roles, and a per-client token-bucket rate limit.
 
 Tokens come from a file (a mounted Kubernetes Secret in production): one `role:token` per line,
-role `client` or `admin`. Only their SHA-256 digests are kept, and a presented token is compared
-against every digest with `hmac.compare_digest`, so neither the time taken nor the memory of the
-server gives the tokens away. Admin may do everything a client may.
+role `client` or `admin`, or a YAML document giving each token a policy (policy.py). Only their
+SHA-256 digests are kept, and a presented token is compared against every digest with
+`hmac.compare_digest`, so neither the time taken nor the memory of the server gives the tokens
+away. Admin may do everything a client may.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..base.errors import PermissionDenied, RateLimited, Unauthenticated
+from .policy import PolicyFile, Tenant, TokenPolicy, legacy_policy, parse_yaml
 
 # Placeholder values shipped in example Secrets; a server refuses to start with one.
 PLACEHOLDER_MARKERS = ("replace-me", "changeme", "example")
@@ -35,10 +37,12 @@ class Role(enum.IntEnum):
 class Caller:
     identity: str  # "token:<digest prefix>" or "peer:<address>": the rate-limit key
     role: Role | None  # None = no token (only exempt methods)
+    policy: TokenPolicy | None = None  # the token's policy; None = no token, or no auth at all
 
 
-# The caller of the RPC being served, set by the interceptor once the guard has checked it: the
-# servicer scopes idempotency keys and cancels by it. None = no guard (no auth, no rate limit).
+# The caller of the request being served, set by the interceptor (or the HTTP route) once the
+# guard has checked it; read by the servicer (idempotency scope, cancel by id, policy, quotas,
+# fair share) and the access log. Per task, so per call. None = no guard (no auth, no limit).
 CURRENT_CALLER: ContextVar[Caller | None] = ContextVar("imagegen_caller", default=None)
 ANONYMOUS = "anonymous"  # the one identity of every caller when authentication is off
 
@@ -53,43 +57,81 @@ def current_identity() -> tuple[str, bool]:
 
 
 class TokenAuthenticator:
-    def __init__(self, digests: Sequence[tuple[bytes, Role]]) -> None:
+    def __init__(
+        self,
+        digests: Sequence[tuple[bytes, Role]],
+        policies: Sequence[TokenPolicy] | None = None,
+        tenants: dict[str, Tenant] | None = None,
+    ) -> None:
         self._digests = list(digests)
+        self._policies = list(policies) if policies is not None else None  # one per digest
+        self.tenants = tenants or {}  # the tenants the file names (metric labels, quotas)
 
     @classmethod
     def from_file(cls, path: Path) -> TokenAuthenticator:
-        """Reads `role:token` lines.
+        """Reads `role:token` lines or the YAML form (policy.py).
 
         Raises:
-            ValueError: a malformed line, an unknown role, a short or placeholder token.
+            ValueError: a malformed line or entry (named), an unknown role, a short or
+                placeholder token.
         """
-        digests = []
-        for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            role_name, separator, token = line.partition(":")
-            where = f"{path}:{number}"
-            if not separator or role_name.strip().upper() not in Role.__members__:
-                raise ValueError(f"{where}: expected `client:TOKEN` or `admin:TOKEN`")
-            token = token.strip()
-            if len(token) < MIN_TOKEN_CHARS:
-                raise ValueError(f"{where}: tokens need at least {MIN_TOKEN_CHARS} characters")
-            if any(marker in token.lower() for marker in PLACEHOLDER_MARKERS):
-                raise ValueError(f"{where}: a placeholder token; put a real secret there")
-            digests.append((_digest(token), Role[role_name.strip().upper()]))
-        if not digests:
-            raise ValueError(f"{path}: no tokens")
-        return cls(digests)
+        text = path.read_text(encoding="utf-8")
+        parsed = parse_yaml(path, text, _digest, _check_token)
+        if parsed is None:
+            parsed = _parse_lines(path, text)
+        roles = [(digest, Role[policy.role.upper()]) for digest, policy in parsed.entries]
+        policies = [policy for _, policy in parsed.entries]
+        return cls(roles, policies, parsed.tenants)
 
     def role_of(self, token: str) -> Role | None:
         """The token's role, or None; takes the same time whether or where it matches."""
+        found = self._find(token)
+        return None if found is None else self._digests[found][1]
+
+    def policy_of(self, token: str) -> TokenPolicy | None:
+        """The token's policy, or None for an unknown token."""
+        found = self._find(token)
+        if found is None:
+            return None
+        if self._policies is None:
+            return legacy_policy(self._digests[found][1].name.lower(), found + 1)
+        return self._policies[found]
+
+    def _find(self, token: str) -> int | None:
+        """The index of the token's entry; compares against every digest (constant time)."""
         presented = _digest(token)
-        found: Role | None = None
-        for digest, role in self._digests:
+        found: int | None = None
+        for index, (digest, _) in enumerate(self._digests):
             if hmac.compare_digest(digest, presented):
-                found = role
+                found = index
         return found
+
+
+def _check_token(where: str, token: str) -> None:
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(f"{where}: tokens need at least {MIN_TOKEN_CHARS} characters")
+    if any(marker in token.lower() for marker in PLACEHOLDER_MARKERS):
+        raise ValueError(f"{where}: a placeholder token; put a real secret there")
+
+
+def _parse_lines(path: Path, text: str) -> PolicyFile:
+    """The original form: `role:token` lines, every token with the default policy."""
+    parsed = PolicyFile()
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        role_name, separator, token = line.partition(":")
+        where = f"{path}:{number}"
+        if not separator or role_name.strip().upper() not in Role.__members__:
+            raise ValueError(f"{where}: expected `client:TOKEN` or `admin:TOKEN`")
+        token = token.strip()
+        _check_token(where, token)
+        policy = legacy_policy(role_name.strip().lower(), number)
+        parsed.entries.append((_digest(token), policy))
+    if not parsed.entries:
+        raise ValueError(f"{path}: no tokens")
+    return parsed
 
 
 class Guard:
@@ -106,6 +148,15 @@ class Guard:
         self._required = required  # method -> role it needs (None = open)
         self._limiter = limiter
         self._limited = limited  # method -> whether it counts against the rate limit
+
+    @property
+    def authenticator(self) -> TokenAuthenticator | None:
+        return self._authenticator
+
+    def reload(self, authenticator: TokenAuthenticator) -> None:
+        """Swaps in a re-read tokens file (SIGHUP). Calls already checked keep the policy they
+        were admitted with; only calls checked from now on see the new one."""
+        self._authenticator = authenticator
 
     def needs_check(self, method: str) -> bool:
         needs_role = self._authenticator is not None and self._required(method) is not None
@@ -135,9 +186,10 @@ class Guard:
     def _identify(self, metadata: Iterable[Any], peer: str) -> Caller:
         token = _bearer(metadata)
         if token is not None and self._authenticator is not None:
-            role = self._authenticator.role_of(token)
-            if role is not None:
-                return Caller(f"token:{_digest(token).hex()[:16]}", role)
+            policy = self._authenticator.policy_of(token)
+            if policy is not None:
+                role = Role[policy.role.upper()]
+                return Caller(f"token:{_digest(token).hex()[:16]}", role, policy)
         # Unauthenticated callers share their address's bucket (port dropped: reconnecting
         # must not buy a fresh bucket).
         return Caller(f"peer:{peer.rsplit(':', 1)[0]}", None)

@@ -76,6 +76,11 @@ class KeyedJobs:
         self._count("replayed" if job.ended else "joined")
         return job
 
+    def holds(self, scope: str, key: str) -> bool:
+        """Whether the key names a job (without counting a lookup)."""
+        self._expire()
+        return (scope, key) in self._jobs
+
     def add(self, job: Job) -> None:
         """A new keyed job, accepted by the batcher."""
         assert job.key is not None

@@ -15,11 +15,17 @@ from google.protobuf.message import DecodeError
 
 from ..base.errors import ImageGenError, InvalidArgument
 from ..base.metrics import Metrics
+from . import access_log
+from .access_log import CURRENT_RECORD, AccessRecord
 from .auth import CURRENT_CALLER, Guard
+from .policy import OTHER_TENANT
+from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/imagegen.v1."
+ACCESS_LOGGED = ("Generate", "StreamProgress")  # the RPCs that get an access-log line
+MAX_LOGGED_ID_CHARS = 128  # a refused request's id is unchecked: log no more than a valid one
 if TYPE_CHECKING:  # generic only in grpc-stubs, not at run time
     Context = grpc.aio.ServicerContext[Any, Any]
     Handler = grpc.RpcMethodHandler[Any, Any]
@@ -38,9 +44,12 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     anything else to INTERNAL with a safe message (details go to the log), and counts every RPC
     of the imagegen API by method and final status."""
 
-    def __init__(self, metrics: Metrics, guard: Guard | None = None) -> None:
+    def __init__(
+        self, metrics: Metrics, guard: Guard | None = None, tracing: Tracing | None = None
+    ) -> None:
         self._metrics = metrics
         self._guard = guard
+        self._tracing = tracing or Tracing(None)  # spans of generation calls; off by default
 
     async def intercept_service(
         self,
@@ -104,9 +113,28 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     @contextlib.asynccontextmanager
     async def _accounted(self, method: str, request: Any, context: Context) -> AsyncIterator[None]:
-        """Guards the call, maps errors raised inside to statuses and, for the imagegen API,
-        counts the RPC with its final status."""
+        """For a generation call, opens its access record and its trace span around the rest."""
         started = time.perf_counter()
+        record = self._open_record(method)
+        traced: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if record is not None:  # the client's id, even when validation then refuses the call
+            record.request_id = str(getattr(request, "request_id", ""))[:MAX_LOGGED_ID_CHARS]
+            traced = self._tracing.request_span(record.method, context.invocation_metadata() or ())
+        with traced:
+            async with self._guarded(method, request, context, record, started):
+                yield
+
+    @contextlib.asynccontextmanager
+    async def _guarded(
+        self,
+        method: str,
+        request: Any,
+        context: Context,
+        record: AccessRecord | None,
+        started: float,
+    ) -> AsyncIterator[None]:
+        """Guards the call, maps errors raised inside to statuses and, for the imagegen API,
+        counts the RPC with its final status and writes its access line."""
         try:
             _reject_malformed(request)
             if self._guard is not None:
@@ -118,15 +146,44 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         except BaseException as error:
             # Counted before the abort sends the status: a client that reads the metrics after
             # its call ended must find the call counted.
-            self._count(method, _status_of(error, context), started)
+            code = _status_of(error, context)
+            self._count(method, code, started)
+            if record is not None:
+                access_log.write(record, code.name, _message_of(error, context))
             await _abort_if_ours(error, context)
             raise
         self._count(method, grpc.StatusCode.OK, started)
+        if record is not None:
+            access_log.write(record, grpc.StatusCode.OK.name)
+
+    def _open_record(self, method: str) -> AccessRecord | None:
+        """The access-log record of a generation call (the servicer fills it in)."""
+        rpc = method.rsplit("/", 1)[-1]
+        if not method.startswith(API_PREFIX) or rpc not in ACCESS_LOGGED:
+            return None
+        record = AccessRecord(rpc)
+        CURRENT_RECORD.set(record)
+        CURRENT_CALLER.set(None)
+        return record
 
     def _count(self, method: str, code: grpc.StatusCode, started: float) -> None:
         if method.startswith(API_PREFIX):
             rpc = method.rsplit("/", 1)[-1]
             self._metrics.count_request("grpc", rpc, code.name, time.perf_counter() - started)
+            if rpc in ACCESS_LOGGED:
+                caller = CURRENT_CALLER.get()
+                policy = caller.policy if caller is not None else None
+                tenant = policy.tenant.name if policy is not None else OTHER_TENANT
+                self._metrics.tenant_requests.labels(tenant=tenant, code=code.name).inc()
+
+
+def _message_of(error: BaseException, context: Context) -> str:
+    """The status message the client gets for `error`."""
+    if isinstance(error, ImageGenError):
+        return error.message
+    if isinstance(error, grpc.aio.AbortError):
+        return str(context.details() or "")
+    return "" if isinstance(error, (asyncio.CancelledError, GeneratorExit)) else "internal error"
 
 
 def _status_of(error: BaseException, context: Context) -> grpc.StatusCode:

@@ -41,7 +41,7 @@ from ..base.errors import (
     PermissionDenied,
 )
 from ..base.metrics import Metrics
-from ..base.request import RequestStatus
+from ..base.request import Request, RequestStatus
 from ..base.types import (
     CompletedEvent,
     FailedEvent,
@@ -55,6 +55,7 @@ from ..batching.requests import RequestHandle
 from .adapters import AdapterRegistry
 from .codec import encode_image
 from .idempotency import JobSettings, KeyedJobs, params_fingerprint
+from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,9 @@ class JobOrder:
     params: GenerationParams  # validated
     deadline: float | None  # time.monotonic() by which the request must have finished
     wants_progress: bool  # a stream: queued/started/step events too
+    tenant: str = ""  # who a new job is billed to, for fair share ("" = no token policies)
+    weight: float = 1.0  # the tenant's share weight
+    traced: bool = False  # tracing is on: the batcher keeps each step's times
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +118,9 @@ class Job:
     result: JobResult | None = None  # once completed
     finished_at: float | None = None  # clock time it ended
     pump: asyncio.Task[None] | None = None
+    # The batcher's Request, kept past the end for accounting (access log, tenant metrics);
+    # its params lose their init images with the job's.
+    request: Request | None = None
 
     @property
     def ended(self) -> bool:
@@ -138,9 +145,10 @@ class Job:
 class Subscription:
     """One call's view of a job: its events, and leaving it (which cancels a keyless job)."""
 
-    def __init__(self, table: JobTable, job: Job, replayed: bool) -> None:
+    def __init__(self, table: JobTable, job: Job, replayed: bool, created: bool) -> None:
         self.job = job
         self.replayed = replayed  # served from a finished result: no engine work
+        self.created = created  # this call submitted the job (not a repeat under its key)
         self._table = table
         self._events: asyncio.Queue[JobEvent] = asyncio.Queue()
         for event in job.catch_up():
@@ -200,7 +208,7 @@ class JobTable:
         if order.key is not None:
             found = self.keyed.lookup(order.scope, order.key, fingerprint)
         job = found if found is not None else self._submit(order, fingerprint)
-        subscription = Subscription(self, job, replayed=job.ended)
+        subscription = Subscription(self, job, replayed=job.ended, created=found is None)
         try:
             yield subscription
         finally:
@@ -212,7 +220,9 @@ class JobTable:
         try:
             # A keyed job may gain a streaming subscriber later: it always asks for steps.
             progress = order.wants_progress or order.key is not None
-            handle = self._batcher.submit(params, order.deadline, progress)
+            handle = self._batcher.submit(
+                params, order.deadline, progress, order.tenant, order.weight, order.traced
+            )
             if params.variant:
                 self._metrics.variant_requests.labels(variant=params.variant).inc()
         except BaseException:
@@ -221,6 +231,7 @@ class JobTable:
         job = Job(
             order.scope, order.key, fingerprint, params, handle, handle.ticket, handle.accepted_at
         )
+        job.request = handle.request
         self._running[handle.ticket] = job
         if order.key is not None:
             self.keyed.add(job)
@@ -276,11 +287,18 @@ class JobTable:
         job.handle = None
         if job.params.init_image is not None:
             job.params = dataclasses.replace(job.params, init_image=None)
+            if job.request is not None:
+                job.request.params = job.params
         job.broadcast(end)
         if isinstance(end, JobResult):
             job.result = end
         if job.key is not None:
             self.keyed.ended(job)
+
+    def names_job(self, scope: str, key: str) -> bool:
+        """Whether `key` of caller `scope` names a job (in flight, or finished in its window):
+        a call under it would join or replay that one."""
+        return self.keyed.holds(scope, key)
 
     def unsubscribe(self, job: Job, events: asyncio.Queue[JobEvent]) -> None:
         """A call left its job; a keyless job in flight is cancelled with its last caller."""
@@ -335,20 +353,27 @@ class JobTable:
         self._finish(job, FailedEvent(error))
 
 
-def codec_encoder(pool: Executor, metrics: Metrics) -> Encoder:
-    """Encodes a finished request's images on the codec pool, concurrently."""
+def codec_encoder(pool: Executor, metrics: Metrics, tracing: Tracing | None = None) -> Encoder:
+    """Encodes a finished request's images on the codec pool, concurrently (an `encode` span
+    when tracing is on)."""
+    spans = tracing or Tracing(None)
 
     async def encode(params: GenerationParams, event: CompletedEvent) -> list[bytes]:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        encoded = await asyncio.gather(
-            *(
-                loop.run_in_executor(
-                    pool, encode_image, image.pixels, params.output_format, params.output_quality
+        with spans.span("encode", images=len(event.images)):
+            encoded = await asyncio.gather(
+                *(
+                    loop.run_in_executor(
+                        pool,
+                        encode_image,
+                        image.pixels,
+                        params.output_format,
+                        params.output_quality,
+                    )
+                    for image in event.images
                 )
-                for image in event.images
             )
-        )
         metrics.stage.labels(stage="image_encode").observe(time.perf_counter() - started)
         return list(encoded)
 

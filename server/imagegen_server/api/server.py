@@ -40,7 +40,11 @@ from .http_server import HttpServer
 from .idempotency import JobSettings
 from .interceptors import StatusInterceptor
 from .jobs import JobTable, codec_encoder
+from .quota import QuotaBook
+from .quota_stores import open_store
 from .service import ImageGenerationService
+from .tokens_reload import TokensWatcher
+from .tracing import Tracing
 from .transport import EXCLUSIVE_PORT, build_guard, server_credentials, server_options
 from .validation import RequestValidator
 
@@ -70,8 +74,9 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
 class ImageGenServer:
     """One server process: gRPC + health + reflection + metrics around one engine thread."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tracing: Tracing | None = None) -> None:
         self.settings = settings
+        tracing = tracing or Tracing.from_environment()  # OTEL_* variables; off by default
         self.metrics = Metrics()
         self.port = 0
         self.metrics_port = 0
@@ -100,7 +105,7 @@ class ImageGenServer:
         self.jobs = JobTable(
             self._batcher,
             self._adapters,
-            codec_encoder(self._codec_pool, self.metrics),
+            codec_encoder(self._codec_pool, self.metrics, tracing),
             JobSettings(
                 window_s=settings.idempotency_window_s,
                 max_entries=settings.idempotency_max_entries,
@@ -108,6 +113,8 @@ class ImageGenServer:
             ),
             self.metrics,
         )
+        store, blocking = open_store(settings.quota_store)
+        quotas = QuotaBook(store, settings.quota_store_failure, self.metrics, blocking=blocking)
         self._service = ImageGenerationService(
             self._batcher,
             self._batching_info(),
@@ -115,10 +122,18 @@ class ImageGenServer:
             self._codec_pool,
             self._adapters,
             self.jobs,
+            quotas=quotas,
+            log_prompts=settings.log_prompts,
+            tracing=tracing,
         )
         guard = build_guard(settings)  # one for both protocols: one rate bucket per caller
+        self.tokens = (  # None without a tokens file
+            TokensWatcher(guard, settings.auth_tokens_file, settings.auth_tokens_poll_s)
+            if guard is not None and settings.auth_tokens_file is not None
+            else None
+        )
         self._grpc = grpc.aio.server(
-            interceptors=[StatusInterceptor(self.metrics, guard)],
+            interceptors=[StatusInterceptor(self.metrics, guard, tracing)],
             options=server_options(settings),
         )
         self.http_port = 0
@@ -189,6 +204,15 @@ class ImageGenServer:
             f", HTTP on {settings.host}:{self.http_port}" if self._http is not None else "",
         )
         self._batcher.start()
+        if self.tokens is not None:
+            self.tokens.start()
+
+    def reload_tokens(self) -> None:
+        """SIGHUP: re-reads the tokens file (see tokens_reload.py)."""
+        if self.tokens is None:
+            log.warning("SIGHUP: no tokens file to reload (auth_tokens_file is unset)")
+        else:
+            self.tokens.reload()
 
     async def wait_ready(self) -> bool:
         """Waits until SERVING (True) or the engine failed to start (False)."""
@@ -221,11 +245,15 @@ class ImageGenServer:
             await self._health_grpc.stop(grace=0)
         self._batcher.stop()
         self._codec_pool.shutdown(wait=False)
+        if self.tokens is not None:
+            await self.tokens.stop()
         log.info("drained %s", "cleanly" if finished else "with requests left at the timeout")
         return finished
 
     async def stop_now(self) -> None:
         self.metrics.ready.set(0)
+        if self.tokens is not None:
+            await self.tokens.stop()
         await self._grpc.stop(grace=0)
         if self._health_grpc is not None:
             await self._health_grpc.stop(grace=0)
@@ -323,6 +351,7 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(signum, signals.put_nowait, signum)
     try:
         server = ImageGenServer(settings)
+        loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)
         await server.start()
     except (ValueError, OSError, RuntimeError) as error:  # bad token file, port in use, ...
         log.error("cannot start: %s", error)

@@ -19,9 +19,11 @@ from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 
 from .. import __version__
+from ..base.cost import COST_UNIT, request_cost
 from ..base.errors import EngineUnavailable
 from ..base.limits import RequestLimits
 from ..base.metrics import Metrics
+from ..base.request import RequestStatus
 from ..base.types import (
     FailedEvent,
     GenerationParams,
@@ -32,13 +34,17 @@ from ..base.types import (
 )
 from ..base.variants import Variant
 from ..batching.batcher import Batcher
+from .access_log import CURRENT_RECORD
 from .adapters import AdapterRegistry
 from .admin import adapter_message
-from .auth import current_identity
+from .auth import CURRENT_CALLER, current_identity
 from .codec import encode_preview
 from .idempotency import check_key
 from .jobs import JobOrder, JobResult, JobTable, Subscription
+from .policy import OTHER_TENANT, Tenant
+from .quota import QuotaBook
 from .references import decode_references
+from .tracing import Tracing
 from .validation import OUTPUT_FORMATS, RequestValidator
 
 if TYPE_CHECKING:  # generic only in grpc-stubs, not at run time
@@ -54,9 +60,15 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
         codec_pool: Executor,
         adapters: AdapterRegistry,
         jobs: JobTable,
+        quotas: QuotaBook | None = None,
+        log_prompts: bool = False,
+        tracing: Tracing | None = None,
     ) -> None:
+        self._tracing = tracing or Tracing(None)  # request spans; off by default
         self._batcher = batcher
         self._jobs = jobs
+        self._quotas = quotas  # per-tenant cost limits; None = no token policies, no quotas
+        self._log_prompts = log_prompts  # access-log lines carry the prompt text
         self._adapters = adapters
         self._batching = batching
         self._metrics = metrics
@@ -112,7 +124,8 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
     ) -> pb.GenerateResponse:
         """Runs a validated request to its response (images encoded); raises its typed error.
         With an idempotency key, joins or replays the caller's request under that key."""
-        with self._subscribed(params, deadline, idempotency_key, streaming=False) as subscription:
+        tenant = await self._authorize(params, idempotency_key)
+        with self._subscribed(params, deadline, idempotency_key, False, tenant) as subscription:
             async for event in subscription.events():
                 if isinstance(event, FailedEvent):
                     raise event.error
@@ -126,7 +139,8 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
         """Runs a validated request, yielding its progress events and then `completed` (a
         repeat under an idempotency key picks up at the current step)."""
         request_id = params.request_id
-        with self._subscribed(params, deadline, idempotency_key, streaming=True) as subscription:
+        tenant = await self._authorize(params, idempotency_key)
+        with self._subscribed(params, deadline, idempotency_key, True, tenant) as subscription:
             async for event in subscription.events():
                 if isinstance(event, FailedEvent):
                     raise event.error
@@ -169,6 +183,7 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
             info.fused_adapters.extend(model.fused_adapters)
             info.limits.CopyFrom(self._limits_message())
             info.variants.extend(_variant_message(variant) for variant in self._variants)
+        info.cost_unit = COST_UNIT
         info.adapters.extend(
             adapter_message(file, loaded=True) for file in self._adapters.loaded_files()
         )
@@ -225,21 +240,86 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
         deadline: float | None,
         idempotency_key: str,
         streaming: bool,
+        tenant: Tenant | None,
     ) -> Iterator[Subscription]:
         """The call's subscription to its job (new, or the one its idempotency key names),
-        scoped to the caller the guard identified (auth.CURRENT_CALLER)."""
+        scoped to the caller the guard identified (auth.CURRENT_CALLER); a new job is billed to
+        `tenant` for fair share. When the call ends, its tenant's metrics and access-log
+        timings are taken from the job."""
         identity, _admin = current_identity()
         key = check_key(idempotency_key)
-        order = JobOrder(identity, key, params, deadline, wants_progress=streaming)
+        name, weight = (tenant.name, tenant.weight) if tenant else ("", 1.0)
+        order = JobOrder(
+            identity, key, params, deadline, streaming, name, weight, self._tracing.enabled
+        )
         with self._jobs.start(order) as subscription:
-            yield subscription
+            try:
+                yield subscription
+            finally:
+                self._account(subscription, tenant)
+
+    async def _authorize(self, params: GenerationParams, idempotency_key: str) -> Tenant | None:
+        """Applies the caller's token policy (priority, adapters, variant) and charges the
+        request's cost to its tenant's quota, unless its idempotency key names a job of this
+        caller already (a repeat joins or replays it: no new work); returns the tenant (None
+        without token policies).
+
+        Raises:
+            PermissionDenied: naming the field the policy refuses.
+            RateLimited: the tenant's quota is spent (RESOURCE_EXHAUSTED, retry-after-ms).
+        """
+        record = CURRENT_RECORD.get()
+        cost = request_cost(params)
+        if record is not None:
+            record.note_params(params, params.variant, self._log_prompts)
+            record.cost = cost
+        caller = CURRENT_CALLER.get()
+        policy = caller.policy if caller is not None else None
+        if policy is None:
+            return None
+        if record is not None:
+            record.tenant, record.token = policy.tenant.name, policy.name
+        policy.check(params, params.variant)
+        identity, _admin = current_identity()
+        if idempotency_key and self._jobs.names_job(identity, idempotency_key):
+            return policy.tenant
+        if self._quotas is not None:
+            await self._quotas.charge(policy.tenant, cost)
+        self._metrics.tenant_cost_admitted.labels(tenant=policy.tenant.name).inc(cost)
+        return policy.tenant
+
+    def _account(self, subscription: Subscription, tenant: Tenant | None) -> None:
+        """The call ended: its access-log timings, and (for the call that made the job) its
+        tenant's metrics and the spans of a run that did not finish."""
+        request = subscription.job.request
+        if request is None:
+            return
+        record = CURRENT_RECORD.get()
+        if record is not None:
+            record.note_run(request, time.monotonic())
+        if not subscription.created:
+            return
+        label = tenant.name if tenant is not None else OTHER_TENANT
+        if request.started_at is not None:
+            queued = request.started_at - request.arrival
+            self._metrics.tenant_queue_time.labels(tenant=label).observe(queued)
+        if request.status is RequestStatus.FINISHED:
+            self._metrics.tenant_cost_served.labels(tenant=label).inc(request.cost)
+        else:  # a finished request's spans were made when its images arrived (_response)
+            self._tracing.record_run(request, time.monotonic(), decoded=False)
 
     def _response(
         self, params: GenerationParams, result: JobResult, subscription: Subscription
     ) -> pb.GenerateResponse:
+        request = subscription.job.request
+        if subscription.created and request is not None:
+            self._tracing.record_run(request, time.monotonic(), decoded=True)
         self._metrics.images.inc(len(result.images))
         if params.variant:
             self._metrics.variant_images.labels(variant=params.variant).inc(len(result.images))
+        record = CURRENT_RECORD.get()
+        if record is not None:
+            record.bytes_out = result.size_bytes
         response = pb.GenerateResponse(
             request_id=params.request_id,
             timings=pb.Timings(
@@ -251,6 +331,7 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
             mean_batch_size=result.mean_batch_size,
             model=self._model.name if self._model else "",
             variant=params.variant,
+            cost=request_cost(params),
         )
         for image in result.images:
             response.images.add(

@@ -137,8 +137,26 @@ class Settings(BaseSettings):
     # --- security ---
     auth_tokens_file: Path | None = Field(
         None,
-        description="bearer tokens, one `role:token` per line (role client or admin, # comments);"
+        description="bearer tokens: one `role:token` per line (role client or admin, # comments),"
+        " or YAML with a policy per token and tenants (docs/security.md); re-read on SIGHUP;"
         " unset = no authentication",
+    )
+    auth_tokens_poll_s: float = Field(
+        10.0,
+        ge=0,
+        description="check the tokens file for changes this often and reload it (a mounted Secret"
+        " updates in place); 0 = only on SIGHUP",
+    )
+    quota_store: str = Field(
+        "memory",
+        pattern=r"^(memory|sqlite:.+|rediss?://.+|unix://.+)$",
+        description="where tenants' quota state lives: memory (this process), sqlite:PATH"
+        " (survives restarts) or redis://HOST:PORT/DB (shared by every replica)",
+    )
+    quota_store_failure: Literal["open", "closed"] = Field(
+        "open",
+        description="when the quota store cannot be reached: open = admit without charging (logged"
+        " and counted), closed = refuse with UNAVAILABLE",
     )
     auth_exempt_health: bool = Field(True, description="health checks need no token")
     auth_exempt_reflection: bool = Field(True, description="server reflection needs no token")
@@ -264,6 +282,12 @@ class Settings(BaseSettings):
         gt=0,
         description="after out-of-memory: a key's lowered batch cap doubles every this many"
         " seconds, up to what fits on the device",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="server log and access log lines: text, or one JSON object per line"
+    )
+    log_prompts: bool = Field(
+        False, description="include prompt text in access log lines (off: prompts stay private)"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="server log level"

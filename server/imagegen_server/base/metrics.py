@@ -194,6 +194,40 @@ class Metrics:
         self.ready = Gauge(
             "imagegen_ready", "1 while the server reports SERVING, else 0", registry=registry
         )
+        self._add_tenant_metrics(registry)
+
+    def _add_tenant_metrics(self, registry: CollectorRegistry) -> None:
+        """Per tenant: the label is a tenant the tokens file names, or `other` (bounded)."""
+        self.tenant_cost_admitted = Counter(
+            "imagegen_tenant_cost_admitted",
+            "Cost (megapixel-steps) of the requests admitted, charged to the tenant's quota",
+            ["tenant"],
+            registry=registry,
+        )
+        self.tenant_cost_served = Counter(
+            "imagegen_tenant_cost_served",
+            "Cost (megapixel-steps) of the requests that finished with their images",
+            ["tenant"],
+            registry=registry,
+        )
+        self.tenant_requests = Counter(
+            "imagegen_tenant_requests",
+            "Generation RPCs finished, by tenant and final gRPC status code",
+            ["tenant", "code"],
+            registry=registry,
+        )
+        self.tenant_queue_time = Histogram(
+            "imagegen_tenant_queue_seconds",
+            "Time from acceptance to the first denoising step, by tenant",
+            ["tenant"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.quota_store_errors = Counter(
+            "imagegen_quota_store_errors",
+            "Quota checks the store (SQLite, Redis) could not answer",
+            registry=registry,
+        )
 
     def add_variants(self, names: list[str]) -> None:
         """Exports every configured variant's series from the start, at 0."""

@@ -13,6 +13,7 @@ import enum
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+from .cost import request_cost
 from .engine_api import EngineRequest
 from .types import GenerationParams
 
@@ -51,6 +52,11 @@ class Request:
     started_at: float | None = None  # clock time it left the queue (set by the batcher)
     rows_seen: int = 0  # sum of the rows of the transformer calls it stepped in
     max_batch: int = 0  # most rows in one transformer call it stepped in
+    tenant: str = ""  # who it is billed to (the token's tenant); fair share groups by it
+    weight: float = 1.0  # its tenant's share weight (the token policy's `weight`)
+    fair_tag: float = 0.0  # virtual start time, set by the scheduler's fair share on `add`
+    # (began, ended, batch rows) of each step it ran, kept only while tracing (None = off)
+    step_log: list[tuple[float, float, int]] | None = None
 
     @property
     def request_id(self) -> str:
@@ -73,9 +79,15 @@ class Request:
         return self.params.priority
 
     @property
+    def cost(self) -> float:
+        """Its denoising work in megapixel-steps (base/cost.py)."""
+        return request_cost(self.params)
+
+    @property
     def rank(self) -> tuple[int, float, int]:
-        """Queue order: priority, then arrival (FIFO within a level)."""
-        return (self.priority, self.arrival, self.seq)
+        """Queue order: priority, then the fair-share tag (arrival order for one tenant: see
+        batching/fair_share.py), then arrival order."""
+        return (self.priority, self.fair_tag, self.seq)
 
     @property
     def remaining_steps(self) -> int:
@@ -86,8 +98,13 @@ class Request:
         """Mean rows of the transformer calls it stepped in."""
         return self.rows_seen / max(1, self.steps_done)
 
-    def count_step(self, batch_rows: int) -> None:
-        """Its rows ran one denoising step in a transformer call of `batch_rows` rows."""
+    def count_step(
+        self, batch_rows: int, began: float | None = None, ended: float | None = None
+    ) -> None:
+        """Its rows ran one denoising step in a transformer call of `batch_rows` rows, from
+        `began` to `ended` (clock times; logged for tracing only)."""
+        if self.step_log is not None and began is not None and ended is not None:
+            self.step_log.append((began, ended, batch_rows))
         self.steps_done += 1
         self.rows_seen += batch_rows
         self.max_batch = max(self.max_batch, batch_rows)

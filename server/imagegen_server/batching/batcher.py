@@ -98,9 +98,17 @@ class Batcher:
         return self._thread.is_alive()
 
     def submit(
-        self, params: GenerationParams, deadline: float | None, wants_progress: bool
+        self,
+        params: GenerationParams,
+        deadline: float | None,
+        wants_progress: bool,
+        tenant: str = "",
+        weight: float = 1.0,
+        traced: bool = False,
     ) -> RequestHandle:
-        """Queues a validated request; its events arrive on the returned handle.
+        """Queues a validated request, billed to `tenant` with its share `weight` (fair share:
+        batching/fair_share.py), logging its steps when `traced`; its events arrive on the
+        returned handle.
 
         Raises:
             EngineUnavailable: the model is loading or the engine failed.
@@ -115,6 +123,8 @@ class Batcher:
             key = params.adapter_batch_key if self._separate_adapters else params.batch_key
             ticket = f"{next(self._tickets)}:{params.request_id}"
             request = Request(ticket, params, key, arrival=now, deadline=deadline)
+            request.tenant, request.weight = tenant, weight
+            request.step_log = [] if traced else None
             if self._row_limit is not None:
                 self._scheduler.row_limits.probe_once(key, self._row_limit)
             size = f"{params.width}x{params.height}"

@@ -42,6 +42,10 @@ class WaitingQueue:
                 return request
         return None
 
+    def idle_at(self, priority: int) -> bool:
+        """Whether no request of `priority` waits."""
+        return all(request.priority != priority for request in self._requests)
+
     def pop_worst(self) -> Request:
         return self._requests.pop()
 

@@ -15,7 +15,8 @@ Two policies share this code (docs/architecture.md, "Batching and row selection"
 - "request" (Triton's dynamic batcher): a batch is formed from requests of one key *and step
   count*, runs all its steps, and nothing joins it; one batch at a time.
 
-Both order waiting requests by (priority, arrival): priority 1 is highest, FIFO within a level.
+Both order waiting requests by (priority, fair-share tag): priority 1 is highest; within a
+level, tenants share the engine by weight and cost (fair_share.py), FIFO for a lone tenant.
 Unlike Triton, forming a batch looks past the queue head for requests of a matching key, and no
 key starves: every choice is bounded by the best-ranked waiting request (see `plan`).
 """
@@ -31,6 +32,7 @@ from typing import Literal
 from ..base.errors import QueueFull
 from ..base.request import Request, RequestStatus
 from .estimates import QueueEstimate, estimate_starts
+from .fair_share import FairShare
 from .plan import Settled, StepOutcome, StepPlan
 from .queues import RunningBatches, WaitingQueue
 from .row_limits import RowLimits
@@ -84,6 +86,7 @@ class Scheduler:
         self._arrivals = RecentRate()  # requests accepted per second
         self._busy = BusyShare()  # the engine's recent busy share
         self._step_began: float | None = None  # when the step last planned began
+        self.fair_share = FairShare()  # tags waiting requests: shares by tenant weight and cost
 
     # --- the contract ---
 
@@ -96,6 +99,7 @@ class Scheduler:
             QueueFull: the queue is full of requests of the same or higher priority.
         """
         request.seq = next(self._seq)
+        self.fair_share.tag(request, self._waiting.idle_at(request.priority))
         self._arrivals.add(now)
         if self.config.default_queue_timeout_s > 0:
             timeout_at = now + self.config.default_queue_timeout_s
@@ -180,7 +184,7 @@ class Scheduler:
         if outcome.rows == 0:
             return settled
         self.row_limits.after_step(self.key_of(plan.group), outcome.out_of_memory_rows, now)
-        self._count_step(plan.group, outcome)
+        self._count_step(plan.group, outcome, now)
         if outcome.timed_cleanly:
             self.costs.observe(self.key_of(plan.group), outcome.rows, outcome.seconds)
         finished = self._running.of(outcome.finished)
@@ -331,6 +335,7 @@ class Scheduler:
             admitted.append(request)
             used_rows += request.rows
         for request in admitted:
+            self.fair_share.admitted(request)
             self._waiting.remove(request)
             self._running.start(request, group)
         return admitted
@@ -393,10 +398,10 @@ class Scheduler:
 
     # --- after a step ---
 
-    def _count_step(self, group: Hashable, outcome: StepOutcome) -> None:
+    def _count_step(self, group: Hashable, outcome: StepOutcome, now: float) -> None:
         """Each request of the batch either ran the step or sat it out."""
         for request in self.running_in(group):
             if outcome.stepped is None or request.ticket in outcome.stepped:
-                request.count_step(outcome.rows)
+                request.count_step(outcome.rows, now - outcome.seconds, now)
             else:
                 request.count_deferred()
