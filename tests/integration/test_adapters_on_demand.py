@@ -9,8 +9,8 @@ import grpc
 import pytest
 from imagegen_client import Adapter, OutputFormat, RetryPolicy
 from support import StreamWatcher, assert_same_image, pixels
+from support import pipeline_image as reference
 from test_adapters import pipeline_with
-from test_generation import reference
 
 NO_RETRY = RetryPolicy(max_attempts=1)
 CONCURRENT = 8

@@ -15,8 +15,8 @@ from imagegen_client import Adapter, OutputFormat, RetryPolicy
 from imagegen_server.engine.sampling import LIGHTNING_SCHEDULER_OVERRIDES
 from PIL import Image
 from support import StreamWatcher, assert_same_image, pixels, variants_config
+from support import pipeline_image as reference
 from test_adapters import pipeline_with
-from test_generation import reference
 
 NPY = OutputFormat.NPY
 NEGATIVE = "blurry"
