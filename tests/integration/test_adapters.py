@@ -425,7 +425,11 @@ def live_tensor_bytes() -> int:
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
             storage = obj.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
+            try:
+                address = storage.data_ptr()
+            except RuntimeError:  # a fake tensor left by torch.compile's tracing: no memory
+                continue
+            storages[address] = storage.nbytes()
     return sum(storages.values())
 
 

@@ -79,8 +79,17 @@ def refused(call: Any) -> grpc.RpcError:
     return failure.value
 
 
+# Two variants without LoRAs, for the policy's variant patterns ("fast*" allows only the first).
+POLICY_VARIANTS = [
+    {"name": "fast-4", "default_steps": 4, "min_steps": 2, "max_steps": 4, "default": True},
+    {"name": "full", "default_steps": 4, "min_steps": 2, "max_steps": 8},
+]
+
+
 def test_the_policy_matrix(server_factory: Any, tmp_path: Path, tiny_model: Path) -> None:
-    server = start(server_factory, tmp_path, tiny_model)
+    server = start(
+        server_factory, tmp_path, tiny_model, variants=POLICY_VARIANTS, default_steps=None
+    )
     capped = server.client(token=CAPPED, retry=NO_RETRY)
     admin = server.client(token=ADMIN, retry=NO_RETRY)
     result = capped.generate("ok", priority=2, adapters=[Adapter("ink", 1.0)])

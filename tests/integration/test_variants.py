@@ -235,7 +235,7 @@ def test_image_to_image_as_a_variant_equals_the_img2img_pipeline_configured_as_i
 ) -> None:
     """An init image runs the tail of its variant's schedule, with its variant's LoRA."""
     from diffusers import QwenImageImg2ImgPipeline
-    from test_image_to_image import png, run_pipeline
+    from support import png
 
     y, x = np.mgrid[0:64, 0:64]
     picture = Image.fromarray((np.stack([x / 64, y / 64, x * y / 4096], -1) * 255).astype("uint8"))
@@ -255,7 +255,7 @@ def test_image_to_image_as_a_variant_equals_the_img2img_pipeline_configured_as_i
     pipeline.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
         {**pipeline.scheduler.config, **LIGHTNING_SCHEDULER_OVERRIDES}
     )
-    expected = run_pipeline(pipeline, 4, steps=3, image=picture, strength=0.5)
+    expected = reference(pipeline, "a boat on a lake", 4, steps=3, image=picture, strength=0.5)
     assert_same_image(pixels(result), expected)
 
 
