@@ -35,6 +35,7 @@ from ..batching.scheduler import Scheduler, SchedulerConfig
 from ..engine.startup import EngineSetup, build_engine, row_limit
 from .adapters import AdapterRegistry
 from .admin import AdapterAdminService
+from .auth import Guard
 from .http_api import HttpApi
 from .http_server import HttpServer
 from .idempotency import JobSettings
@@ -102,7 +103,25 @@ class ImageGenServer:
             self.metrics,
         )
         self._setup: EngineSetup | None = None  # once the engine thread has built the engine
-        self.jobs = JobTable(
+        self.jobs = self._job_table(tracing)
+        self._service = self._servicer(tracing)
+        guard = build_guard(settings)  # one for both protocols: one rate bucket per caller
+        self.tokens = _tokens_watcher(settings, guard)  # None without a tokens file
+        self._grpc = grpc.aio.server(
+            interceptors=[StatusInterceptor(self.metrics, guard, tracing)],
+            options=server_options(settings),
+        )
+        self.http_port = 0
+        self._http = self._http_server(guard)
+        # A plaintext health-only port for probes that cannot speak TLS (the kubelet's).
+        self._health_grpc = (
+            grpc.aio.server(options=[EXCLUSIVE_PORT]) if settings.health_port is not None else None
+        )
+        self._register_services()
+
+    def _job_table(self, tracing: Tracing) -> JobTable:
+        settings = self.settings
+        return JobTable(
             self._batcher,
             self._adapters,
             codec_encoder(self._codec_pool, self.metrics, tracing),
@@ -113,9 +132,12 @@ class ImageGenServer:
             ),
             self.metrics,
         )
+
+    def _servicer(self, tracing: Tracing) -> ImageGenerationService:
+        settings = self.settings
         store, blocking = open_store(settings.quota_store)
         quotas = QuotaBook(store, settings.quota_store_failure, self.metrics, blocking=blocking)
-        self._service = ImageGenerationService(
+        return ImageGenerationService(
             self._batcher,
             self._batching_info(),
             self.metrics,
@@ -126,32 +148,19 @@ class ImageGenServer:
             log_prompts=settings.log_prompts,
             tracing=tracing,
         )
-        guard = build_guard(settings)  # one for both protocols: one rate bucket per caller
-        self.tokens = (  # None without a tokens file
-            TokensWatcher(guard, settings.auth_tokens_file, settings.auth_tokens_poll_s)
-            if guard is not None and settings.auth_tokens_file is not None
-            else None
+
+    def _http_server(self, guard: Guard | None) -> HttpServer | None:
+        """The OpenAI-compatible HTTP edge on the same event loop, when --http-port is set."""
+        settings = self.settings
+        if settings.http_port is None:
+            return None
+        api = HttpApi(
+            self._service, guard, self.metrics, self._codec_pool, settings.max_request_bytes
         )
-        self._grpc = grpc.aio.server(
-            interceptors=[StatusInterceptor(self.metrics, guard, tracing)],
-            options=server_options(settings),
-        )
-        self.http_port = 0
-        self._http = (
-            HttpServer(
-                HttpApi(
-                    self._service, guard, self.metrics, self._codec_pool, settings.max_request_bytes
-                ).app,
-                settings,
-                grace_s=RPC_FLUSH_S,
-            )
-            if settings.http_port is not None
-            else None
-        )
-        # A plaintext health-only port for probes that cannot speak TLS (the kubelet's).
-        self._health_grpc = (
-            grpc.aio.server(options=[EXCLUSIVE_PORT]) if settings.health_port is not None else None
-        )
+        return HttpServer(api.app, settings, grace_s=RPC_FLUSH_S)
+
+    def _register_services(self) -> None:
+        """The servicers, health (also on the health-only port) and reflection."""
         if self._health_grpc is not None:
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_grpc)
         pb_grpc.add_ImageGenerationServicer_to_server(self._service, self._grpc)
@@ -389,3 +398,10 @@ def _exit_now(code: int) -> NoReturn:
     compiling); finalizing the interpreter under it aborts the process."""
     logging.shutdown()
     os._exit(code)
+
+
+def _tokens_watcher(settings: Settings, guard: Guard | None) -> TokensWatcher | None:
+    """Reloads the tokens file on SIGHUP and on change; None without a tokens file."""
+    if guard is None or settings.auth_tokens_file is None:
+        return None
+    return TokensWatcher(guard, settings.auth_tokens_file, settings.auth_tokens_poll_s)

@@ -108,14 +108,7 @@ class RequestValidator:
         if images is None:  # text-to-image: checks only that no image-only field is set
             images = self.decode_images(request)
         num_images = _in_range("num_images", request.num_images or 1, 1, limits.max_num_images)
-        if images is not None:
-            width, height = images.width, images.height
-        elif references is not None:
-            width, height = self._reference_size(request, references)
-        else:
-            width, height = self._size(
-                request.width or limits.default_width, request.height or limits.default_height
-            )
+        width, height = self._output_size(request, images, references)
         variant = self._variant(request.variant)
         schedule_steps = self._steps(request.num_inference_steps, variant)
         init_image = self._init_image(request, images)
@@ -153,6 +146,23 @@ class RequestValidator:
             schedule_steps=schedule_steps,
             variant=variant.name if variant else "",
             references=references,
+        )
+
+    def _output_size(
+        self,
+        request: pb.GenerateRequest,
+        images: DecodedImages | None,
+        references: ReferenceImages | None,
+    ) -> tuple[int, int]:
+        """Width and height: an init image's (already checked), an edit's default from its
+        references, or the request's (0 = the server's default)."""
+        if images is not None:
+            return images.width, images.height
+        if references is not None:
+            return self._reference_size(request, references)
+        limits = self.limits
+        return self._size(
+            request.width or limits.default_width, request.height or limits.default_height
         )
 
     def _init_image(

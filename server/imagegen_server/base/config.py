@@ -23,7 +23,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from .variants import PRESET_DEFAULT_STEPS, VariantConfig, default_variant, variant_problems
+from .config_checks import settings_problems
+from .variants import PRESET_DEFAULT_STEPS, VariantConfig, default_variant
 
 MAX_INT64 = 2**63 - 1
 MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's message length is a signed 32-bit int
@@ -319,83 +320,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
-        problems = self._size_problems() + self._range_problems() + self._tls_problems()
-        problems += self._variant_problems()
+        problems = settings_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
-    def _size_problems(self) -> list[str]:
-        problems = []
-        for axis in ("width", "height"):
-            low, high = getattr(self, f"min_{axis}"), getattr(self, f"max_{axis}")
-            default = getattr(self, f"default_{axis}")
-            if low > high:
-                problems.append(f"min_{axis} ({low}) > max_{axis} ({high})")
-            if not low <= default <= high:
-                problems.append(f"default_{axis} ({default}) outside [{low}, {high}]")
-        if self.default_width * self.default_height > self.max_pixels:
-            problems.append("default_width x default_height exceeds max_pixels")
-        return problems
-
-    def _range_problems(self) -> list[str]:
-        problems = []
-        if not self.variants and self.resolved_default_steps > self.max_steps:
-            problems.append(f"default steps ({self.resolved_default_steps}) > max_steps")
-        if self.max_num_images > self.max_batch_size:
-            problems.append(
-                f"max_num_images ({self.max_num_images}) > max_batch_size ({self.max_batch_size}):"
-                " a request's images must fit one batch"
-            )
-        if not 1 <= self.default_priority <= self.priority_levels:
-            problems.append(f"default_priority outside [1, priority_levels={self.priority_levels}]")
-        if self.min_guidance_scale > self.max_guidance_scale:
-            problems.append("min_guidance_scale > max_guidance_scale")
-        if self.max_seed - self.min_seed + 1 < self.max_num_images:  # image i uses seed + i
-            problems.append(
-                f"[min_seed, max_seed] must hold max_num_images ({self.max_num_images}) seeds"
-            )
-        if any(size < 1 or size > self.max_batch_size for size in self.preferred_batch_sizes):
-            problems.append(f"preferred_batch_sizes must lie in [1, {self.max_batch_size}]")
-        if self.compile == "dynamic" and self.compile_scope == "model":
-            # The whole transformer takes the rows (img_shapes, a list) and the text length as
-            # Python values, so Dynamo specialises on them: a graph per new value while serving.
-            problems.append(
-                "compile=dynamic needs compile_scope=blocks: with scope model every new batch "
-                "size and prompt length compiles while serving"
-            )
-        if self.compile == "buckets" and max(self.compile_buckets, default=0) < self.max_batch_size:
-            problems.append(
-                f"compile_buckets must reach max_batch_size ({self.max_batch_size});"
-                " a CFG image is two rows, so CFG batches hold half the largest bucket in images"
-            )
-        return problems
-
-    def _tls_problems(self) -> list[str]:
-        problems = []
-        if (self.tls_cert_file is None) != (self.tls_key_file is None):
-            problems.append("tls_cert_file and tls_key_file go together")
-        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
-            problems.append("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
-        return problems
-
-    def _variant_problems(self) -> list[str]:
-        if not self.variants:
-            return []
-        problems = variant_problems(
-            self.variants,
-            self.max_steps,
-            (self.min_guidance_scale, self.max_guidance_scale),
-            self.adapter_dir,
-        )
-        # Each of these would apply to every variant's rows at once: a variant says it itself.
-        if self.lora:
-            problems.append("lora applies to every row: with variants, give each variant loras")
-        if self.scheduler_preset != "default":
-            problems.append("scheduler_preset: with variants, each variant sets its own")
-        if self.default_steps is not None:
-            problems.append("default_steps: with variants, each variant sets its own")
-        return problems
 
     @property
     def resolved_default_steps(self) -> int:
