@@ -48,6 +48,7 @@ METRICS = {
     "imagegen_idempotency_evictions_total": "counter",
     "imagegen_cancellations_total": "counter",
     "imagegen_tenant_cost_admitted_total": "counter",
+    "imagegen_tenant_cost_refunded_total": "counter",
     "imagegen_tenant_cost_served_total": "counter",
     "imagegen_tenant_requests_total": "counter",
     "imagegen_tenant_queue_seconds": "histogram",

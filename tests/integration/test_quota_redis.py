@@ -1,19 +1,19 @@
 """The Redis quota store against a real `redis-server` on loopback (started by the test): two
-quota books spend one budget, windows follow the memory store's rule, and an unreachable Redis
-fails open or closed as configured."""
+quota books spend one budget, windows and refunds follow the memory store's rule, and an
+unreachable Redis fails open or closed as configured."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from imagegen_server.api.policy import Quota, Tenant
-from imagegen_server.api.quota import MemoryStore
+from imagegen_server.api.quota import MemoryStore, QuotaStore
 from imagegen_server.api.quota_stores import RedisStore
 from imagegen_server.base.errors import EngineUnavailable, RateLimited
-from support_quota import HOUR, Clock, admitted, book
+from support_quota import HOUR, REFUND_CHECKS, Clock, admitted, book
 from support_redis import RedisServer
 
 
@@ -48,6 +48,13 @@ def test_redis_windows_match_the_memory_rule(redis_server: RedisServer) -> None:
         assert admitted(quotas, tenant, cost=10.0) == 10
         clock.now += HOUR
         assert admitted(quotas, tenant, cost=10.0) == 5
+
+
+@pytest.mark.parametrize("check", REFUND_CHECKS, ids=lambda check: check.__name__)
+def test_redis_refunds_follow_the_memory_rule(
+    redis_server: RedisServer, check: Callable[[QuotaStore], None]
+) -> None:
+    check(RedisStore(redis_server.url))
 
 
 @pytest.mark.parametrize("failure", ["open", "closed"])

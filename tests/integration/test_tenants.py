@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import openai
 import pytest
 from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
@@ -253,6 +254,85 @@ def test_one_access_line_per_call_success_failure_cancel_and_rejection(
         "cancel-1", "StreamProgress", 0
     )  # fmt: skip
     assert len(access_lines.lines) == 5
+
+
+def test_http_image_requests_get_their_access_line_and_tenant_count(
+    server_factory: Any, tmp_path: Path, tiny_model: Path, access_lines: Lines
+) -> None:
+    server = start(server_factory, tmp_path, tiny_model, http_port=0)
+    api = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{server.server.http_port}/v1", api_key=LIGHT, max_retries=0
+    )
+    ok = {"X-Request-Id": "http-ok"}
+    api.images.generate(prompt="a secret prompt", size="64x64", n=2, extra_headers=ok)
+    streamed = {"X-Request-Id": "http-stream"}
+    assert list(api.images.generate(prompt="s", size="64x64", stream=True, extra_headers=streamed))
+    with pytest.raises(openai.BadRequestError):
+        api.images.generate(prompt="x", size="13x7", extra_headers={"X-Request-Id": "http-bad"})
+    access_lines.wait_for(3)
+    lines = {line["request_id"]: line for line in access_lines.parsed()}
+    for request_id, method, status in (
+        ("http-ok", "Generate", "OK"),
+        ("http-stream", "StreamProgress", "OK"),
+        ("http-bad", "Generate", "INVALID_ARGUMENT"),
+    ):
+        line = lines[request_id]
+        assert (line["protocol"], line["method"], line["status"]) == ("http", method, status)
+        assert line["tenant"] == "light"  # from the token, even when validation refuses
+    assert set(lines["http-ok"]) >= FIELDS and "secret" not in json.dumps(lines["http-ok"])
+    assert lines["http-ok"]["images"] == 2 and lines["http-ok"]["bytes_out"] > 0
+    assert lines["http-ok"]["max_batch"] >= 1 and lines["http-ok"]["total_s"] > 0
+    assert "width" in lines["http-bad"]["error"]
+    metrics = server.metrics()
+    assert metrics['imagegen_tenant_requests_total{code="OK",tenant="light"}'] == 2
+    assert metrics['imagegen_tenant_requests_total{code="INVALID_ARGUMENT",tenant="light"}'] == 1
+
+
+def test_a_charge_is_given_back_when_its_request_never_runs_a_step(
+    server_factory: Any, tmp_path: Path, tiny_model: Path
+) -> None:
+    server = start(server_factory, tmp_path, tiny_model, max_queue_size=1, step_budget=0)
+    light = server.client(token=LIGHT, retry=NO_RETRY)
+    thrifty = server.client(token=THRIFTY, retry=NO_RETRY)
+    holder = StreamWatcher(light, "holds the only queue slot", request_id="holder")
+    holder.queued()
+    full = refused(lambda: thrifty.generate("refused by the full queue", num_images=4))
+    assert full.code() == grpc.StatusCode.UNAVAILABLE
+    assert light.cancel(request_id="holder") == "queued"
+    assert holder.error().code() == grpc.StatusCode.CANCELLED
+    waiting = StreamWatcher(thrifty, "cancelled while queued", request_id="waiting", num_images=4)
+    waiting.queued()
+    assert thrifty.cancel(request_id="waiting") == "queued"
+    assert waiting.error().code() == grpc.StatusCode.CANCELLED
+    server.batcher.set_step_budget(None)
+    # The day's 8 units are all there: neither request above ran a step.
+    thrifty.generate("the first half of the day", num_images=4)
+    thrifty.generate("the second half", num_images=4)
+    assert refused(lambda: thrifty.generate("over")).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    metrics = server.metrics()
+    refunded = metrics['imagegen_tenant_cost_refunded_total{tenant="thrifty"}']
+    assert refunded == pytest.approx(8 * COST_64)
+    admitted = metrics['imagegen_tenant_cost_admitted_total{tenant="thrifty"}']
+    assert admitted == pytest.approx(16 * COST_64)
+
+
+def test_a_keyed_request_is_accounted_when_it_ends_not_when_its_caller_leaves(
+    server_factory: Any, tmp_path: Path, tiny_model: Path
+) -> None:
+    server = start(server_factory, tmp_path, tiny_model, step_budget=0)
+    keyed = {"prompt": "p", "seed": 7, "idempotency_key": "outlives-its-caller"}
+    with grpc.insecure_channel(server.target) as channel:
+        stream = pb_grpc.ImageGenerationStub(channel).StreamProgress(
+            pb.GenerateRequest(**keyed), metadata=(("authorization", f"Bearer {LIGHT}"),)
+        )
+        assert next(stream).HasField("queued")
+        stream.cancel()  # the caller leaves; the keyed job runs on
+    server.batcher.set_step_budget(None)
+    assert raw_generate(server, LIGHT, seed=7, idempotency_key="outlives-its-caller").images
+    metrics = server.metrics()
+    served = metrics['imagegen_tenant_cost_served_total{tenant="light"}']
+    assert served == pytest.approx(COST_64)  # once, by the job: the repeat joined it
+    assert metrics['imagegen_tenant_queue_seconds_count{tenant="light"}'] == 1
 
 
 def test_sqlite_quota_state_survives_a_restart(

@@ -1,4 +1,5 @@
-"""OpenTelemetry spans of a request on a real server, read from the SDK's in-memory exporter."""
+"""OpenTelemetry spans of a request on a real server, over gRPC and over HTTP, read from the
+SDK's in-memory exporter."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import openai
 from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from imagegen_server.api.tracing import Tracing
@@ -18,21 +20,56 @@ TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_ID = "b7ad6b7169203331"
 
 
-def test_the_span_tree_of_one_request_under_the_callers_traceparent(tiny_model: Path) -> None:
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+
+
+def traced_server(tiny_model: Path, **overrides: Any) -> tuple[Any, InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    server = start_server(tiny_model, tracing=Tracing(provider), max_batch_size=4)
+    return start_server(tiny_model, tracing=Tracing(provider), **overrides), exporter
+
+
+def test_the_span_tree_of_one_request_under_the_callers_traceparent(tiny_model: Path) -> None:
+    server, exporter = traced_server(tiny_model, max_batch_size=4)
     try:
         with grpc.insecure_channel(server.target) as channel:
             pb_grpc.ImageGenerationStub(channel).Generate(
                 pb.GenerateRequest(prompt="traced", num_images=2, num_inference_steps=3),
-                metadata=(("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01"),),
+                metadata=(("traceparent", TRACEPARENT),),
             )
     finally:
         server.stop()
+    check_span_tree(exporter, "imagegen.Generate")
+
+
+def test_an_http_request_takes_its_parent_from_the_traceparent_header(tiny_model: Path) -> None:
+    server, exporter = traced_server(tiny_model, max_batch_size=4, http_port=0)
+    api = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{server.server.http_port}/v1", api_key="-", max_retries=0
+    )
+    headers = {"traceparent": TRACEPARENT}
+    steps = {"num_inference_steps": 3}
+    try:
+        api.images.generate(
+            prompt="traced", n=2, size="64x64", extra_headers=headers, extra_body=steps
+        )
+        check_span_tree(exporter, "imagegen.Generate")
+        exporter.clear()
+        streamed = api.images.generate(
+            prompt="traced", n=2, size="64x64", stream=True, extra_headers=headers, extra_body=steps
+        )
+        assert len(list(streamed)) == 2  # one completed event per image
+    finally:
+        server.stop()
+    check_span_tree(exporter, "imagegen.StreamProgress")
+
+
+def check_span_tree(exporter: InMemorySpanExporter, root_name: str) -> None:
+    """One request of 2 images and 3 steps under TRACEPARENT: its span named `root_name`, and
+    under it the queue, a span per step with its batch rows, decode and encode, in order."""
     spans = {span.name: span for span in exporter.get_finished_spans()}
-    root = spans["imagegen.Generate"]
+    root = spans[root_name]
     assert f"{root.context.trace_id:032x}" == TRACE_ID
     assert root.parent is not None and f"{root.parent.span_id:016x}" == PARENT_ID
     steps = [s for s in exporter.get_finished_spans() if s.name == "denoise step"]

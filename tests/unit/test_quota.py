@@ -4,16 +4,17 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from imagegen_server.api.policy import Quota, Tenant
-from imagegen_server.api.quota import MemoryStore
+from imagegen_server.api.quota import MemoryStore, QuotaStore
 from imagegen_server.api.quota_stores import SqliteStore
 from imagegen_server.base.cost import request_cost
 from imagegen_server.base.errors import PermissionDenied, RateLimited
 from support import engine_params
-from support_quota import HOUR, Clock, admitted, book
+from support_quota import HOUR, REFUND_CHECKS, Clock, admitted, book
 
 
 def test_cost_is_pixels_times_steps_doubled_by_guidance() -> None:
@@ -101,3 +102,9 @@ def test_sqlite_state_survives_reopening_the_file(tmp_path: Path) -> None:
     reopened = book(SqliteStore(tmp_path / "q.db"), clock)  # as after a restart
     with pytest.raises(RateLimited):
         asyncio.run(reopened.charge(tenant, 10.0))
+
+
+@pytest.mark.parametrize("check", REFUND_CHECKS, ids=lambda check: check.__name__)
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_refunds(kind: str, check: Callable[[QuotaStore], None], tmp_path: Path) -> None:
+    check(MemoryStore() if kind == "memory" else SqliteStore(tmp_path / "q.db"))

@@ -1,9 +1,10 @@
 """One access-log line per finished generation request, and the JSON form of the server's logs.
 
-The interceptor opens an `AccessRecord` for every Generate and StreamProgress call (so calls
-refused before the servicer runs, by the token check or a malformed message, get their line
-too); the servicer fills in what it learns (tenant, parameters, timings, bytes out); the
-interceptor writes the line with the final status. Lines go to the `imagegen.access` logger:
+The gRPC interceptor opens an `AccessRecord` for every Generate and StreamProgress call (so
+calls refused before the servicer runs, by the token check or a malformed message, get their
+line too), and the HTTP edge one for every image request (`http_calls.py`, protocol `http`);
+the servicer fills in what it learns (tenant, parameters, timings, bytes out); the edge writes
+the line with the final status. Lines go to the `imagegen.access` logger:
 `key=value` pairs in text mode, one JSON object per line with `--log-format json`. Prompt text
 is left out unless `--log-prompts` is set: prompts may hold personal data.
 """
@@ -20,8 +21,10 @@ from typing import Any
 
 from ..base.request import Request
 from ..base.types import GenerationParams
+from .policy import TokenPolicy
 
 ACCESS_LOGGER = "imagegen.access"
+MAX_LOGGED_ID_CHARS = 128  # a refused request's id is unchecked: log no more than a valid one
 PLAIN = re.compile(r"^[A-Za-z0-9._:/@+-]+$")  # text-mode values written without quotes
 access_log = logging.getLogger(ACCESS_LOGGER)
 
@@ -31,7 +34,7 @@ class AccessRecord:
     """What one access-log line says; durations in seconds, sizes in pixels."""
 
     method: str  # the RPC's name: Generate, StreamProgress
-    protocol: str = "grpc"  # the edge it came in through (grpc; http where that edge exists)
+    protocol: str = "grpc"  # the edge it came in through: grpc or http
     request_id: str = ""  # the client's id ("" until validated)
     tenant: str = ""  # the token's tenant; "" = no token policy (no auth)
     token: str = ""  # the token entry's name in the tokens file (never the token)
@@ -53,6 +56,12 @@ class AccessRecord:
     error: str = ""  # the status message when it failed
     prompt: str | None = None  # only with --log-prompts
     started: float = field(default_factory=time.perf_counter, repr=False)  # not logged
+
+    def note_policy(self, policy: TokenPolicy | None) -> None:
+        """Who the call is billed to, once the token check has named it (so a request refused
+        later, by validation or a quota, still says whose it was)."""
+        if policy is not None:
+            self.tenant, self.token = policy.tenant.name, policy.name
 
     def note_params(self, params: GenerationParams, variant: str, with_prompt: bool) -> None:
         self.request_id = params.request_id

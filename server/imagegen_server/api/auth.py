@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..base.errors import PermissionDenied, RateLimited, Unauthenticated
-from .policy import PolicyFile, Tenant, TokenPolicy, legacy_policy, parse_yaml
+from .policy import OTHER_TENANT, PolicyFile, Tenant, TokenPolicy, legacy_policy, parse_yaml
 
 # Placeholder values shipped in example Secrets; a server refuses to start with one.
 PLACEHOLDER_MARKERS = ("replace-me", "changeme", "example")
@@ -54,6 +54,14 @@ def current_identity() -> tuple[str, bool]:
     if caller is None or caller.role is None:
         return ANONYMOUS, False
     return caller.identity, caller.role >= Role.ADMIN
+
+
+def current_tenant() -> str:
+    """The metrics' tenant label of the caller being served: its token's tenant, or `other`
+    (no token policy, or no valid token)."""
+    caller = CURRENT_CALLER.get()
+    policy = caller.policy if caller is not None else None
+    return policy.tenant.name if policy is not None else OTHER_TENANT
 
 
 class TokenAuthenticator:

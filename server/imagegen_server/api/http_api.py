@@ -5,8 +5,9 @@ Routes: `POST /v1/images/generations` (JSON), `POST /v1/images/edits` (multipart
 served). Each request passes the same guard as a gRPC call (the RPC it is served as names the
 role and the rate limit), becomes a `GenerateRequest` (`openai_params.py`), is validated and run
 by the gRPC servicer's own `validate` / `generate` / `stream`, and is counted in the same metrics
-with `protocol="http"`. Errors take OpenAI's body, `{"error": {"message", "type", "param",
-"code"}}`, with the HTTP status `base.errors.HTTP_STATUS` gives their gRPC status.
+with `protocol="http"`; an image request also gets its access-log line, its trace span and its
+per-tenant count (`http_calls.py`). Errors take OpenAI's body, `{"error": {"message", "type",
+"param", "code"}}`, with the HTTP status `base.errors.HTTP_STATUS` gives their gRPC status.
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from ..base.errors import (
     EngineUnavailable,
@@ -39,7 +39,9 @@ from ..base.errors import (
 )
 from ..base.metrics import Metrics
 from ..base.types import GenerationParams
+from .access_log import CURRENT_RECORD
 from .auth import CURRENT_CALLER, Caller, Guard
+from .http_calls import ClientGone, EventStream, HttpCall, until_disconnected
 from .openai_bodies import (
     completed_event,
     error_body,
@@ -57,6 +59,7 @@ from .openai_params import (
     parse_json_body,
 )
 from .service import ImageGenerationService
+from .tracing import Tracing
 from .transport import API_SERVICE
 
 log = logging.getLogger(__name__)
@@ -69,10 +72,6 @@ IMAGE_FIELDS = ("image", "image[]")  # one image, or the openai SDK's list of th
 REQUEST_ID_HEADER = "X-Request-Id"
 
 
-class ClientGone(Exception):
-    """The HTTP client closed its connection before the answer was ready."""
-
-
 class HttpApi:
     """The routes, on the gRPC servicer; build once per server, serve `app` with uvicorn."""
 
@@ -83,10 +82,12 @@ class HttpApi:
         metrics: Metrics,
         codec_pool: Executor,
         max_request_bytes: int,
+        tracing: Tracing | None = None,
     ) -> None:
         self._service = service
         self._guard = guard
         self._metrics = metrics
+        self._tracing = tracing or Tracing(None)  # request spans; off by default
         self._codec_pool = codec_pool
         self._max_request_bytes = max_request_bytes
         self._started = int(time.time())  # the `created` of /v1/models
@@ -156,26 +157,36 @@ class HttpApi:
         self, request: Request, rpc: str, answer: Callable[[], Awaitable[Response]]
     ) -> Response:
         """Maps what `answer` raises to OpenAI's error body and counts the request as `rpc`
-        (StreamProgress once its body asked for a stream); a stream counts itself when it
-        ends."""
-        started = time.perf_counter()
+        (StreamProgress once its body asked for a stream); an image request (`rpc` Generate)
+        also gets its access line and trace span. A stream counts itself when it ends."""
+        started, message = time.perf_counter(), ""
+        call = request.state.call = self._open_call(request, rpc)
         try:
-            response = await answer()
+            with call.span.current() if call is not None else contextlib.nullcontext():
+                response = await answer()
         except ImageGenError as error:
-            response, code = error_response(error), error.status.name
+            response, code, message = error_response(error), error.status.name, error.message
         except (ClientGone, ClientDisconnect):
             response, code = Response(status_code=499), Status.CANCELLED.name  # nobody reads it
         except Exception as error:
             log.error("unhandled error in HTTP request", exc_info=error)
             response = error_response(InternalError("internal error; see the server log"))
-            code = Status.INTERNAL.name
+            code, message = Status.INTERNAL.name, "internal error"
         else:
             if isinstance(response, EventStream):
                 return response
             code = "OK"
         rpc = getattr(request.state, "rpc", rpc)
         self._metrics.count_request("http", rpc, code, time.perf_counter() - started)
+        if call is not None:
+            call.close(self._metrics, rpc, code, message)
         return response
+
+    def _open_call(self, request: Request, rpc: str) -> HttpCall | None:
+        """An image request's access record and span (None for the other routes)."""
+        if rpc != GENERATE:
+            return None
+        return HttpCall.open(rpc, request.headers, self._tracing)
 
     def _check_caller(self, request: Request, rpc: str) -> Caller | None:
         """The gRPC guard, with the RPC this route is served as: the same tokens, roles and
@@ -188,6 +199,9 @@ class HttpApi:
         authorization = request.headers.get("authorization", "")
         caller = self._guard.check(f"{API_SERVICE}{rpc}", [("authorization", authorization)], peer)
         CURRENT_CALLER.set(caller)  # what the servicer scopes idempotency keys and cancels by
+        record = CURRENT_RECORD.get()
+        if record is not None:
+            record.note_policy(caller.policy)
         return caller
 
     async def _body(self, request: Request) -> bytes:
@@ -266,10 +280,14 @@ class HttpApi:
         params = await self._service.validate(parsed.message, streaming=parsed.stream)
         if parsed.stream:
             params = with_partial_images(params, parsed.partial_images)
+            call: HttpCall = request.state.call
+            started = time.perf_counter()
             return EventStream(
-                self._events(params, parsed, kind),
+                self._events(params, parsed, kind, call),
                 media_type="text/event-stream",
                 headers={REQUEST_ID_HEADER: params.request_id},
+                # A client gone before the first event: the stream never ran to count itself.
+                on_end=lambda: self._stream_ended(call, started, Status.CANCELLED.name, ""),
             )
         key = parsed.message.idempotency_key
         response = await until_disconnected(
@@ -280,36 +298,45 @@ class HttpApi:
         )
 
     async def _events(
-        self, params: GenerationParams, parsed: OpenAIRequest, kind: str
+        self, params: GenerationParams, parsed: OpenAIRequest, kind: str, call: HttpCall
     ) -> AsyncIterator[bytes]:
         """The stream's events: `<kind>.partial_image` from the step previews of the first
         image, then one `<kind>.completed` per image, or `error`. Counted when it ends."""
-        started, code, partials = time.perf_counter(), "OK", 0
+        started, code, message, partials = time.perf_counter(), "OK", "", 0
         size = f"{params.width}x{params.height}"
+        CURRENT_RECORD.set(call.record)  # (this runs in the response's task)
         try:
-            stream = self._service.stream(params, None, parsed.message.idempotency_key)
-            async with contextlib.aclosing(stream) as events:
-                async for event in events:
-                    if event.WhichOneof("event") == "step":
-                        for preview in event.step.previews:
-                            if preview.image_index == 0 and partials < parsed.partial_images:
-                                yield partial_event(kind, preview.data, partials, size)
-                                partials += 1
-                    elif event.WhichOneof("event") == "completed":
-                        for image in event.completed.response.images:
-                            yield completed_event(kind, image, size, parsed.output_format)
+            with call.span.current():
+                stream = self._service.stream(params, None, parsed.message.idempotency_key)
+                async with contextlib.aclosing(stream) as events:
+                    async for event in events:
+                        if event.WhichOneof("event") == "step":
+                            for preview in event.step.previews:
+                                if preview.image_index == 0 and partials < parsed.partial_images:
+                                    yield partial_event(kind, preview.data, partials, size)
+                                    partials += 1
+                        elif event.WhichOneof("event") == "completed":
+                            for image in event.completed.response.images:
+                                yield completed_event(kind, image, size, parsed.output_format)
         except ImageGenError as error:
-            code = error.status.name
+            code, message = error.status.name, error.message
             yield server_sent("error", error_body(error))
         except (asyncio.CancelledError, GeneratorExit):
             code = Status.CANCELLED.name
             raise
         except Exception as error:
-            code = Status.INTERNAL.name
+            code, message = Status.INTERNAL.name, "internal error"
             log.error("unhandled error in HTTP stream", exc_info=error)
             yield server_sent("error", error_body(InternalError("internal error; see the log")))
         finally:
+            self._stream_ended(call, started, code, message)
+
+    def _stream_ended(self, call: HttpCall, started: float, code: str, message: str) -> None:
+        """Counts a stream and closes its call, once (its events, or a client that left before
+        they began)."""
+        if not call.closed:
             self._metrics.count_request("http", STREAM, code, time.perf_counter() - started)
+            call.close(self._metrics, STREAM, code, message)
 
 
 async def _no_such_route(request: Request, error: Exception) -> Response:
@@ -317,15 +344,6 @@ async def _no_such_route(request: Request, error: Exception) -> Response:
     status = error.status_code if isinstance(error, HTTPException) else 404
     message = f"{request.method} {request.url.path}: no such route (see /v1/models, /v1/images/*)"
     return plain_error(status, message, "unknown_route")
-
-
-class EventStream(StreamingResponse):
-    """Server-sent events whose work stops when the client goes: the stream and a watch for the
-    disconnect race, whatever ASGI version the server speaks."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        with contextlib.suppress(ClientGone, ClientDisconnect, OSError):
-            await until_disconnected(receive, self.stream_response(send))
 
 
 def idempotency_key(request: Request) -> str:
@@ -341,35 +359,6 @@ def with_partial_images(params: GenerationParams, partial_images: int) -> Genera
         return params
     every = max(params.steps // (partial_images + 1), 1)
     return dataclasses.replace(params, preview_every_n_steps=every)
-
-
-async def until_disconnected(receive: Receive, work: Awaitable[T]) -> T:
-    """Runs `work` until it ends or the client disconnects (then it is cancelled: a request's
-    work is dropped as when a gRPC call is cancelled). Call it once the body has been read.
-
-    Raises:
-        ClientGone: the client left first.
-    """
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnect(receive))
-    try:
-        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:  # the server cancels the handler (a stop): so does the work
-        task.cancel()
-        raise
-    finally:
-        gone.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        raise ClientGone
-    return task.result()
-
-
-async def _disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 def _too_large(size: int, limit: int) -> RequestTooLarge:

@@ -16,16 +16,14 @@ from google.protobuf.message import DecodeError
 from ..base.errors import ImageGenError, InvalidArgument
 from ..base.metrics import Metrics
 from . import access_log
-from .access_log import CURRENT_RECORD, AccessRecord
-from .auth import CURRENT_CALLER, Guard
-from .policy import OTHER_TENANT
+from .access_log import CURRENT_RECORD, MAX_LOGGED_ID_CHARS, AccessRecord
+from .auth import CURRENT_CALLER, Guard, current_tenant
 from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/imagegen.v1."
 ACCESS_LOGGED = ("Generate", "StreamProgress")  # the RPCs that get an access-log line
-MAX_LOGGED_ID_CHARS = 128  # a refused request's id is unchecked: log no more than a valid one
 if TYPE_CHECKING:  # generic only in grpc-stubs, not at run time
     Context = grpc.aio.ServicerContext[Any, Any]
     Handler = grpc.RpcMethodHandler[Any, Any]
@@ -142,6 +140,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     method, context.invocation_metadata() or (), context.peer()
                 )
                 CURRENT_CALLER.set(caller)
+                if record is not None:
+                    record.note_policy(caller.policy)
             yield
         except BaseException as error:
             # Counted before the abort sends the status: a client that reads the metrics after
@@ -171,9 +171,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             rpc = method.rsplit("/", 1)[-1]
             self._metrics.count_request("grpc", rpc, code.name, time.perf_counter() - started)
             if rpc in ACCESS_LOGGED:
-                caller = CURRENT_CALLER.get()
-                policy = caller.policy if caller is not None else None
-                tenant = policy.tenant.name if policy is not None else OTHER_TENANT
+                tenant = current_tenant()
                 self._metrics.tenant_requests.labels(tenant=tenant, code=code.name).inc()
 
 

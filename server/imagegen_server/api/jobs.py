@@ -17,6 +17,9 @@ job's subscribers (the calls waiting on it).
 - Memory is bounded by entries and bytes; finished results are evicted oldest-first, and a late
   repeat of an evicted key is refused with a status that says so (a tombstone remembers the key
   until its window would have ended).
+- A job is accounted when it ends, not when a call does (a keyed job outlives its callers): its
+  tenant's queue time and cost served, the spans of its run, and, when it never ran a step, its
+  quota charge given back (refused by the batcher, shed, cancelled or timed out while queued).
 
 Runs on the event loop only; the clock is injectable so tests move time without sleeping.
 """
@@ -55,6 +58,8 @@ from ..batching.requests import RequestHandle
 from .adapters import AdapterRegistry
 from .codec import encode_image
 from .idempotency import JobSettings, KeyedJobs, params_fingerprint
+from .policy import OTHER_TENANT
+from .quota import Charge, QuotaBook
 from .tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -72,6 +77,7 @@ class JobOrder:
     tenant: str = ""  # who a new job is billed to, for fair share ("" = no token policies)
     weight: float = 1.0  # the tenant's share weight
     traced: bool = False  # tracing is on: the batcher keeps each step's times
+    charge: Charge | None = None  # what the tenant's quota was charged; given back if it never runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +117,8 @@ class Job:
     handle: RequestHandle | None  # the batcher's side; dropped when it ends (init images)
     ticket: str  # the batcher's id for it
     accepted_at: float  # clock time the batcher accepted it
+    tenant: str  # the metrics' label: a tenant of the tokens file, or `other`
+    charge: Charge | None  # its quota charge, given back if it ends before its first step
     subscribers: list[asyncio.Queue[JobEvent]] = field(default_factory=list)
     queued: QueuedEvent | None = None  # the latest of each, for a late subscriber
     started: StartedEvent | None = None
@@ -183,11 +191,15 @@ class JobTable:
         settings: JobSettings,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
+        quotas: QuotaBook | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._batcher = batcher
         self._adapters = adapters
         self._encode = encode
         self._metrics = metrics
+        self._quotas = quotas  # gives back the charges of jobs that never ran
+        self._tracing = tracing or Tracing(None)  # spans of each job's run; off by default
         self._running: dict[str, Job] = {}  # by ticket: every job in flight
         self.keyed = KeyedJobs(settings, metrics, clock)  # and finished ones in their window
 
@@ -227,9 +239,18 @@ class JobTable:
                 self._metrics.variant_requests.labels(variant=params.variant).inc()
         except BaseException:
             self._adapters.release(params.adapters)
+            self._refund(order.charge)  # refused (queue full, draining): no work was done
             raise
         job = Job(
-            order.scope, order.key, fingerprint, params, handle, handle.ticket, handle.accepted_at
+            order.scope,
+            order.key,
+            fingerprint,
+            params,
+            handle,
+            handle.ticket,
+            handle.accepted_at,
+            order.tenant or OTHER_TENANT,
+            order.charge,
         )
         job.request = handle.request
         self._running[handle.ticket] = job
@@ -251,6 +272,8 @@ class JobTable:
             assert job.handle is not None  # (it has not ended)
             event = await job.handle.events.get()
             if isinstance(event, CompletedEvent):
+                if job.request is not None:  # (its spans: queue, steps, decode until now)
+                    self._tracing.record_run(job.request, time.monotonic(), decoded=True)
                 encoded = await self._encode(job.params, event)
                 images = [
                     EncodedImage(data, image.seed)
@@ -289,11 +312,32 @@ class JobTable:
             job.params = dataclasses.replace(job.params, init_image=None)
             if job.request is not None:
                 job.request.params = job.params
+        self._account(job, finished=isinstance(end, JobResult))
         job.broadcast(end)
         if isinstance(end, JobResult):
             job.result = end
         if job.key is not None:
             self.keyed.ended(job)
+
+    def _account(self, job: Job, finished: bool) -> None:
+        """The tenant's metrics of an ended job and, if it never ran a step, its charge given
+        back; the spans of a run that did not finish (a finished one's were made on arrival)."""
+        request = job.request
+        if request is None:
+            return
+        if request.started_at is not None:
+            queued = request.started_at - request.arrival
+            self._metrics.tenant_queue_time.labels(tenant=job.tenant).observe(queued)
+        elif not finished:
+            self._refund(job.charge)
+        if finished:
+            self._metrics.tenant_cost_served.labels(tenant=job.tenant).inc(request.cost)
+        else:
+            self._tracing.record_run(request, time.monotonic(), decoded=False)
+
+    def _refund(self, charge: Charge | None) -> None:
+        if charge is not None and self._quotas is not None:
+            self._quotas.refund(charge)
 
     def names_job(self, scope: str, key: str) -> bool:
         """Whether `key` of caller `scope` names a job (in flight, or finished in its window):

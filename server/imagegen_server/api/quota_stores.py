@@ -1,18 +1,21 @@
 """Quota stores that outlive the process: an SQLite file (one host) and Redis (a fleet).
 
-Both apply quota.py's rule atomically: SQLite in an IMMEDIATE transaction (a write lock, so
-processes sharing the file serialise), Redis in one Lua script (Redis runs a script alone).
+Both apply quota.py's rules (spend, refund) atomically: SQLite in an IMMEDIATE transaction (a
+write lock, so processes sharing the file serialise), Redis in one Lua script (Redis runs a
+script alone).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .policy import Quota
-from .quota import QuotaStore, StoreUnavailable, decide, window_end, window_index
+from .quota import QuotaStore, StoreUnavailable, decide, refilled, window_end, window_index
 
 REDIS_TIMEOUT_S = 0.5  # a quota check must not hold a request for long
 KEY_PREFIX = "imagegen:quota"
@@ -56,6 +59,29 @@ end
 return '0'
 """
 
+# A refund: KEYS as SPEND_SCRIPT's, the windows those of the time it was spent; ARGV = now,
+# cost, rate, burst. The bucket gains the cost back (never above burst); a window that still
+# exists (it has not expired) gives it back (never below 0).
+REFUND_SCRIPT = """
+local now, cost = tonumber(ARGV[1]), tonumber(ARGV[2])
+local rate, burst = tonumber(ARGV[3]), tonumber(ARGV[4])
+if rate > 0 then
+  local state = redis.call('HMGET', KEYS[1], 'tokens', 'updated')
+  if state[1] then
+    local refill = math.max(0, now - tonumber(state[2])) * rate
+    local tokens = math.min(burst, tonumber(state[1]) + refill + cost)
+    redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'updated', tostring(now))
+  end
+end
+for i = 2, #KEYS do
+  local spent = redis.call('GET', KEYS[i])
+  if spent then
+    redis.call('SET', KEYS[i], tostring(math.max(0, tonumber(spent) - cost)), 'KEEPTTL')
+  end
+end
+return 0
+"""
+
 
 class SqliteStore:
     """One file, shared by the processes of one host; survives restarts."""
@@ -67,31 +93,52 @@ class SqliteStore:
         self._lock = threading.Lock()  # one connection, used from worker threads
 
     def spend(self, tenant: str, cost: float, quota: Quota, now: float) -> float:
-        try:
-            with self._lock:
-                return self._spend(tenant, cost, quota, now)
-        except sqlite3.Error as error:
-            raise StoreUnavailable(f"sqlite: {error}") from error
-
-    def _spend(self, tenant: str, cost: float, quota: Quota, now: float) -> float:
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            row = db.execute(
-                "SELECT tokens, updated FROM buckets WHERE tenant = ?", (tenant,)
-            ).fetchone()
+        with self._transaction():
             windows = quota.windows()
             spent = [
                 self._spent(tenant, name, window_index(now, length)) for name, length, _ in windows
             ]
-            decision = decide(quota, cost, now, row, spent)
+            decision = decide(quota, cost, now, self._bucket(tenant), spent)
             if decision.wait_s == 0:
                 self._write(tenant, cost, quota, now, decision.tokens, spent)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return decision.wait_s
+            return decision.wait_s
+
+    def refund(self, tenant: str, cost: float, quota: Quota, spent_at: float, now: float) -> None:
+        with self._transaction() as db:
+            bucket = self._bucket(tenant)
+            if quota.rate_per_s > 0 and bucket is not None:
+                db.execute(
+                    "UPDATE buckets SET tokens = ?, updated = ? WHERE tenant = ?",
+                    (refilled(quota, cost, now, bucket), now, tenant),
+                )
+            for name, length, _ in quota.windows():
+                db.execute(
+                    "UPDATE windows SET spent = MAX(0, spent - ?)"
+                    " WHERE tenant = ? AND window = ? AND idx = ?",
+                    (cost, tenant, name, window_index(spent_at, length)),
+                )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (processes sharing the file take turns), committed if the
+        block returns; any SQLite error is the store being unavailable."""
+        try:
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as error:
+            raise StoreUnavailable(f"sqlite: {error}") from error
+
+    def _bucket(self, tenant: str) -> tuple[float, float] | None:
+        row = self._db.execute(
+            "SELECT tokens, updated FROM buckets WHERE tenant = ?", (tenant,)
+        ).fetchone()
+        return (float(row[0]), float(row[1])) if row is not None else None
 
     def _spent(self, tenant: str, window: str, index: int) -> float:
         row = self._db.execute(
@@ -128,18 +175,33 @@ class RedisStore:
         self._client: Any = redis.Redis.from_url(
             url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
         )
-        self._script = self._client.register_script(SPEND_SCRIPT)
+        self._spend = self._client.register_script(SPEND_SCRIPT)
+        self._refund = self._client.register_script(REFUND_SCRIPT)
 
     def spend(self, tenant: str, cost: float, quota: Quota, now: float) -> float:
-        keys = [f"{KEY_PREFIX}:{{{tenant}}}:bucket"]  # {tenant}: one hash slot per tenant
+        keys = _keys(tenant, quota, now)
         args: list[str] = [repr(now), repr(cost), repr(quota.rate_per_s), repr(quota.burst)]
-        for name, length, limit in quota.windows():
-            keys.append(f"{KEY_PREFIX}:{{{tenant}}}:{name}:{window_index(now, length)}")
+        for _, length, limit in quota.windows():
             args += [repr(limit), repr(window_end(now, length))]
         try:
-            return float(self._script(keys=keys, args=args))
+            return float(self._spend(keys=keys, args=args))
         except self._errors as error:
             raise StoreUnavailable(f"redis: {error}") from error
+
+    def refund(self, tenant: str, cost: float, quota: Quota, spent_at: float, now: float) -> None:
+        args = [repr(now), repr(cost), repr(quota.rate_per_s), repr(quota.burst)]
+        try:
+            self._refund(keys=_keys(tenant, quota, spent_at), args=args)
+        except self._errors as error:
+            raise StoreUnavailable(f"redis: {error}") from error
+
+
+def _keys(tenant: str, quota: Quota, now: float) -> list[str]:
+    """The tenant's bucket, then its windows at `now`; `{tenant}`: one hash slot per tenant."""
+    keys = [f"{KEY_PREFIX}:{{{tenant}}}:bucket"]
+    for name, length, _ in quota.windows():
+        keys.append(f"{KEY_PREFIX}:{{{tenant}}}:{name}:{window_index(now, length)}")
+    return keys
 
 
 def open_store(spec: str) -> tuple[QuotaStore, bool]:

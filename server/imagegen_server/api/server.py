@@ -103,6 +103,11 @@ class ImageGenServer:
             self.metrics,
         )
         self._setup: EngineSetup | None = None  # once the engine thread has built the engine
+        store, blocking = open_store(settings.quota_store)
+        self._quotas = QuotaBook(
+            store, settings.quota_store_failure, self.metrics, blocking=blocking
+        )
+        self._tracing = tracing
         self.jobs = self._job_table(tracing)
         self._service = self._servicer(tracing)
         guard = build_guard(settings)  # one for both protocols: one rate bucket per caller
@@ -131,12 +136,12 @@ class ImageGenServer:
                 max_bytes=settings.idempotency_max_bytes,
             ),
             self.metrics,
+            quotas=self._quotas,
+            tracing=tracing,
         )
 
     def _servicer(self, tracing: Tracing) -> ImageGenerationService:
         settings = self.settings
-        store, blocking = open_store(settings.quota_store)
-        quotas = QuotaBook(store, settings.quota_store_failure, self.metrics, blocking=blocking)
         return ImageGenerationService(
             self._batcher,
             self._batching_info(),
@@ -144,7 +149,7 @@ class ImageGenServer:
             self._codec_pool,
             self._adapters,
             self.jobs,
-            quotas=quotas,
+            quotas=self._quotas,
             log_prompts=settings.log_prompts,
             tracing=tracing,
         )
@@ -155,7 +160,12 @@ class ImageGenServer:
         if settings.http_port is None:
             return None
         api = HttpApi(
-            self._service, guard, self.metrics, self._codec_pool, settings.max_request_bytes
+            self._service,
+            guard,
+            self.metrics,
+            self._codec_pool,
+            settings.max_request_bytes,
+            self._tracing,
         )
         return HttpServer(api.app, settings, grace_s=RPC_FLUSH_S)
 
@@ -254,6 +264,7 @@ class ImageGenServer:
             await self._health_grpc.stop(grace=0)
         self._batcher.stop()
         self._codec_pool.shutdown(wait=False)
+        await self._quotas.settled()  # charges of refused requests given back to the store
         if self.tokens is not None:
             await self.tokens.stop()
         log.info("drained %s", "cleanly" if finished else "with requests left at the timeout")

@@ -12,6 +12,7 @@ import dataclasses
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -23,7 +24,6 @@ from ..base.cost import COST_UNIT, request_cost
 from ..base.errors import EngineUnavailable
 from ..base.limits import RequestLimits
 from ..base.metrics import Metrics
-from ..base.request import RequestStatus
 from ..base.types import (
     FailedEvent,
     GenerationParams,
@@ -41,8 +41,8 @@ from .auth import CURRENT_CALLER, current_identity
 from .codec import encode_preview
 from .idempotency import check_key
 from .jobs import JobOrder, JobResult, JobTable, Subscription
-from .policy import OTHER_TENANT, Tenant
-from .quota import QuotaBook
+from .policy import Tenant
+from .quota import Charge, QuotaBook
 from .references import decode_references
 from .tracing import Tracing
 from .validation import OUTPUT_FORMATS, RequestValidator
@@ -124,8 +124,8 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
     ) -> pb.GenerateResponse:
         """Runs a validated request to its response (images encoded); raises its typed error.
         With an idempotency key, joins or replays the caller's request under that key."""
-        tenant = await self._authorize(params, idempotency_key)
-        with self._subscribed(params, deadline, idempotency_key, False, tenant) as subscription:
+        admission = await self._authorize(params, idempotency_key)
+        with self._subscribed(params, deadline, idempotency_key, False, admission) as subscription:
             async for event in subscription.events():
                 if isinstance(event, FailedEvent):
                     raise event.error
@@ -139,8 +139,8 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
         """Runs a validated request, yielding its progress events and then `completed` (a
         repeat under an idempotency key picks up at the current step)."""
         request_id = params.request_id
-        tenant = await self._authorize(params, idempotency_key)
-        with self._subscribed(params, deadline, idempotency_key, True, tenant) as subscription:
+        admission = await self._authorize(params, idempotency_key)
+        with self._subscribed(params, deadline, idempotency_key, True, admission) as subscription:
             async for event in subscription.events():
                 if isinstance(event, FailedEvent):
                     raise event.error
@@ -240,29 +240,37 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
         deadline: float | None,
         idempotency_key: str,
         streaming: bool,
-        tenant: Tenant | None,
+        admission: Admission,
     ) -> Iterator[Subscription]:
         """The call's subscription to its job (new, or the one its idempotency key names),
         scoped to the caller the guard identified (auth.CURRENT_CALLER); a new job is billed to
-        `tenant` for fair share. When the call ends, its tenant's metrics and access-log
-        timings are taken from the job."""
+        the admission's tenant for fair share (the job table accounts it when it ends). When
+        the call ends, its access-log timings are taken from the job."""
         identity, _admin = current_identity()
         key = check_key(idempotency_key)
-        name, weight = (tenant.name, tenant.weight) if tenant else ("", 1.0)
+        tenant = admission.tenant
         order = JobOrder(
-            identity, key, params, deadline, streaming, name, weight, self._tracing.enabled
+            identity,
+            key,
+            params,
+            deadline,
+            streaming,
+            tenant.name if tenant else "",
+            tenant.weight if tenant else 1.0,
+            self._tracing.enabled,
+            admission.charge,
         )
         with self._jobs.start(order) as subscription:
             try:
                 yield subscription
             finally:
-                self._account(subscription, tenant)
+                _note_run(subscription)
 
-    async def _authorize(self, params: GenerationParams, idempotency_key: str) -> Tenant | None:
+    async def _authorize(self, params: GenerationParams, idempotency_key: str) -> Admission:
         """Applies the caller's token policy (priority, adapters, variant) and charges the
         request's cost to its tenant's quota, unless its idempotency key names a job of this
         caller already (a repeat joins or replays it: no new work); returns the tenant (None
-        without token policies).
+        without token policies) and the charge.
 
         Raises:
             PermissionDenied: naming the field the policy refuses.
@@ -276,44 +284,20 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
         caller = CURRENT_CALLER.get()
         policy = caller.policy if caller is not None else None
         if policy is None:
-            return None
-        if record is not None:
-            record.tenant, record.token = policy.tenant.name, policy.name
+            return Admission(None, None)
         policy.check(params, params.variant)
         identity, _admin = current_identity()
         if idempotency_key and self._jobs.names_job(identity, idempotency_key):
-            return policy.tenant
+            return Admission(policy.tenant, None)
+        charge = None
         if self._quotas is not None:
-            await self._quotas.charge(policy.tenant, cost)
+            charge = await self._quotas.charge(policy.tenant, cost)
         self._metrics.tenant_cost_admitted.labels(tenant=policy.tenant.name).inc(cost)
-        return policy.tenant
-
-    def _account(self, subscription: Subscription, tenant: Tenant | None) -> None:
-        """The call ended: its access-log timings, and (for the call that made the job) its
-        tenant's metrics and the spans of a run that did not finish."""
-        request = subscription.job.request
-        if request is None:
-            return
-        record = CURRENT_RECORD.get()
-        if record is not None:
-            record.note_run(request, time.monotonic())
-        if not subscription.created:
-            return
-        label = tenant.name if tenant is not None else OTHER_TENANT
-        if request.started_at is not None:
-            queued = request.started_at - request.arrival
-            self._metrics.tenant_queue_time.labels(tenant=label).observe(queued)
-        if request.status is RequestStatus.FINISHED:
-            self._metrics.tenant_cost_served.labels(tenant=label).inc(request.cost)
-        else:  # a finished request's spans were made when its images arrived (_response)
-            self._tracing.record_run(request, time.monotonic(), decoded=False)
+        return Admission(policy.tenant, charge)
 
     def _response(
         self, params: GenerationParams, result: JobResult, subscription: Subscription
     ) -> pb.GenerateResponse:
-        request = subscription.job.request
-        if subscription.created and request is not None:
-            self._tracing.record_run(request, time.monotonic(), decoded=True)
         self._metrics.images.inc(len(result.images))
         if params.variant:
             self._metrics.variant_images.labels(variant=params.variant).inc(len(result.images))
@@ -372,6 +356,22 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
                 {value for value in OUTPUT_FORMATS if value != pb.OUTPUT_FORMAT_UNSPECIFIED}
             ),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Who a new job is billed to (None without token policies) and what its quota paid."""
+
+    tenant: Tenant | None
+    charge: Charge | None
+
+
+def _note_run(subscription: Subscription) -> None:
+    """The call ended: its access-log timings, from its job's request."""
+    request = subscription.job.request
+    record = CURRENT_RECORD.get()
+    if request is not None and record is not None:
+        record.note_run(request, time.monotonic())
 
 
 def _variant_message(variant: Variant) -> pb.VariantInfo:

@@ -63,18 +63,26 @@ class Tracing:
     @contextlib.contextmanager
     def request_span(self, rpc: str, metadata: Iterable[Any]) -> Iterator[None]:
         """The request's span, current while the call runs; its parent from `traceparent`."""
+        span = self.start_request_span(rpc, metadata)
+        try:
+            with span.current():
+                yield
+        finally:
+            span.end(rpc)
+
+    def start_request_span(self, rpc: str, metadata: Iterable[Any]) -> RequestSpan:
+        """The request's span, started now and ended by its `end`: for a call whose answer
+        outlives the handler (an HTTP event stream). `metadata`: (key, value) pairs, gRPC
+        metadata or HTTP headers (lower-case names), where `traceparent` names the parent."""
         if self._tracer is None:
-            yield
-            return
+            return RequestSpan(None)
         from opentelemetry.trace import SpanKind
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         carrier = {key: _text(value) for key, value in metadata if key in TRACE_HEADERS}
         parent = TraceContextTextMapPropagator().extract(carrier)
-        with self._tracer.start_as_current_span(
-            f"imagegen.{rpc}", context=parent, kind=SpanKind.SERVER
-        ):
-            yield
+        span = self._tracer.start_span(f"imagegen.{rpc}", context=parent, kind=SpanKind.SERVER)
+        return RequestSpan(span)
 
     def record_run(self, request: Request, now: float, decoded: bool) -> None:
         """Adds the spans of what the request went through (times on the batcher's clock,
@@ -103,6 +111,32 @@ class Tracing:
         assert self._tracer is not None
         span = self._tracer.start_span(name, start_time=start_ns, attributes=attributes)
         span.end(end_time=max(start_ns, end_ns))
+
+
+class RequestSpan:
+    """A request's span (None when tracing is off): made current around the code that serves
+    the request, ended once."""
+
+    def __init__(self, span: Any) -> None:
+        self._span = span
+
+    @contextlib.contextmanager
+    def current(self) -> Iterator[None]:
+        """The span is the parent of the spans made inside (and of the tasks started inside)."""
+        if self._span is None:
+            yield
+            return
+        from opentelemetry.trace import use_span
+
+        with use_span(self._span, end_on_exit=False):
+            yield
+
+    def end(self, rpc: str) -> None:
+        """Ends the span, named after the RPC the request was served as (an HTTP request is
+        known to be a stream only once its body is read)."""
+        if self._span is not None and self._span.is_recording():
+            self._span.update_name(f"imagegen.{rpc}")
+            self._span.end()
 
 
 def _exporter(name: str) -> Any:

@@ -204,6 +204,13 @@ class Metrics:
             ["tenant"],
             registry=registry,
         )
+        self.tenant_cost_refunded = Counter(
+            "imagegen_tenant_cost_refunded",
+            "Cost (megapixel-steps) given back to the tenant's quota: requests charged and then"
+            " refused, shed or cancelled before their first step",
+            ["tenant"],
+            registry=registry,
+        )
         self.tenant_cost_served = Counter(
             "imagegen_tenant_cost_served",
             "Cost (megapixel-steps) of the requests that finished with their images",
