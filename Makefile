@@ -21,7 +21,7 @@ BENCH_ARGS ?=
 GPU_CHECK_OUT ?= bench/results/gpu-check
 GPU_CHECK_ARGS ?=
 
-.PHONY: install run test lint proto docs bench bench-adapters bench-variants bench-edits bench-mfu \
+.PHONY: install run test lint proto docs bench bench-adapters bench-variants bench-edits bench-tenants bench-mfu \
 	gpu-check gpu-check-docs tools clean
 
 install: $(VENV)/.installed
@@ -74,6 +74,9 @@ bench-variants: install
 
 bench-edits: install
 	$(BIN)/python -m bench edits $(BENCH_ARGS)
+
+bench-tenants: install
+	$(BIN)/python -m bench tenants-live $(BENCH_ARGS)
 
 bench-mfu: install
 	$(BIN)/python -m bench mfu $(BENCH_ARGS)

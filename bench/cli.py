@@ -8,6 +8,7 @@
     python -m bench simulate          # the real scheduler on simulated cost curves (seconds)
     python -m bench gpu-check STEP    # a step of `make gpu-check` (scripts/gpu-check.sh)
     python -m bench tenants           # fair share between tenants vs first come first served
+    python -m bench tenants-live      # the same on a real server (make bench-tenants)
     python -m bench COMMAND --help    # a command's options
 
 A command is a module of this package with `add_arguments(parser)` and `run(args) -> int`. Only
@@ -76,6 +77,11 @@ COMMANDS = {
     ),
     "tenants": Command(
         "bench.tenants", "fair share between tenants against first come first served (seconds)"
+    ),
+    "tenants-live": Command(
+        "bench.tenants_live",
+        "fair share against first come first served on a real server (make bench-tenants)",
+        "bench-tenants",
     ),
     "naive-server": Command(
         "bench.naive_server", "the naive one-request-at-a-time server that `batching` measures"

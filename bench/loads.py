@@ -49,9 +49,15 @@ class LoadGenerator:
     """Sends requests of a workload to one server and records what happened to each."""
 
     def __init__(
-        self, target: str, run_name: str, clock: Callable[[], float] = time.perf_counter
+        self,
+        target: str,
+        run_name: str,
+        clock: Callable[[], float] = time.perf_counter,
+        token: str | None = None,
     ) -> None:
-        self._client = AsyncImageGenClient(target, timeout_s=REQUEST_TIMEOUT_S, retry=NO_RETRIES)
+        self._client = AsyncImageGenClient(
+            target, timeout_s=REQUEST_TIMEOUT_S, retry=NO_RETRIES, token=token
+        )
         self._run_name = run_name
         self._clock = clock
 

@@ -111,6 +111,41 @@ def test_the_policy_matrix(server_factory: Any, tmp_path: Path, tiny_model: Path
     assert {adapter.name for adapter in admin.list_adapters() if adapter.loaded} >= {"ink"}
 
 
+def test_the_policy_matrix_over_http(server_factory: Any, tmp_path: Path, tiny_model: Path) -> None:
+    server = start(
+        server_factory,
+        tmp_path,
+        tiny_model,
+        variants=POLICY_VARIANTS,
+        default_steps=None,
+        http_port=0,
+    )
+
+    def api(token: str) -> openai.OpenAI:
+        url = f"http://127.0.0.1:{server.server.http_port}/v1"
+        return openai.OpenAI(base_url=url, api_key=token, max_retries=0)
+
+    allowed = {"priority": 2, "adapters": ["ink"]}
+    capped = api(CAPPED)
+    assert capped.images.generate(prompt="ok", model="fast-4", size="64x64", extra_body=allowed)
+    cases = {
+        "priority": {"extra_body": {"priority": 1}},
+        "adapters": {"extra_body": {"priority": 2, "adapters": ["neon"]}},
+        "variant": {"model": "full", "extra_body": {"priority": 2}},
+    }
+    for field, options in cases.items():
+        with pytest.raises(openai.PermissionDeniedError) as denied:
+            capped.images.generate(prompt="x", size="64x64", **options)
+        assert field in str(denied.value.body["param"]), (field, denied.value.body)
+    assert [model.id for model in capped.models.list().data][1:] == ["fast-4", "full"]
+    thrifty = api(THRIFTY)
+    thrifty.images.generate(prompt="big", n=4, size="64x64")
+    thrifty.images.generate(prompt="big", n=4, size="64x64")
+    with pytest.raises(openai.RateLimitError) as limited:
+        thrifty.images.generate(prompt="one more", size="64x64")
+    assert 0 < int(limited.value.response.headers["retry-after"]) <= 86_400
+
+
 def test_a_spent_quota_is_resource_exhausted_with_retry_after(
     server_factory: Any, tmp_path: Path, tiny_model: Path
 ) -> None:

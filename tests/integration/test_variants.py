@@ -3,11 +3,14 @@ share transformer calls; each row equals the diffusers pipeline configured as it
 
 from __future__ import annotations
 
+import base64
+import io
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
+import openai
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
@@ -275,3 +278,36 @@ def test_a_lora_file_two_variants_share_is_loaded_once(engine: Any, tiny_model: 
     ink = engine.variants.loras("a")[0].name
     assert [spec.name for spec in engine.variants.loras("b")] == [ink, engine.adapters.names[-1]]
     assert len(engine.variants.all_loras()) == 2  # what the memory probe puts on every row
+
+
+def test_an_openai_client_picks_a_variant_as_a_model(tiny_model: Path) -> None:
+    from support import start_server
+
+    server = start_server(
+        tiny_model,
+        http_port=0,
+        adapter_dir=str(tiny_model / "adapters"),
+        variants=variants_config(tiny_model / "adapters"),
+        default_steps=None,
+    )
+    try:
+        api = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{server.server.http_port}/v1", api_key="-", max_retries=0
+        )
+        served = [model.id for model in api.models.list().data]
+        assert served[1:] == ["base", "fast", "soft"]  # after the model itself
+        by_http = api.images.generate(
+            prompt="a fox", model="fast", size="64x64", extra_body={"seed": 3}
+        )
+        by_grpc = server.client().generate("a fox", variant="fast", width=64, height=64, seed=3)
+        assert by_http.data is not None and by_http.data[0].b64_json is not None
+        sent = Image.open(io.BytesIO(base64.b64decode(by_http.data[0].b64_json)))
+        assert np.array_equal(np.asarray(sent), np.asarray(by_grpc.images[0].to_pil()))
+        with pytest.raises(openai.NotFoundError) as unknown:
+            api.images.generate(prompt="x", model="turbo", size="64x64")
+        assert unknown.value.body["param"] == "model" and "fast" in unknown.value.message
+        with pytest.raises(openai.BadRequestError) as contradiction:
+            api.images.generate(prompt="x", model="fast", extra_body={"variant": "base"})
+        assert contradiction.value.body["param"] == "variant"
+    finally:
+        server.stop()

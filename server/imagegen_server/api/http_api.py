@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 GENERATE, STREAM, SERVER_INFO = "Generate", "StreamProgress", "GetServerInfo"
 CANCEL = "CancelGeneration"
+OWNER = "imagegen-serve"  # the `owned_by` of /v1/models
 IMAGE_FIELDS = ("image", "image[]")  # one image, or the openai SDK's list of them
 # The request's correlation id (gRPC's request_id): taken from the request, else made; sent back.
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -125,13 +126,13 @@ class HttpApi:
             model = self._service.model
             if model is None:
                 raise EngineUnavailable("model loading; retry shortly")
-            entry = {
-                "id": model.name,
-                "object": "model",
-                "created": self._started,
-                "owned_by": "imagegen-serve",
-            }
-            return JSONResponse({"object": "list", "data": [entry]})
+            # The model, then each variant: a client picks a variant as it picks a model.
+            names = [model.name, *(variant.name for variant in self._service.variants)]
+            entries = [
+                {"id": name, "object": "model", "created": self._started, "owned_by": OWNER}
+                for name in names
+            ]
+            return JSONResponse({"object": "list", "data": entries})
 
         return await self._answered(request, SERVER_INFO, answer)
 
@@ -225,7 +226,8 @@ class HttpApi:
         model, limits = self._service.model, self._service.limits
         if model is None or limits is None:
             raise EngineUnavailable("model loading; retry shortly")
-        parsed = images_request(fields, model.name, limits)
+        variants = [variant.name for variant in self._service.variants]
+        parsed = images_request(fields, model.name, limits, variants)
         parsed.message.request_id = request.headers.get("x-request-id", "")
         parsed.message.idempotency_key = idempotency_key(request)
         return parsed

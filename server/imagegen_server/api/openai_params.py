@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,7 @@ FIELD_TYPES: dict[str, type] = {
     "adapters": list,
     "priority": int,
     "strength": float,
+    "variant": str,
 }
 IGNORED = frozenset({"quality", "style", "moderation", "input_fidelity", "user"})
 # A validator's field name -> the OpenAI name a client sent it as (for the error's `param`).
@@ -99,20 +100,24 @@ def form_fields(form: Mapping[str, str]) -> dict[str, Any]:
 
 
 def images_request(
-    sent: Mapping[str, Any], served_model: str, limits: RequestLimits
+    sent: Mapping[str, Any],
+    served_model: str,
+    limits: RequestLimits,
+    variants: Sequence[str] = (),
 ) -> OpenAIRequest:
     """Builds the GenerateRequest of a generations or edits body (images are set by the caller).
+    `model` is the served model (its default variant) or one of its `variants` by name.
 
     Raises:
         InvalidArgument: an unknown field, a wrong type, or a value we do not serve, naming it.
-        NotFound: `model` names another model.
+        NotFound: `model` names neither the served model nor one of its variants.
     """
     for name, value in sent.items():
         _check_type(name, value)
     fields = {name: value for name, value in sent.items() if value is not None}  # null = default
     _check_zeros(fields, limits)
     message = pb.GenerateRequest(prompt=fields.get("prompt", ""))
-    _check_model(fields.get("model"), served_model)
+    message.variant = _variant(fields, served_model, variants)
     _check_response_format(fields.get("response_format"))
     if fields.get("background") == "transparent":
         raise InvalidArgument("background", "transparent is not served; use opaque or auto")
@@ -214,10 +219,22 @@ def _check_zeros(fields: Mapping[str, Any], limits: RequestLimits) -> None:
             raise InvalidArgument(name, f"0 outside [{low}, {high}]")
 
 
-def _check_model(model: str | None, served_model: str) -> None:
-    # Where variants land, a variant's name is accepted here too and becomes message.variant.
-    if model is not None and model != served_model:
-        raise NotFound(f"model: {model!r} is not served here; GET /v1/models lists it", "model")
+def _variant(fields: Mapping[str, Any], served_model: str, variants: Sequence[str]) -> str:
+    """The variant the body asks for ("" = the default): by `model`, as OpenAI clients choose
+    among models, or by our `variant` extension (checked by the validator, NOT_FOUND if
+    unknown)."""
+    model: str | None = fields.get("model")
+    if model is not None and model != served_model and model not in variants:
+        served = ", ".join([served_model, *variants])
+        raise NotFound(
+            f"model: {model!r} is not served here (served: {served}); GET /v1/models lists them",
+            "model",
+        )
+    by_model = model if model is not None and model in variants else ""
+    variant: str = fields.get("variant", "")
+    if variant and by_model and variant != by_model:
+        raise InvalidArgument("variant", f"{variant!r} contradicts model {model!r}; send one")
+    return variant or by_model
 
 
 def _check_response_format(response_format: str | None) -> None:

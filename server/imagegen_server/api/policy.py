@@ -86,7 +86,7 @@ class TokenPolicy:
         lowest = self.lowest_priority or params.priority
         if not self.highest_priority <= params.priority <= lowest:
             raise PermissionDenied(
-                f"priority {params.priority} is outside this token's allowed range"
+                f"priority: {params.priority} is outside this token's allowed range"
                 f" [{self.highest_priority}, {self.lowest_priority or 'any'}] (1 = highest)"
             )
         for spec in params.adapters:

@@ -115,6 +115,11 @@ class ImageGenerationService(pb_grpc.ImageGenerationServicer):
         return self._model
 
     @property
+    def variants(self) -> list[Variant]:
+        """The served variants (none on a server without `--variants`)."""
+        return self._variants
+
+    @property
     def limits(self) -> RequestLimits | None:
         """The request limits; None until start-up has loaded the model."""
         return self._validator.limits if self._validator is not None else None
