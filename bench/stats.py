@@ -21,11 +21,14 @@ is decided here, once, for every system:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 OK = "OK"
+# The step count in a request class's label: "256x256/8", "256x256/8+ink+cfg", "256x256/4@fast".
+STEPS_IN_LABEL = re.compile(r"/(\d+)")
 CUT = "CUT"  # still running when the bench stopped waiting; cancelled by the bench
 
 
@@ -248,6 +251,18 @@ def records_table(records: Sequence[RequestRecord]) -> dict[str, Any]:
     }
 
 
+def steps_of(label: str) -> int:
+    """The step count in a request class's label (`RequestClass.label`).
+
+    Raises:
+        ValueError: the label has no `/STEPS`.
+    """
+    match = STEPS_IN_LABEL.search(label)
+    if match is None:
+        raise ValueError(f"request label {label!r} has no /STEPS")
+    return int(match.group(1))
+
+
 def records_from_table(table: dict[str, Any]) -> list[RequestRecord]:
     """The inverse of `records_table` (to recompute a run's stats from the JSON)."""
     columns = table["columns"]
@@ -255,7 +270,7 @@ def records_from_table(table: dict[str, Any]) -> list[RequestRecord]:
     for row in table["rows"]:
         values = dict(zip(columns, row, strict=True))
         label = values.pop("label")
-        steps = int(label.rsplit("/", 1)[1].split("+", 1)[0])  # "256x256/8+ink" -> 8
+        steps = steps_of(label)
         records.append(RequestRecord(steps=steps, label=label, **values))
     return records
 

@@ -7,6 +7,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -189,11 +190,21 @@ def test_records_round_trip_through_the_json_table() -> None:
     assert again == records
 
 
-def test_records_of_adapter_requests_keep_their_step_count() -> None:
+@pytest.mark.parametrize(
+    ("options", "label"),
+    [
+        ({"adapter": "ink"}, "256x256/4+ink"),
+        ({"variant": "lightning-4", "guidance_scale": 4.0}, "256x256/4+cfg@lightning-4"),
+        ({"references": 2}, "256x256/4+2ref"),
+    ],
+)
+def test_records_of_every_request_class_keep_their_step_count(
+    options: dict[str, Any], label: str
+) -> None:
     from bench.workloads import RequestClass
 
-    cls = RequestClass(256, 256, 4, adapter="ink")
-    assert cls.label == "256x256/4+ink"
+    cls = RequestClass(256, 256, 4, **options)
+    assert cls.label == label
     stored = RequestRecord(index=0, steps=cls.steps, label=cls.label, issued_s=0.0)
     assert records_from_table(records_table([stored])) == [stored]
 

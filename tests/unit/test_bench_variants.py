@@ -85,3 +85,20 @@ def test_the_report_sets_the_mix_against_the_fused_servers() -> None:
     mixed = 1 / ((0.25 + 0.5 + 1.0) / 3)
     assert f"one variant at a time: {mixed:.3f} images/s (ratio {1.2 / mixed:.2f})" in lines[-1]
     assert "1.800 images/s against 2.000 fused (ratio 0.90)" in lines[-1]
+
+
+def test_a_run_is_summarized_from_its_stored_records(args: argparse.Namespace) -> None:
+    """The path of a real run: records of requests that name variants, through the JSON table,
+    pooled per variant by their step counts."""
+    from bench.stats import OK, RequestRecord, records_table
+
+    records = []
+    for index in range(6):
+        cls = bench._class_of(args, "variants", bench.MIXED, index)
+        latency = float(cls.steps)  # each variant's latency its step count, to tell them apart
+        records.append(RequestRecord(index, cls.steps, cls.label, 0.0, finished_s=latency, code=OK))
+    run = {"system": "variants", "traffic": bench.MIXED, "clients": 3, "rows_per_step": 2.0}
+    stored = [{**run, "records": records_table(records)}]
+    summary = bench._summarize(stored, "variants", bench.MIXED)
+    assert summary["p95_s"] == {variant.name: variant.steps for variant in bench.VARIANTS}
+    assert summary["requests"] == 6
