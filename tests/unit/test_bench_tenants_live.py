@@ -75,4 +75,4 @@ def test_the_summary_has_a_row_per_window_and_the_late_tenants_first_wait() -> N
     rows = [line for line in lines if line.startswith("| fair share |")]
     assert len(rows) == 3  # two windows, then C's first requests
     assert rows[0].split(" | ")[2:6] == ["33%", "33%", "33%", "3"]
-    assert "10.0 s (max 10.0)" in rows[-1]
+    assert "10.0 s (its clients' first: median 10.0 s)" in rows[-1]
