@@ -70,7 +70,7 @@ def test_priority_above_the_cap_is_refused_naming_priority(tmp_path: Path) -> No
     assert policy is not None
     policy.check(engine_params("ok", priority=2))
     for priority in (1, 4):
-        with pytest.raises(PermissionDenied, match=r"^priority .* allowed range \[2, 3\]"):
+        with pytest.raises(PermissionDenied, match=r"^priority: .* allowed range \[2, 3\]"):
             policy.check(engine_params("no", priority=priority))
 
 

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
-from typing import Any, TypeVar
+from typing import Any
 
 from imagegen.v1 import imagegen_pb2 as pb
 from starlette.applications import Starlette
@@ -64,7 +64,6 @@ from .transport import API_SERVICE
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 GENERATE, STREAM, SERVER_INFO = "Generate", "StreamProgress", "GetServerInfo"
 CANCEL = "CancelGeneration"
 OWNER = "imagegen-serve"  # the `owned_by` of /v1/models
