@@ -2,12 +2,12 @@
 turn them on.
 
 A request's span (`imagegen.Generate` / `imagegen.StreamProgress`, kind SERVER) is the child of
-the caller's W3C `traceparent` (gRPC metadata) when there is one. Under it: `queue` (accepted
-to its first step), one `denoise step` per step it ran, with the rows of that transformer call
-(`imagegen.batch_rows`), `decode` (its last step to its images reaching the servicer) and
-`encode`. The engine thread records only (began, ended, rows) per step on the request
-(`Request.step_log`); the spans are made on the event loop when the request ends, so the engine
-thread never touches OpenTelemetry.
+the caller's W3C `traceparent` (gRPC metadata, or an HTTP header) when there is one. Under it:
+`queue` (accepted to its first step), one `denoise step` per step it ran, with the rows of that
+transformer call (`imagegen.batch_rows`), `decode` (its last step to its images reaching the
+job table) and `encode`. The engine thread records only (began, ended, rows) per step on the
+request (`Request.step_log`); the spans are made on the event loop when the request ends (by
+the job table, api/jobs.py), so the engine thread never touches OpenTelemetry.
 
 Off (no `OTEL_TRACES_EXPORTER`, or `none`, or `OTEL_SDK_DISABLED=true`) nothing is imported,
 no span is made and no step is logged: tracing costs nothing then. On, `otlp` exports over gRPC
