@@ -210,7 +210,8 @@ class QuotaBook:
         task.add_done_callback(self._refunds.discard)
 
     async def settled(self) -> None:
-        """Waits for the refunds under way (tests; a stop)."""
+        """Waits for the refunds under way: the drain does, so that a store doing I/O has them
+        before the process exits."""
         await asyncio.gather(*self._refunds)
 
     async def _spend(self, tenant: Tenant, cost: float, now: float) -> float | None:
